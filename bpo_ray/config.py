@@ -1,0 +1,377 @@
+"""The one run config: parsed and validated once at the edge, then passed down as a typed object.
+
+A run is described by a YAML file plus dotted ``key=value`` overrides. Every section forbids unknown
+keys (a typo is an error that names the key and suggests the closest valid one), and combinations that
+cannot work are rejected here, before Ray starts. Each stage reads only its own section.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+# ``tiny://<arch>`` names a tiny random model that the project builds itself (bpo make-tiny) on first use.
+TINY_SCHEME = "tiny://"
+TINY_ARCHS = ("llava", "qwen2_vl", "llm")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the offending key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+# ---------------------------------------------------------------------------------------------- model
+class ModelConfig(Section):
+    """The policy MLLM: a hub id, a local directory, or ``tiny://llava`` / ``tiny://qwen2_vl``."""
+
+    name_or_path: str = "tiny://llava"
+    revision: str | None = None
+    trust_remote_code: bool = False
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # Prompt + response tokens; image placeholder tokens count, and are never truncated.
+    max_length: int = Field(2048, ge=16)
+    # An over-long sample keeps at least this many response tokens, else it is skipped with a reason.
+    min_response_tokens: int = Field(1, ge=1)
+
+
+# ----------------------------------------------------------------------------------------------- data
+class SyntheticDataConfig(Section):
+    """The bundled procedural "shapes" dataset (bpo make-data)."""
+
+    num_images: int = Field(64, ge=1)
+    seed: int = 0
+    image_size: int = Field(64, ge=16, le=1024)
+    max_objects: int = Field(3, ge=1, le=6)
+    # Language prior: how often a "companion" object accompanies its anchor (see data/synthetic.py).
+    cooccurrence: float = Field(0.8, ge=0.0, le=1.0)
+    qa_per_image: int = Field(2, ge=0, le=8)
+
+
+class DataConfig(Section):
+    format: Literal["synthetic", "llava_json", "parquet", "hf_disk"] = "synthetic"
+    # File or directory for llava_json (.json/.jsonl), parquet, or a datasets.save_to_disk folder.
+    path: str | None = None
+    # Where relative image paths of llava_json records resolve (local path or pyarrow-filesystem URI).
+    image_root: str | None = None
+    synthetic: SyntheticDataConfig = SyntheticDataConfig()
+    # Decompression-bomb guard: images with more pixels are rejected before decoding.
+    max_image_pixels: int = Field(4096 * 4096, ge=1)
+    max_image_bytes: int = Field(64 * 1024 * 1024, ge=1)
+    max_records: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _source_is_complete(self) -> DataConfig:
+        if self.format != "synthetic" and not self.path:
+            raise ValueError(f"data.path is required when data.format is {self.format!r}")
+        if self.format == "synthetic" and self.path:
+            raise ValueError("data.path is set but data.format is 'synthetic'; set data.format to read it")
+        return self
+
+
+# ------------------------------------------------------------------------------------------ negatives
+class DistortionConfig(Section):
+    kind: Literal["diffusion", "gaussian", "blur", "crop", "mask"] = "diffusion"
+    # diffusion: forward-noise step in [0, 999] (paper default 900).
+    step: int = Field(900, ge=0, le=999)
+    # gaussian: noise std on [0,1] pixels; blur: radius in pixels; crop/mask: fraction of the image.
+    strength: float = Field(0.5, ge=0.0)
+
+
+class SamplingConfig(Section):
+    temperature: float = Field(0.2, ge=0.0, le=5.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(128, ge=1)
+
+
+class ActorPoolConfig(Section):
+    """Ray Data actor-pool size (min, max): grows on autoscaling clusters."""
+
+    min_size: int = Field(1, ge=1)
+    max_size: int = Field(1, ge=1)
+    batch_size: int = Field(8, ge=1)
+    num_gpus: float = Field(0.0, ge=0.0)
+    num_cpus: float = Field(1.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> ActorPoolConfig:
+        if self.min_size > self.max_size:
+            raise ValueError(f"min_size ({self.min_size}) > max_size ({self.max_size})")
+        return self
+
+
+class WeakeningConfig(Section):
+    enabled: bool = True
+    engine: Literal["hf", "vllm"] = "hf"
+    distortions: list[DistortionConfig] = Field(default_factory=lambda: [DistortionConfig()])
+    sampling: SamplingConfig = SamplingConfig()
+    pool: ActorPoolConfig = ActorPoolConfig()
+
+
+class InjectionConfig(Section):
+    enabled: bool = True
+    engine: Literal["rules", "hf", "vllm"] = "rules"
+    # Text LLM that rewrites answers (engines hf / vllm): hub id, path, or tiny://llm.
+    model: str = "tiny://llm"
+    mode: Literal["description", "qa", "auto"] = "auto"
+    sampling: SamplingConfig = SamplingConfig(temperature=0.8, top_p=0.95, max_new_tokens=256)
+    pool: ActorPoolConfig = ActorPoolConfig()
+
+
+class NegativesConfig(Section):
+    weakening: WeakeningConfig = WeakeningConfig()
+    injection: InjectionConfig = InjectionConfig()
+    # Samples with any response longer than this (words) are dropped, as in the paper.
+    max_words: int = Field(350, ge=1)
+    seed: int = 0
+
+
+# ---------------------------------------------------------------------------------------------- train
+class LoraConfig(Section):
+    enabled: bool = True
+    r: int = Field(32, ge=1)
+    alpha: int = Field(256, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class TrainConfig(Section):
+    loss: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    beta: float = Field(0.1, gt=0.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+    sft_weight: float = Field(0.0, ge=0.0)
+    # precomputed: reference log-probs in a Ray Data pass before training (default);
+    # live: a frozen reference model on every worker; adapter_disabled: the LoRA policy without adapters.
+    reference: Literal["precomputed", "live", "adapter_disabled"] = "precomputed"
+    lr: float = Field(2e-6, gt=0.0)
+    epochs: float = Field(2.0, gt=0.0)
+    max_steps: int | None = Field(None, ge=1)
+    per_device_batch_size: int = Field(4, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    warmup_ratio: float = Field(0.03, ge=0.0, le=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    zero_stage: Literal[0, 2, 3] = 3
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    gradient_checkpointing: bool = True
+    freeze_vision_tower: bool = True
+    freeze_projector: bool = False
+    lora: LoraConfig = LoraConfig()
+    num_workers: int = Field(2, ge=1)
+    checkpoint_every: int = Field(50, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(2, ge=0)
+    merge_lora_on_export: bool = True
+    seed: int = 0
+
+
+# ---------------------------------------------------------------------------------------------- serve
+class ServeConfig(Section):
+    engine: Literal["hf", "vllm"] = "hf"
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    model_id: str = "bpo-aligned"
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(4.0, gt=0.0)
+    max_ongoing_requests: int = Field(32, ge=1)
+    max_batch_size: int = Field(8, ge=1)
+    batch_wait_timeout_s: float = Field(0.02, ge=0.0)
+    api_key: str | None = None
+    allow_remote_images: bool = False
+    max_images_per_request: int = Field(1, ge=1)
+    num_cpus_per_replica: float = Field(1.0, gt=0.0)
+    num_gpus_per_replica: float = Field(0.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _replicas(self) -> ServeConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------- eval
+class EvalConfig(Section):
+    enabled: bool = True
+    pope_splits: list[Literal["random", "popular", "adversarial"]] = Field(
+        default_factory=lambda: ["random", "popular", "adversarial"]
+    )
+    num_images: int = Field(50, ge=1)
+    seed: int = 1234
+    # Optional COCO-format annotation file for POPE on real images.
+    coco_annotations: str | None = None
+    coco_image_root: str | None = None
+
+
+# ------------------------------------------------------------------------------------------ resources
+class ResourcesConfig(Section):
+    # Ray address: None starts a private local cluster when none is running; "auto" joins a running one.
+    ray_address: str | None = None
+    use_gpu: bool = False
+    # Logical CPUs for a local cluster (Ray Data actors each take one; more than cores is fine).
+    local_num_cpus: int | None = Field(None, ge=1)
+    accelerator_type: str | None = None
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    gpus_per_worker: float = Field(0.0, ge=0.0)
+
+
+# ------------------------------------------------------------------------------------------------ run
+class RunConfig(Section):
+    run_name: str = Field("bpo-tiny", pattern=r"^[A-Za-z0-9._-]+$")
+    # Where run directories live: a local path or a pyarrow-filesystem URI (s3://, gs://).
+    storage_path: str = "runs"
+    # Built tiny models and bundled data are cached here so every run reuses them.
+    cache_dir: str = ".cache/bpo-ray"
+    seed: int = 0
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    negatives: NegativesConfig = NegativesConfig()
+    train: TrainConfig = TrainConfig()
+    serve: ServeConfig = ServeConfig()
+    eval: EvalConfig = EvalConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+
+    @model_validator(mode="after")
+    def _combinations_that_cannot_work(self) -> RunConfig:
+        problems = list(_impossible_combinations(self))
+        if problems:
+            raise ValueError("\n  ".join(problems))
+        return self
+
+    @property
+    def run_dir(self) -> str:
+        return f"{self.storage_path.rstrip('/')}/{self.run_name}"
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable hash of some sections: a stage's outputs are reusable while its inputs hash the same."""
+        payload = {name: _dump(getattr(self, name)) for name in sections}
+        blob = json.dumps(payload, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _dump(value: Any) -> Any:
+    return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+
+
+def _impossible_combinations(cfg: RunConfig):
+    model = cfg.model.name_or_path
+    if model.startswith(TINY_SCHEME) and model[len(TINY_SCHEME):] not in ("llava", "qwen2_vl"):
+        yield f"model.name_or_path {model!r}: the policy must be a vision model (tiny://llava or tiny://qwen2_vl)"
+    injector = cfg.negatives.injection.model
+    if injector.startswith(TINY_SCHEME) and injector[len(TINY_SCHEME):] not in TINY_ARCHS:
+        yield f"negatives.injection.model {injector!r}: unknown tiny arch (choose from {', '.join(TINY_ARCHS)})"
+    neg = cfg.negatives
+    if not neg.weakening.enabled and not neg.injection.enabled:
+        yield "negatives: both weakening and injection are disabled, so no rejected answers can be made"
+    if neg.weakening.enabled and not neg.weakening.distortions:
+        yield "negatives.weakening.distortions is empty while weakening is enabled"
+    if not cfg.resources.use_gpu:
+        if neg.weakening.enabled and neg.weakening.engine == "vllm":
+            yield ("negatives.weakening.engine 'vllm' needs GPUs (multimodal vLLM runs on GPU clusters); "
+                   "set resources.use_gpu=true or use engine 'hf'")
+        if cfg.serve.engine == "vllm" and cfg.serve.num_gpus_per_replica == 0:
+            yield "serve.engine 'vllm' serves the multimodal model on GPUs; set serve.num_gpus_per_replica"
+        if cfg.train.precision in ("bf16", "fp16"):
+            yield f"train.precision {cfg.train.precision!r} needs GPUs; CPU training runs in fp32 (use 'auto')"
+        if cfg.resources.gpus_per_worker > 0:
+            yield "resources.gpus_per_worker > 0 but resources.use_gpu is false"
+    train = cfg.train
+    if train.reference == "adapter_disabled" and not train.lora.enabled:
+        yield "train.reference 'adapter_disabled' needs train.lora.enabled=true (the reference is the base without adapters)"
+    if train.loss == "robust" and train.label_smoothing == 0.0:
+        yield "train.loss 'robust' needs train.label_smoothing > 0 (with 0 it is plain sigmoid DPO)"
+    if train.loss != "robust" and train.loss != "sigmoid" and train.label_smoothing > 0:
+        yield f"train.label_smoothing applies to 'sigmoid'/'robust' losses, not {train.loss!r}"
+    if train.offload_params and train.zero_stage != 3:
+        yield "train.offload_params needs train.zero_stage=3 (parameter offload is a ZeRO-3 feature)"
+    if train.offload_optimizer and train.zero_stage == 0:
+        yield "train.offload_optimizer needs train.zero_stage 2 or 3"
+    if cfg.serve.host not in ("127.0.0.1", "localhost", "::1") and not cfg.serve.api_key:
+        yield (f"serve.host {cfg.serve.host!r} exposes the endpoint beyond loopback without serve.api_key; "
+               "set an api_key or bind to 127.0.0.1")
+
+
+# ------------------------------------------------------------------------------------ loading + errors
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """YAML file (or the embedded default when ``path`` is None) + dotted ``key=value`` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        apply_override(raw, item)
+    return validate_config(raw)
+
+
+def validate_config(raw: dict[str, Any]) -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_explain(err)) from None
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """``train.lr=1e-5`` → raw["train"]["lr"] = 1e-5 (the value is parsed as YAML: numbers, lists, null)."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.lr=1e-5)")
+    parts = key.strip().split(".")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {'.'.join(parts[:depth + 1])} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _explain(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"]]
+        key = ".".join(loc) or "<config>"
+        if e["type"] == "extra_forbidden":
+            hint = _closest_key(loc)
+            lines.append(f"unknown key '{key}'" + (f" (did you mean '{hint}'?)" if hint else ""))
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{key}: {msg}" if loc else msg)
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _closest_key(loc: list[str]) -> str | None:
+    """Suggest the nearest valid key at the same place, e.g. train.lrr → train.lr."""
+    model: type[BaseModel] = RunConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    candidates = list(model.model_fields)
+    match = difflib.get_close_matches(loc[-1], candidates, n=1, cutoff=0.5)
+    return ".".join([*loc[:-1], match[0]]) if match else None

@@ -1,0 +1,139 @@
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bpo_ray.config import ConfigError, RunConfig, apply_override, load_config
+from conftest import REPO, run_cli
+
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def test_defaults_are_the_embedded_tiny_run():
+    cfg = load_config()
+    assert cfg.model.name_or_path == "tiny://llava"
+    assert cfg.data.format == "synthetic"
+    assert cfg.train.beta == 0.1 and cfg.train.loss == "sigmoid" and cfg.train.zero_stage == 3
+    assert cfg.negatives.weakening.distortions[0].step == 900
+    assert cfg.negatives.weakening.sampling.temperature == 0.2
+    assert cfg.negatives.injection.sampling.temperature == 0.8
+    assert cfg.serve.host == "127.0.0.1"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_validate(path: Path):
+    cfg = load_config(path)
+    assert cfg.run_name
+
+
+def test_realistic_configs_describe_gpu_runs():
+    llava = load_config(REPO / "configs" / "llava-1.5-7b.yaml")
+    assert llava.model.name_or_path == "llava-hf/llava-1.5-7b-hf"
+    assert llava.resources.use_gpu and llava.negatives.weakening.engine == "vllm"
+    qwen = load_config(REPO / "configs" / "qwen2.5-vl-7b.yaml")
+    assert qwen.model.name_or_path.startswith("Qwen/Qwen2.5-VL")
+
+
+def test_overrides_are_typed_and_dotted():
+    cfg = load_config(REPO / "configs" / "tiny.yaml",
+                      ["train.lr=1e-5", "storage_path=runs/exp1", "train.lora.r=4", "eval.pope_splits=[random]",
+                       "data.max_records=null"])
+    assert cfg.train.lr == pytest.approx(1e-5)
+    assert cfg.storage_path == "runs/exp1" and cfg.run_dir == "runs/exp1/bpo-tiny"
+    assert cfg.train.lora.r == 4 and cfg.eval.pope_splits == ["random"]
+
+
+@pytest.mark.parametrize("override, named, suggested", [
+    ("train.lrr=1e-5", "train.lrr", "train.lr"),
+    ("negatives.weakening.engin=hf", "negatives.weakening.engin", "negatives.weakening.engine"),
+    ("storage_pth=/tmp/x", "storage_pth", "storage_path"),
+    ("trian.lr=1", "trian", "train"),
+])
+def test_unknown_key_is_named_with_closest_valid_one(override, named, suggested):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert f"unknown key '{named}'" in str(err.value)
+    assert f"did you mean '{suggested}'" in str(err.value)
+
+
+def test_typo_in_yaml_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"train": {"bta": 0.2}}))
+    with pytest.raises(ConfigError, match=r"train\.bta.*train\.beta"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["negatives.weakening.enabled=false", "negatives.injection.enabled=false"], "no rejected answers"),
+    (["negatives.weakening.engine=vllm"], "negatives.weakening.engine 'vllm' needs GPUs"),
+    (["train.reference=adapter_disabled", "train.lora.enabled=false"], "train.lora.enabled"),
+    (["train.precision=bf16"], "train.precision 'bf16' needs GPUs"),
+    (["train.offload_params=true", "train.zero_stage=2"], "zero_stage=3"),
+    (["train.loss=robust"], "label_smoothing > 0"),
+    (["serve.host=0.0.0.0"], "serve.api_key"),
+    (["data.format=parquet"], "data.path is required"),
+    (["model.name_or_path=tiny://llm"], "must be a vision model"),
+    (["negatives.weakening.pool.min_size=3", "negatives.weakening.pool.max_size=1"], "min_size (3) > max_size (1)"),
+    (["train.zero_stage=1"], "train.zero_stage"),
+    (["negatives.weakening.distortions=[{kind: diffusion, step: 1000}]"], "step"),
+])
+def test_impossible_combinations_fail_with_the_key(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert message in str(err.value)
+
+
+def test_gpu_config_allows_gpu_only_options():
+    cfg = load_config(None, ["resources.use_gpu=true", "negatives.weakening.engine=vllm", "train.precision=bf16"])
+    assert cfg.negatives.weakening.engine == "vllm"
+
+
+@pytest.mark.parametrize("item", ["train.lr", "=3", "train.lr.x=1"])
+def test_malformed_overrides(item):
+    raw = {"train": {"lr": 1.0}}
+    with pytest.raises(ConfigError):
+        apply_override(raw, item)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(bad)
+
+
+def test_section_hash_tracks_only_its_sections():
+    a, b = RunConfig(), load_config(None, ["train.lr=1e-3"])
+    assert a.section_hash("data") == b.section_hash("data")
+    assert a.section_hash("train") != b.section_hash("train")
+
+
+def test_resolved_config_round_trips():
+    cfg = load_config(REPO / "configs" / "llava-1.5-7b.yaml")
+    assert RunConfig.model_validate(yaml.safe_load(cfg.to_yaml())) == cfg
+
+
+def test_cli_rejects_typo_before_ray_starts(tmp_path):
+    started = time.time()
+    result = run_cli("jobs/bpo.py", "--config", "configs/tiny.yaml", "train.lrr=1", f"storage_path={tmp_path}")
+    assert result.returncode == 2
+    assert "unknown key 'train.lrr' (did you mean 'train.lr'?)" in result.stderr
+    assert "Started a local Ray instance" not in result.stderr + result.stdout
+    assert not (tmp_path / "bpo-tiny").exists()  # nothing written for a config that cannot run
+    assert time.time() - started < 60
+
+
+def test_bpo_config_prints_resolved_yaml():
+    result = run_cli("config", "--config", "configs/tiny.yaml", "train.beta=0.2")
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load(result.stdout)["train"]["beta"] == 0.2
+    bad = run_cli("config", "train.reference=adapter_disabled", "train.lora.enabled=false")
+    assert bad.returncode == 2 and "train.reference 'adapter_disabled'" in bad.stderr
