@@ -1,0 +1,209 @@
+"""The bundled "shapes" dataset: procedural images whose truth is known, so hallucination can be scored.
+
+Each image holds a few coloured shapes in the cells of a 3×3 grid. Ground truth is structured data
+(shape, colour, size, cell, bounding box); captions and QA are rendered from it in LLaVA conversation
+format. A *language prior* is built in the way web data has one: some anchor objects are usually
+accompanied by a fixed companion (e.g. a red circle by a blue square), drawn small and faint — weak visual
+evidence plus a strong prior is what makes a model name the companion when it is absent.
+
+Everything is a pure function of the seed: the same seed writes byte-identical files.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SHAPES = ("circle", "square", "triangle")
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (230, 200, 30),
+    "purple": (150, 60, 190),
+}
+# Row-major names of the 3×3 grid cells.
+CELLS = (
+    "top left", "top", "top right",
+    "left", "center", "right",
+    "bottom left", "bottom", "bottom right",
+)
+# anchor → companion: the co-occurrence prior.
+COMPANIONS = {("red", "circle"): ("blue", "square"), ("green", "triangle"): ("yellow", "circle")}
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+BACKGROUND = (245, 245, 245)
+
+
+@dataclass(frozen=True)
+class ShapeObject:
+    shape: str
+    color: str
+    size: str  # "small" | "large"
+    cell: int  # index into CELLS
+    bbox: tuple[int, int, int, int]
+    faint: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.color} {self.shape}"
+
+    @property
+    def position(self) -> str:
+        return CELLS[self.cell]
+
+
+def sample_objects(rng: np.random.Generator, image_size: int, max_objects: int, cooccurrence: float):
+    """Pick objects for one image: distinct (colour, shape) pairs in distinct cells."""
+    count = int(rng.integers(1, max_objects + 1))
+    cells = [int(c) for c in rng.permutation(len(CELLS))]
+    kinds: list[tuple[str, str, bool]] = []
+    colours = list(COLORS)
+    while len(kinds) < count:
+        kind = (colours[int(rng.integers(len(colours)))], SHAPES[int(rng.integers(len(SHAPES)))])
+        if any(k[:2] == kind for k in kinds):
+            continue
+        kinds.append((*kind, False))
+        companion = COMPANIONS.get(kind)
+        if (companion and len(kinds) < len(CELLS) and rng.random() < cooccurrence
+                and not any(k[:2] == companion for k in kinds)):
+            kinds.append((*companion, True))
+    cell_px = image_size / 3
+    objects = []
+    for (color, shape, is_companion), cell in zip(kinds, cells[: len(kinds)], strict=True):
+        size = "small" if is_companion or rng.random() < 0.3 else "large"
+        extent = cell_px * (0.45 if size == "small" else 0.85)
+        row, col = divmod(cell, 3)
+        cx = (col + 0.5) * cell_px + rng.uniform(-0.05, 0.05) * cell_px
+        cy = (row + 0.5) * cell_px + rng.uniform(-0.05, 0.05) * cell_px
+        half = extent / 2
+        bbox = tuple(int(round(v)) for v in (cx - half, cy - half, cx + half, cy + half))
+        objects.append(ShapeObject(shape, color, size, cell, bbox, faint=is_companion))
+    return objects
+
+
+def render(objects: list[ShapeObject], image_size: int) -> Image.Image:
+    image = Image.new("RGB", (image_size, image_size), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    for obj in objects:
+        rgb = COLORS[obj.color]
+        if obj.faint:  # low contrast: blend towards the background
+            rgb = tuple(int(0.45 * c + 0.55 * b) for c, b in zip(rgb, BACKGROUND, strict=True))
+        x0, y0, x1, y1 = obj.bbox
+        if obj.shape == "circle":
+            draw.ellipse(obj.bbox, fill=rgb)
+        elif obj.shape == "square":
+            draw.rectangle(obj.bbox, fill=rgb)
+        else:
+            draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=rgb)
+    return image
+
+
+# --------------------------------------------------------------------------------------- text from truth
+def describe(objects: list[ShapeObject]) -> str:
+    n = len(objects)
+    head = "There is one shape." if n == 1 else f"There are {NUMBER_WORDS[n]} shapes."
+    parts = [f"A {o.size} {o.color} {o.shape} is at the {o.position}." for o in objects]
+    return " ".join([head, *parts])
+
+
+def qa_pairs(objects: list[ShapeObject], rng: np.random.Generator, count: int) -> list[tuple[str, str]]:
+    """Short questions with answers that follow from the truth: count, existence, colour, position."""
+    present = {o.name for o in objects}
+    absent = [f"{c} {s}" for c in COLORS for s in SHAPES if f"{c} {s}" not in present]
+    pairs: list[tuple[str, str]] = []
+    for kind in rng.permutation(4)[:count] if count <= 4 else rng.integers(0, 4, size=count):
+        obj = objects[int(rng.integers(len(objects)))]
+        if kind == 0:
+            n = len(objects)
+            noun = "shape" if n == 1 else "shapes"
+            pairs.append(("How many shapes are in the image?", f"There {'is' if n == 1 else 'are'} {NUMBER_WORDS[n]} {noun}."))
+        elif kind == 1:
+            if absent and rng.random() < 0.5:
+                name = absent[int(rng.integers(len(absent)))]
+                pairs.append((f"Is there a {name} in the image?", f"No, there is no {name}."))
+            else:
+                pairs.append((f"Is there a {obj.name} in the image?", f"Yes, there is a {obj.name}."))
+        elif kind == 2:
+            same_shape = [o for o in objects if o.shape == obj.shape]
+            if len(same_shape) == 1:
+                pairs.append((f"What color is the {obj.shape}?", f"The {obj.shape} is {obj.color}."))
+            else:
+                pairs.append((f"Where is the {obj.name}?", f"The {obj.name} is at the {obj.position}."))
+        else:
+            pairs.append((f"Where is the {obj.name}?", f"The {obj.name} is at the {obj.position}."))
+    return pairs
+
+
+DESCRIBE_PROMPT = "Describe the image in detail."
+
+
+@dataclass
+class SyntheticSample:
+    image_id: str
+    image: Image.Image
+    objects: list[ShapeObject]
+    records: list[dict]  # LLaVA-format records that use this image
+
+
+def generate(num_images: int, seed: int = 0, image_size: int = 64, max_objects: int = 3,
+             cooccurrence: float = 0.8, qa_per_image: int = 2):
+    """Yield SyntheticSample, deterministically for a seed."""
+    rng = np.random.default_rng(seed)
+    for index in range(num_images):
+        image_id = f"shapes-{seed}-{index:05d}"
+        objects = sample_objects(rng, image_size, max_objects, cooccurrence)
+        file_name = f"images/{image_id}.png"
+        records = [{
+            "id": f"{image_id}-desc",
+            "image": file_name,
+            "conversations": [
+                {"from": "human", "value": f"<image>\n{DESCRIBE_PROMPT}"},
+                {"from": "gpt", "value": describe(objects)},
+            ],
+        }]
+        if qa_per_image:
+            turns = []
+            for turn, (question, answer) in enumerate(qa_pairs(objects, rng, qa_per_image)):
+                turns.append({"from": "human", "value": f"<image>\n{question}" if turn == 0 else question})
+                turns.append({"from": "gpt", "value": answer})
+            records.append({"id": f"{image_id}-qa", "image": file_name, "conversations": turns})
+        yield SyntheticSample(image_id, render(objects, image_size), objects, records)
+
+
+def truth_row(sample: SyntheticSample) -> dict:
+    return {
+        "image_id": sample.image_id,
+        "image": f"images/{sample.image_id}.png",
+        "objects": [{**asdict(o), "position": o.position} for o in sample.objects],
+    }
+
+
+def write_dataset(out_dir: str | Path, num_images: int = 64, seed: int = 0, image_size: int = 64,
+                  max_objects: int = 3, cooccurrence: float = 0.8, qa_per_image: int = 2) -> Path:
+    """Write images/*.png, records.json (LLaVA format) and truth.jsonl (structured truth)."""
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    records, truths = [], []
+    for sample in generate(num_images, seed, image_size, max_objects, cooccurrence, qa_per_image):
+        buf = io.BytesIO()
+        sample.image.save(buf, format="PNG", optimize=False)
+        (out / "images" / f"{sample.image_id}.png").write_bytes(buf.getvalue())
+        records.extend(sample.records)
+        truths.append(truth_row(sample))
+    (out / "records.json").write_text(json.dumps(records, indent=1))
+    (out / "truth.jsonl").write_text("".join(json.dumps(t) + "\n" for t in truths))
+    return out
+
+
+def corpus(num_images: int = 400, seed: int = 12345) -> list[str]:
+    """Text that a tiny tokenizer is trained on: every word the shapes data can produce."""
+    lines = []
+    for sample in generate(num_images, seed=seed, qa_per_image=4):
+        for record in sample.records:
+            lines.extend(turn["value"].replace("<image>\n", "") for turn in record["conversations"])
+    return lines

@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bpo_ray.data import synthetic
+from bpo_ray.data.records import validate_record
+from conftest import run_cli
+
+
+def _tree(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_same_bytes_other_seed_differs(tmp_path):
+    a = synthetic.write_dataset(tmp_path / "a", num_images=6, seed=7)
+    b = synthetic.write_dataset(tmp_path / "b", num_images=6, seed=7)
+    c = synthetic.write_dataset(tmp_path / "c", num_images=6, seed=8)
+    assert _tree(a) == _tree(b)
+    assert _tree(a)["records.json"] != _tree(c)["records.json"]
+
+
+def test_layout_and_llava_format(shapes_dir):
+    records = json.loads((shapes_dir / "records.json").read_text())
+    truths = [json.loads(line) for line in (shapes_dir / "truth.jsonl").read_text().splitlines()]
+    assert len(truths) == 12
+    assert {r["image"] for r in records} == {t["image"] for t in truths}
+    kinds = {r["id"].rsplit("-", 1)[1] for r in records}
+    assert kinds == {"desc", "qa"}  # detailed descriptions and short QA
+    for record in records:
+        assert set(record) == {"id", "image", "conversations"}
+        assert record["conversations"][0]["value"].startswith("<image>\n")
+        assert (shapes_dir / record["image"]).is_file()
+        samples, error = validate_record(record, str(shapes_dir))
+        assert error is None and samples
+
+
+def test_pixels_match_the_truth(shapes_dir):
+    for line in (shapes_dir / "truth.jsonl").read_text().splitlines():
+        truth = json.loads(line)
+        image = np.asarray(Image.open(shapes_dir / truth["image"]).convert("RGB")).astype(int)
+        for obj in truth["objects"]:
+            x0, y0, x1, y1 = obj["bbox"]
+            centre = image[(y0 + y1) // 2 + (1 if obj["shape"] == "triangle" else 0), (x0 + x1) // 2]
+            expected = np.array(synthetic.COLORS[obj["color"]])
+            if obj["faint"]:
+                expected = (0.45 * expected + 0.55 * np.array(synthetic.BACKGROUND)).astype(int)
+            assert np.abs(centre - expected).max() <= 2, (truth["image_id"], obj)
+
+
+def test_text_follows_from_truth():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        objects = synthetic.sample_objects(rng, 64, 3, 0.8)
+        text = synthetic.describe(objects)
+        assert synthetic.NUMBER_WORDS[len(objects)] in text
+        for obj in objects:
+            assert f"{obj.size} {obj.color} {obj.shape} is at the {obj.position}" in text
+        for question, answer in synthetic.qa_pairs(objects, rng, 4):
+            if question.startswith("Is there a "):
+                name = question.removeprefix("Is there a ").removesuffix(" in the image?")
+                assert answer.startswith("Yes") == (name in {o.name for o in objects})
+
+
+@pytest.mark.parametrize("cooccurrence", [0.0, 1.0])
+def test_cooccurrence_prior(cooccurrence):
+    rng = np.random.default_rng(1)
+    anchors = companions = 0
+    for _ in range(300):
+        objects = synthetic.sample_objects(rng, 64, 3, cooccurrence)
+        names = {(o.color, o.shape): o for o in objects}
+        for anchor, companion in synthetic.COMPANIONS.items():
+            if anchor in names and not names[anchor].faint:
+                anchors += 1
+                if companion in names and names[companion].faint:
+                    companions += 1
+                    assert names[companion].size == "small"
+    assert anchors > 20
+    if cooccurrence == 0.0:
+        assert companions == 0
+    else:  # only an anchor whose companion is already drawn in full colour goes without a faint one
+        assert companions >= 0.8 * anchors
+
+
+def test_make_data_cli(tmp_path):
+    result = run_cli("make-data", "--out", str(tmp_path / "d"), "--num-images", "3", "--seed", "5")
+    assert result.returncode == 0, result.stderr
+    assert len(list((tmp_path / "d" / "images").glob("*.png"))) == 3
