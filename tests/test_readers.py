@@ -1,0 +1,145 @@
+"""The bundled data round-trips through every reader, and through the Ray data stage with bad records."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from bpo_ray.config import load_config
+from bpo_ray.data import readers
+from bpo_ray.data.records import Reason, validate_record
+from bpo_ray.data.stage import run_data
+from bpo_ray.stages import RunDir
+
+
+def _samples(records, image_root=None):
+    out = []
+    for raw in records:
+        samples, error = validate_record(raw, image_root)
+        assert error is None, error
+        out.extend((s["sample_id"], s["messages"], s["answer"], s["image"]) for s in samples)
+    return out
+
+
+@pytest.fixture(scope="module")
+def bundled(shapes_dir):
+    records = json.loads((shapes_dir / "records.json").read_text())
+    return records, _samples(readers.iter_records("llava_json", str(shapes_dir / "records.json")), str(shapes_dir))
+
+
+def test_llava_jsonl(tmp_path, shapes_dir, bundled):
+    records, expected = bundled
+    path = tmp_path / "records.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert _samples(readers.iter_records("llava_json", str(path)), str(shapes_dir)) == expected
+
+
+def _with_bytes(records, shapes_dir):
+    return [{**r, "image": (shapes_dir / r["image"]).read_bytes()} for r in records]
+
+
+def test_parquet_with_image_bytes(tmp_path, shapes_dir, bundled):
+    records, expected = bundled
+    pq.write_table(pa.Table.from_pylist(_with_bytes(records, shapes_dir)), tmp_path / "d.parquet")
+    assert _samples(readers.iter_records("parquet", str(tmp_path / "d.parquet"))) == expected
+
+
+def test_hf_dataset_saved_to_disk(tmp_path, shapes_dir, bundled):
+    import datasets
+
+    records, expected = bundled
+    rows = _with_bytes(records, shapes_dir)
+    features = datasets.Features({
+        "id": datasets.Value("string"), "image": datasets.Image(),
+        "conversations": [{"from": datasets.Value("string"), "value": datasets.Value("string")}]})
+    datasets.Dataset.from_list(rows, features=features).save_to_disk(str(tmp_path / "hf"))
+    assert _samples(readers.iter_records("hf_disk", str(tmp_path / "hf"))) == expected
+
+
+def test_unparseable_jsonl_line_is_a_record_not_a_crash(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"id": "a", "image": "x.png", "conversations": []}\n{oops\n[1, 2]\n')
+    records = list(readers.iter_records("llava_json", str(path)))
+    assert len(records) == 3
+    assert [validate_record(r)[1]["reason"] for r in records] == [
+        Reason.MALFORMED_CONVERSATION, Reason.MALFORMED_RECORD, Reason.MALFORMED_RECORD]
+
+
+def test_missing_columns_and_files(tmp_path):
+    pq.write_table(pa.table({"id": ["a"]}), tmp_path / "p.parquet")
+    with pytest.raises(ValueError, match="missing column"):
+        list(readers.iter_records("parquet", str(tmp_path / "p.parquet")))
+    with pytest.raises(FileNotFoundError):
+        readers.iter_records("llava_json", str(tmp_path / "nope.json"))
+
+
+# ----------------------------------------------------------------------------- Ray Data, bad records mixed in
+def _bad_batch(tmp_path, shapes_dir):
+    good = json.loads((shapes_dir / "records.json").read_text())[:6]
+    for r in good:
+        r["image"] = str(shapes_dir / r["image"])
+    bomb = io.BytesIO()
+    Image.new("L", (5000, 5000)).save(bomb, format="PNG")
+    (tmp_path / "bomb.png").write_bytes(bomb.getvalue())
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    image = good[0]["image"]
+    bad = [
+        {"id": "missing", "image": str(tmp_path / "gone.png"), "conversations": good[0]["conversations"]},
+        {"id": "corrupt", "image": str(tmp_path / "corrupt.png"), "conversations": good[0]["conversations"]},
+        {"id": "bomb", "image": str(tmp_path / "bomb.png"), "conversations": good[0]["conversations"]},
+        {"id": "notag", "image": image, "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+        {"id": "empty", "image": image, "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": ""}]},
+        {"id": "badconv", "image": image, "conversations": [{"from": "gpt", "value": "<image>\nq"}]},
+    ]
+    lines = [json.dumps(r) for r in good + bad] + ["{this is not json"]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path, len(good), len(lines)
+
+
+def test_data_stage_on_ray_records_every_skip(tmp_path, shapes_dir, ray_local):
+    path, num_good, num_lines = _bad_batch(tmp_path, shapes_dir)
+    cfg = load_config(None, ["data.format=llava_json", f"data.path={path}", f"storage_path={tmp_path / 'runs'}",
+                             "data.max_image_pixels=4000000"])
+    run = RunDir.for_config(cfg)
+    manifest = run_data(cfg, run)
+
+    assert manifest["records_in"] == num_lines
+    assert manifest["records_ok"] == num_good
+    assert manifest["records_in"] == manifest["records_ok"] + manifest["records_rejected"]
+    errors = pq.read_table(run.path("data", "errors")).to_pylist()
+    by_id = {e["record_id"]: e["reason"] for e in errors}
+    assert by_id == {
+        "missing": Reason.MISSING_IMAGE, "corrupt": Reason.UNDECODABLE_IMAGE, "bomb": Reason.IMAGE_TOO_LARGE,
+        "notag": Reason.NO_IMAGE_TAG, "empty": Reason.EMPTY_ANSWER, "badconv": Reason.MALFORMED_CONVERSATION,
+        f"line-{num_lines}": Reason.MALFORMED_RECORD,
+    }
+    samples = pq.read_table(run.path("data", "samples")).to_pylist()
+    assert len(samples) == manifest["samples"]
+    assert {s["record_id"] for s in samples} == {json.loads(line)["id"] for line in path.read_text().splitlines()[:num_good]}
+    assert all(s["image"][:4] == b"\x89PNG" for s in samples)
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "hf_disk"])
+def test_data_stage_reads_parquet_and_hf_on_ray(tmp_path, shapes_dir, bundled, ray_local, fmt):
+    records, expected = bundled
+    rows = _with_bytes(records, shapes_dir)
+    if fmt == "parquet":
+        path = tmp_path / "d.parquet"
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    else:
+        import datasets
+
+        path = tmp_path / "hf"
+        datasets.Dataset.from_list(rows).cast_column("image", datasets.Image()).save_to_disk(str(path))
+    cfg = load_config(None, [f"data.format={fmt}", f"data.path={path}", f"storage_path={tmp_path / 'runs'}"])
+    run = RunDir.for_config(cfg)
+    manifest = run_data(cfg, run)
+    assert manifest["records_rejected"] == 0 and manifest["samples"] == len(expected)
+    got = pq.read_table(run.path("data", "samples")).to_pylist()
+    assert sorted((s["sample_id"], s["messages"], s["answer"], s["image"]) for s in got) == sorted(expected)
