@@ -1,0 +1,45 @@
+"""Preference pairs: chosen = the annotated answer, rejected = a bootstrapped negative. Pure functions."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+IMAGE_WEAKENING = "image_weakening"
+ERROR_INJECTION = "error_injection"
+
+
+class Drop:
+    """Why a sample or negative does not become a pair (stable strings for the errors table)."""
+
+    CHOSEN_TOO_LONG = "chosen_too_long"
+    EMPTY_NEGATIVE = "empty_negative"
+    SAME_AS_CHOSEN = "same_as_chosen"
+    REJECTED_TOO_LONG = "rejected_too_long"
+    GENERATION_FAILED = "generation_failed"
+
+
+def normalize(text: str) -> str:
+    """Case, punctuation and whitespace do not make an answer different."""
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def word_count(text: str) -> int:
+    return len(text.split())
+
+
+def degenerate(chosen: str, rejected: str, max_words: int) -> tuple[str, str] | None:
+    """(reason, detail) when a negative cannot train anything, else None."""
+    if not rejected or not rejected.strip():
+        return Drop.EMPTY_NEGATIVE, "the negative is empty"
+    if normalize(rejected) == normalize(chosen):
+        return Drop.SAME_AS_CHOSEN, "the negative equals the chosen answer after normalisation"
+    if word_count(rejected) > max_words:
+        return Drop.REJECTED_TOO_LONG, f"{word_count(rejected)} words > {max_words}"
+    return None
+
+
+def stable_seed(*parts) -> int:
+    """A per-sample seed that does not depend on process, batch or Python's hash randomisation."""
+    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "big") & 0x7FFF_FFFF_FFFF_FFFF
