@@ -1,22 +1,52 @@
-"""Batched generation with transformers: the core of the ``hf`` engine (Ray Data actors, Serve replicas)."""
+"""Generation engines behind one interface: ``engine.generate(conversations, images, sampling, seeds)``.
+
+``HFEngine`` is transformers ``generate``, batched; the CPU default in Ray Data actors and Serve
+replicas. Sampling is seeded *per row*: each row draws from its own generator, so a sample's output does
+not depend on which batch it landed in (Ray Data batches differ between runs and cluster sizes).
+The vLLM engine lives with Ray's own vLLM stages (``negatives/generation.py``, ``serve/``).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from bpo_ray.models.prompts import build_prompt, tokenizer_of
 
 
-def sampling_kwargs(temperature: float, top_p: float, max_new_tokens: int) -> dict:
-    if temperature <= 0:
-        return {"do_sample": False, "max_new_tokens": max_new_tokens}
-    return {"do_sample": True, "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens}
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0  # 0 → greedy
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+
+
+class PerRowSampler(LogitsProcessor):
+    """Temperature + top-p sampling with one generator per row. Returns scores where only the drawn token
+    is finite, so ``generate`` runs greedy on top of it."""
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float):
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.temperature, self.top_p = temperature, top_p
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            outside = sorted_probs.cumsum(-1) - sorted_probs > self.top_p  # keep the smallest nucleus
+            sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+        drawn = torch.stack([torch.multinomial(p.cpu(), 1, generator=g) for p, g in zip(probs, self.generators,
+                                                                                    strict=True)])
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter(-1, drawn.to(scores.device), 0.0)
 
 
 @torch.inference_mode()
-def generate(model, processor, conversations: list[list[dict]], images: list | None = None, *,
-             temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 64,
-             seed: int | None = None) -> list[str]:
+def generate(model, processor, conversations: list[list[dict]], images: list | None = None,
+             sampling: Sampling = Sampling(), seeds: list[int] | None = None) -> list[str]:
     """One batch: plain chat messages (+ one PIL image each, or None for text-only models) → answers."""
     tokenizer = tokenizer_of(processor)
     with_image = images is not None
@@ -27,9 +57,27 @@ def generate(model, processor, conversations: list[list[dict]], images: list | N
     else:
         inputs = tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=False)
     inputs = inputs.to(model.device)
-    if seed is not None:
-        torch.manual_seed(seed)
-    output = model.generate(**inputs, **sampling_kwargs(temperature, top_p, max_new_tokens),
-                            pad_token_id=tokenizer.pad_token_id)
+    extra = {}
+    if sampling.temperature > 0:
+        seeds = seeds if seeds is not None else list(range(len(prompts)))
+        extra["logits_processor"] = LogitsProcessorList([PerRowSampler(seeds, sampling.temperature, sampling.top_p)])
+    output = model.generate(**inputs, do_sample=False, max_new_tokens=sampling.max_new_tokens,
+                            pad_token_id=tokenizer.pad_token_id, **extra)
     new_tokens = output[:, inputs["input_ids"].shape[1]:]
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+class HFEngine:
+    """A loaded model + processor; ``vision=False`` for text-only LMs (error injection)."""
+
+    def __init__(self, model_path: str, vision: bool = True, model_cfg=None):
+        from bpo_ray.models.loader import load_llm, load_vlm
+
+        self.vision = vision
+        self.model, self.processor = (load_vlm if vision else load_llm)(model_path, model_cfg)
+        self.model.eval()
+        self.name = model_path
+
+    def generate(self, conversations: list[list[dict]], images: list | None, sampling: Sampling,
+                 seeds: list[int] | None = None) -> list[str]:
+        return generate(self.model, self.processor, conversations, images if self.vision else None, sampling, seeds)
