@@ -80,11 +80,26 @@ class Pipeline:
             return self.order.index(name) >= self.order.index(self.from_stage)
         return True
 
-    def stage(self, name: str, fn: StageFn, sections: tuple[str, ...]) -> dict:
-        inputs_hash = hashlib.sha256(
-            (self._upstream_output + self.cfg.section_hash(*sections)).encode()).hexdigest()[:16]
+    def _inputs_hash(self, upstream_output: str, sections: tuple[str, ...]) -> str:
+        return hashlib.sha256((upstream_output + self.cfg.section_hash(*sections)).encode()).hexdigest()[:16]
+
+    def _finished(self, name: str, inputs_hash: str) -> tuple[bool, dict | None]:
         previous = self.run.read_manifest(name)
-        finished = bool(previous and previous.get("finished") and previous.get("inputs_hash") == inputs_hash)
+        return bool(previous and previous.get("finished") and previous.get("inputs_hash") == inputs_hash), previous
+
+    def all_finished(self, stages: list[tuple[str, StageFn, tuple[str, ...]]]) -> bool:
+        """Whether every stage already has finished output for these inputs (nothing would run)."""
+        upstream = ""
+        for name, _, sections in stages:
+            finished, manifest = self._finished(name, self._inputs_hash(upstream, sections))
+            if not finished:
+                return False
+            upstream = manifest.get("output_id", "")
+        return True
+
+    def stage(self, name: str, fn: StageFn, sections: tuple[str, ...]) -> dict:
+        inputs_hash = self._inputs_hash(self._upstream_output, sections)
+        finished, previous = self._finished(name, inputs_hash)
         if not self._selected(name) or (finished and not self.force):
             if not finished and not self._selected(name):
                 log.warning("stage %s: not selected and has no finished output", name)
@@ -103,3 +118,17 @@ class Pipeline:
         self.manifests[name] = manifest
         self._upstream_output = manifest["output_id"]
         return manifest
+
+
+def summary(manifests: dict[str, dict]) -> str:
+    """The closing lines a job prints: what each stage made and what it dropped, and why."""
+    lines = []
+    if data := manifests.get("data"):
+        lines.append(f"data: {data.get('records_in')} records -> {data.get('samples')} samples, "
+                     f"{data.get('records_rejected')} rejected {data.get('errors_by_reason') or ''}")
+    if neg := manifests.get("negatives"):
+        by_type = ", ".join(f"{t}: {v['pairs']}" for t, v in neg.get("by_type", {}).items())
+        lines.append(f"negatives: {neg.get('pairs')} pairs ({by_type}) from {neg.get('samples_in')} samples at "
+                     f"{neg.get('samples_per_second')} samples/s; dropped {neg.get('errors_by_reason') or '{}'}")
+    return "\n".join(lines)
+

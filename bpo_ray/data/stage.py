@@ -15,6 +15,7 @@ from bpo_ray import storage
 from bpo_ray.config import DataConfig, RunConfig, SyntheticDataConfig
 from bpo_ray.data import readers
 from bpo_ray.data.records import ImageLimits, validate_record
+from bpo_ray.raydata import count_by, write_by_kind
 from bpo_ray.stages import RunDir
 
 log = logging.getLogger(__name__)
@@ -72,24 +73,18 @@ def read_raw(cfg: RunConfig):
 
 
 def run_data(cfg: RunConfig, run: RunDir) -> dict:
-    from ray.data.expressions import col
-
     ds, image_root = read_raw(cfg)
     records_in = ds.count()  # counted on the input side, so the conservation check below can fail
     limits = ImageLimits(cfg.data.max_image_pixels, cfg.data.max_image_bytes)
     rows = ds.flat_map(_validated_rows, fn_kwargs={"image_root": image_root, "limits": limits}).materialize()
-    samples = rows.filter(expr=col("kind") == "sample").select_columns(list(SAMPLE_COLUMNS))
-    errors = rows.filter(expr=col("kind") == "error").select_columns(list(ERROR_COLUMNS))
-    samples_dir, errors_dir = run.path("data", "samples"), run.path("data", "errors")
-    for directory in (samples_dir, errors_dir):
-        storage.make_dir(directory)
-    samples.write_parquet(samples_dir)
-    errors.write_parquet(errors_dir)
-
-    num_samples = samples.count()
-    records_ok = samples.filter(expr=col("turn") == 0).count()
-    reasons = {row["reason"]: row["count()"] for row in errors.groupby("reason").count().take_all()} \
-        if errors.count() else {}
+    write_by_kind(rows, run.path("data"), {"samples": ("sample", SAMPLE_COLUMNS), "errors": ("error", ERROR_COLUMNS)})
+    counts = count_by(rows, ["kind", "turn", "reason"])
+    num_samples = sum(n for (kind, _, _), n in counts.items() if kind == "sample")
+    records_ok = counts.get(("sample", 0, ""), 0)
+    reasons: dict[str, int] = {}
+    for (kind, _, reason), n in counts.items():
+        if kind == "error":
+            reasons[reason] = reasons.get(reason, 0) + n
     rejected = sum(reasons.values())
     if records_in != records_ok + rejected:
         raise RuntimeError(f"data: {records_in} records in but {records_ok} kept + {rejected} rejected")
