@@ -11,7 +11,6 @@ from bpo_ray.config import ConfigError, load_config
 
 # Commands whose stage lands in a later issue: they exist (and have --help) so the surface is stable.
 PENDING = {
-    "generate": "build preference pairs (image weakening + error injection) with Ray Data",
     "train": "DPO on Ray Train with DeepSpeed ZeRO-3",
     "serve": "serve a model over an OpenAI-compatible HTTP endpoint with Ray Serve",
     "eval": "POPE / CHAIR evaluation against an OpenAI-compatible endpoint",
@@ -50,6 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only-stage")
     p.add_argument("--force", action="store_true")
 
+    p = sub.add_parser(
+        "generate", help="build preference pairs (image weakening + error injection) with Ray Data",
+        description="Without --config: embedded tiny models and defaults on a LLaVA-format file "
+                    "(bpo generate --data FILE --image-root DIR --out DIR). With --config: everything from it.")
+    _add_config_args(p)
+    p.add_argument("--data", help="LLaVA JSON/JSONL (or .parquet) file of records")
+    p.add_argument("--image-root", help="where the records' relative image paths resolve")
+    p.add_argument("--out", help="output run directory (default: storage_path/run_name of the config)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing, different or unfinished output")
+
     for name, text in PENDING.items():
         p = sub.add_parser(name, help=f"{text} (not available yet)")
         _add_config_args(p)
@@ -63,6 +72,47 @@ def _job_script() -> Path:
             return script
     raise FileNotFoundError("jobs/bpo.py not found next to the package or in the current directory; "
                             "run from a checkout of bpo-ray")
+
+
+def _generate(args) -> int:
+    """Data + negatives stages into one run directory; refuses to touch a different output unless asked."""
+    from bpo_ray.data.stage import run_data
+    from bpo_ray.negatives.stage import run_negatives
+    from bpo_ray.runtime import init_ray, setup_logging
+    from bpo_ray.stages import Pipeline, RunDir, summary
+
+    setup_logging()
+    overrides = list(args.overrides)
+    if args.data:
+        fmt = "parquet" if args.data.endswith(".parquet") else "llava_json"
+        overrides += [f"data.format={fmt}", f"data.path={Path(args.data).absolute()}"]
+        if args.image_root:
+            overrides.append(f"data.image_root={Path(args.image_root).absolute()}")
+    if args.out:
+        out = Path(args.out).absolute()
+        overrides += [f"storage_path={out.parent}", f"run_name={out.name}"]
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    run = RunDir.for_config(cfg)
+    stages = [("data", run_data, ("data",)), ("negatives", run_negatives, ("model", "negatives"))]
+    pipeline = Pipeline(cfg, run, order=[name for name, _, _ in stages], force=args.overwrite)
+    existing = [name for name, _, _ in stages if Path(run.path(name)).exists()]
+    complete = not args.overwrite and pipeline.all_finished(stages)
+    if existing and not args.overwrite and not complete:
+        print(f"error: {run.root} already holds different or unfinished output ({', '.join(existing)}); "
+              "pass --overwrite to replace it", file=sys.stderr)
+        return 2
+    run.save_config(cfg)
+    if not complete:  # nothing to run: no need to start Ray
+        init_ray(cfg.resources)
+    for name, fn, sections in stages:
+        pipeline.stage(name, fn, sections)
+    print(f"\npairs: {run.path('negatives', 'pairs')}")
+    print(summary(pipeline.manifests))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
         return 0
+    if args.command == "generate":
+        return _generate(args)
     if args.command == "run":
         spec = importlib.util.spec_from_file_location("bpo_job", _job_script())
         job = importlib.util.module_from_spec(spec)

@@ -4,7 +4,7 @@
     ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/bpo.py --config ...
 
 Stages whose outputs are complete in the run directory (``storage_path/run_name``) are skipped, so a
-crashed or cancelled job resumes where it stopped. Stages so far: data. Negatives, reference log-probs,
+crashed or cancelled job resumes where it stopped. Stages so far: data, negatives. Reference log-probs,
 DPO, export, serving and evaluation join this list as they land.
 """
 
@@ -23,14 +23,16 @@ except ImportError:  # submitted with --working-dir and not installed on the clu
 from bpo_ray.config import ConfigError, load_config
 from bpo_ray.data.stage import run_data
 from bpo_ray.models.loader import resolve_model_path
+from bpo_ray.negatives.stage import run_negatives
 from bpo_ray.runtime import init_ray, setup_logging
-from bpo_ray.stages import Pipeline, RunDir
+from bpo_ray.stages import Pipeline, RunDir, summary
 
 log = logging.getLogger("bpo_ray.job")
 
 # (stage, function, config sections it reads), in order.
 STAGES = [
     ("data", run_data, ("data",)),
+    ("negatives", run_negatives, ("model", "negatives")),
 ]
 
 
@@ -66,10 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, fn, sections in STAGES:
         pipeline.stage(name, fn, sections)
 
-    data = pipeline.manifests["data"]
     print(f"\nrun directory: {run.root}")
-    print(f"data: {data.get('records_in')} records -> {data.get('samples')} samples, "
-          f"{data.get('records_rejected')} rejected {data.get('errors_by_reason') or ''}")
+    print(summary(pipeline.manifests))
     return 0
 
 

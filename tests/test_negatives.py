@@ -1,0 +1,160 @@
+"""The negatives stage on local Ray with tiny models: both negative types, conservation, determinism."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from bpo_ray.config import load_config
+from bpo_ray.data.stage import run_data
+from bpo_ray.negatives.generation import HFGenerator
+from bpo_ray.negatives.pairs import ERROR_INJECTION, IMAGE_WEAKENING, Drop
+from bpo_ray.negatives.stage import run_negatives
+from bpo_ray.stages import Pipeline, RunDir
+from conftest import run_cli
+
+STAGES = [("data", run_data, ("data",)), ("negatives", run_negatives, ("model", "negatives"))]
+
+
+def _run(overrides, force=False):
+    cfg = load_config(None, overrides)
+    run = RunDir.for_config(cfg)
+    pipeline = Pipeline(cfg, run, order=[s[0] for s in STAGES], force=force)
+    for name, fn, sections in STAGES:
+        pipeline.stage(name, fn, sections)
+    return cfg, run, pipeline.manifests
+
+
+def _base(tmp_path, tiny_models, data_path):
+    return [f"storage_path={tmp_path}", f"cache_dir={tmp_path / 'cache'}", "data.format=llava_json",
+            f"data.path={data_path}", f"model.name_or_path={tiny_models['llava']}",
+            "negatives.weakening.sampling.max_new_tokens=8", "negatives.weakening.pool.batch_size=4"]
+
+
+def _pairs(run):
+    rows = pq.read_table(run.path("negatives", "pairs")).to_pylist()
+    return sorted(rows, key=lambda r: (r["sample_id"], r["negative_type"]))
+
+
+def test_both_negative_types_with_bad_records_and_conservation(tmp_path, tiny_models, mixed_records, ray_local):
+    path, num_good, _ = mixed_records
+    cfg, run, manifests = _run(_base(tmp_path, tiny_models, path))
+    data, neg = manifests["data"], manifests["negatives"]
+    assert data["records_ok"] == num_good and data["records_rejected"] == 7  # bad records stop at the data stage
+    assert neg["samples_in"] == data["samples"]
+    for negative_type in (IMAGE_WEAKENING, ERROR_INJECTION):
+        counts = neg["by_type"][negative_type]
+        assert counts["pairs"] > 0
+        assert counts["pairs"] + counts["errors"] == neg["samples_in"] - neg["chosen_too_long"]
+
+    pairs = _pairs(run)
+    assert len(pairs) == neg["pairs"]
+    samples = {s["sample_id"]: s for s in pq.read_table(run.path("data", "samples")).to_pylist()}
+    for pair in pairs:
+        sample = samples[pair["sample_id"]]
+        assert pair["chosen"] == sample["answer"] and pair["image"] == sample["image"]
+        assert pair["rejected"] and pair["rejected"] != pair["chosen"]
+        assert pair["seed"] > 0
+        if pair["negative_type"] == IMAGE_WEAKENING:
+            assert json.loads(pair["distortion"]) == [{"kind": "diffusion", "step": 900}]
+            assert pair["generator"] == str(tiny_models["llava"])
+        else:
+            assert pair["generator"] == "rules" and json.loads(pair["edits"])
+    errors = pq.read_table(run.path("negatives", "errors")).to_pylist() if neg["errors_by_reason"] else []
+    assert len(errors) == sum(neg["errors_by_reason"].values())
+    assert all(e["reason"] and e["detail"] for e in errors)
+
+
+def test_same_seed_same_pairs(tmp_path, tiny_models, shapes_dir, ray_local):
+    data = shapes_dir / "records.json"
+    _, run_a, _ = _run(_base(tmp_path / "a", tiny_models, data))
+    _, run_b, _ = _run(_base(tmp_path / "b", tiny_models, data) + ["negatives.weakening.pool.batch_size=3"])
+    # Another seed (rules only: no model needed to see the seed reach the edits).
+    _, run_c, _ = _run(_base(tmp_path / "c", tiny_models, data) + ["negatives.seed=1",
+                                                                    "negatives.weakening.enabled=false"])
+    a, b, c = _pairs(run_a), _pairs(run_b), _pairs(run_c)
+    assert [(p["sample_id"], p["rejected"]) for p in a] == [(p["sample_id"], p["rejected"]) for p in b]
+    assert {p["negative_type"] for p in a} == {IMAGE_WEAKENING, ERROR_INJECTION}
+    injected = [p["rejected"] for p in a if p["negative_type"] == ERROR_INJECTION]
+    assert injected != [p["rejected"] for p in c]
+
+
+def test_llm_injection_on_hf_and_length_limit(tmp_path, tiny_models, shapes_dir, ray_local):
+    overrides = _base(tmp_path, tiny_models, shapes_dir / "records.json") + [
+        "negatives.weakening.enabled=false", "negatives.injection.engine=hf",
+        f"negatives.injection.model={tiny_models['llm']}", "negatives.injection.sampling.max_new_tokens=12",
+        "negatives.max_words=6"]
+    _, run, manifests = _run(overrides)
+    neg = manifests["negatives"]
+    assert list(neg["by_type"]) == [ERROR_INJECTION]
+    assert neg["chosen_too_long"] > 0  # every description is over 6 words
+    counts = neg["by_type"][ERROR_INJECTION]
+    assert counts["pairs"] + counts["errors"] == neg["samples_in"] - neg["chosen_too_long"]
+    assert all(p["generator"] == str(tiny_models["llm"]) for p in _pairs(run))
+    errors = pq.read_table(run.path("negatives", "errors")).to_pylist()
+    assert sum(e["reason"] == Drop.CHOSEN_TOO_LONG for e in errors) == neg["chosen_too_long"]
+
+
+def test_a_failing_row_is_recorded_not_fatal(tiny_models, shapes_dir):
+    generator = HFGenerator(str(tiny_models["llava"]), vision=True,
+                            sampling={"temperature": 0.2, "top_p": 1.0, "max_new_tokens": 4})
+    good = (shapes_dir / "images").glob("*.png").__next__().read_bytes()
+    messages = json.dumps([{"role": "user", "content": "Describe the image in detail."}])
+    batch = {"carry": np.array([pickle.dumps(i) for i in range(3)], dtype=object),
+             "gen_messages": np.array([messages] * 3, dtype=object),
+             "gen_image": np.array([good, b"not an image", good], dtype=object),
+             "seed": np.array([1, 2, 3])}
+    out = generator(batch)
+    assert [bool(e) for e in out["generation_error"]] == [False, True, False]
+    assert out["generated_text"][0] and out["generated_text"][2] and not out["generated_text"][1]
+    assert [pickle.loads(c) for c in out["carry"]] == [0, 1, 2]
+
+
+def _llava_file(tmp_path, shapes_dir):
+    """A user's LLaVA-format file with images relative to an image root."""
+    records = json.loads((shapes_dir / "records.json").read_text())[:6]
+    (tmp_path / "user.json").write_text(json.dumps(records))
+    return tmp_path / "user.json"
+
+
+def test_bpo_generate_without_config(tmp_path, shapes_dir):
+    data = _llava_file(tmp_path, shapes_dir)
+    out = tmp_path / "out"
+    args = ["generate", "--data", str(data), "--image-root", str(shapes_dir), "--out", str(out),
+            "resources.ray_address=local", "negatives.weakening.sampling.max_new_tokens=8"]
+    first = run_cli(*args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    manifest = json.loads((out / "negatives" / "manifest.json").read_text())
+    assert set(manifest["by_type"]) == {IMAGE_WEAKENING, ERROR_INJECTION}
+    assert "negatives:" in first.stdout and "samples/s" in first.stdout
+    assert (tmp_path / ".cache" / "bpo-ray" / "models" / "tiny-llava").is_dir()  # embedded tiny model
+
+    again = run_cli(*args, cwd=tmp_path)  # complete for the same inputs: nothing runs, Ray not even started
+    assert again.returncode == 0 and "finished earlier for the same inputs, skipped" in again.stderr
+    assert "Started a local Ray instance" not in again.stderr
+    assert json.loads((out / "negatives" / "manifest.json").read_text()) == manifest
+
+    different = run_cli(*args, "negatives.seed=5", cwd=tmp_path)
+    assert different.returncode == 2 and "--overwrite" in different.stderr
+    replaced = run_cli(*args, "negatives.seed=5", "--overwrite", cwd=tmp_path)
+    assert replaced.returncode == 0, replaced.stderr[-3000:]
+    assert json.loads((out / "negatives" / "manifest.json").read_text())["seed"] == 5
+
+
+@pytest.mark.parametrize("size", [(8, 8)])
+def test_weakened_image_of_odd_size_still_generates(tiny_models, size):
+    """Images smaller than the model's input go through the processor's resize like any other."""
+    buf = io.BytesIO()
+    Image.new("RGB", size, (10, 200, 10)).save(buf, format="PNG")
+    generator = HFGenerator(str(tiny_models["qwen2_vl"]), vision=True,
+                            sampling={"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 3})
+    out = generator({"carry": np.array([b"x"], dtype=object), "seed": np.array([0]),
+                     "gen_messages": np.array([json.dumps([{"role": "user", "content": "What is it?"}])], dtype=object),
+                     "gen_image": np.array([buf.getvalue()], dtype=object)})
+    assert out["generation_error"][0] == ""
