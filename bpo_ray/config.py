@@ -167,6 +167,8 @@ class TrainConfig(Section):
     freeze_vision_tower: bool = True
     freeze_projector: bool = False
     lora: LoraConfig = LoraConfig()
+    # The Ray Data pass that scores reference log-probs once, before training (reference: precomputed).
+    reference_pool: ActorPoolConfig = ActorPoolConfig(batch_size=4)
     num_workers: int = Field(2, ge=1)
     checkpoint_every: int = Field(50, ge=1)
     keep_checkpoints: int = Field(2, ge=1)

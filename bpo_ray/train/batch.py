@@ -1,0 +1,86 @@
+"""Preference pairs → one concatenated, left-padded batch (chosen rows, then rejected rows) → log-probs.
+
+One forward over chosen and rejected together. Sequences are left-padded so every response ends at the
+right edge; the model returns logits only for the last ``K + 1`` positions (``logits_to_keep``), K being
+the longest response in the batch: full-vocabulary logits are never materialised for prompt or image
+tokens. RoPE attention depends on relative positions only, so left padding does not change the result.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from bpo_ray.models.prompts import Encoded, encode_prompt_response, tokenizer_of
+from bpo_ray.train.logprobs import IGNORE, sequence_logps
+
+
+def decode_image(data: bytes) -> Image.Image:
+    with Image.open(io.BytesIO(data)) as img:
+        return img.convert("RGB")
+
+
+def encode_pair(processor, pair: dict, max_length: int, min_response_tokens: int = 1) -> tuple[Encoded, Encoded]:
+    """A pairs-table row → (chosen, rejected) encodings; raises SampleTooLong."""
+    messages = json.loads(pair["messages"])
+    image = decode_image(pair["image"])
+    chosen = encode_prompt_response(processor, messages, image, pair["chosen"], max_length, min_response_tokens)
+    rejected = encode_prompt_response(processor, messages, image, pair["rejected"], max_length, min_response_tokens)
+    return chosen, rejected
+
+
+@dataclass
+class PairBatch:
+    inputs: dict[str, torch.Tensor]  # model kwargs (input_ids, attention_mask, vision tensors, ...)
+    labels: torch.Tensor  # (2B, K): next-token targets for the last K positions, IGNORE off-response
+    logits_to_keep: int
+    num_pairs: int
+
+
+def collate(pairs: list[tuple[Encoded, Encoded]], pad_token_id: int) -> PairBatch:
+    rows = [c for c, _ in pairs] + [r for _, r in pairs]
+    length = max(len(e.input_ids) for e in rows)
+    keep = max(len(e.response_ids) for e in rows)
+    input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), length), dtype=torch.long)
+    labels = torch.full((len(rows), keep), IGNORE, dtype=torch.long)
+    token_types = {k: torch.zeros((len(rows), length), dtype=torch.long) for k in rows[0].token_types}
+    for i, e in enumerate(rows):
+        n, r = len(e.input_ids), len(e.response_ids)
+        input_ids[i, length - n:] = torch.tensor(e.input_ids)
+        attention[i, length - n:] = 1
+        labels[i, keep - r:] = torch.tensor(e.response_ids)
+        for k, values in e.token_types.items():
+            token_types[k][i, length - n:] = torch.tensor(values)
+    vision = {k: torch.cat([e.vision_inputs[k] for e in rows], dim=0) for k in rows[0].vision_inputs}
+    inputs = {"input_ids": input_ids, "attention_mask": attention, **token_types, **vision}
+    return PairBatch(inputs, labels, keep + 1, len(pairs))
+
+
+@dataclass
+class PairLogps:
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    chosen_token_sum: torch.Tensor  # summed log-probs of chosen (for the SFT term, whatever ``average``)
+    chosen_tokens: torch.Tensor
+
+
+def pair_logps(model, batch: PairBatch, average: bool = False) -> PairLogps:
+    """Forward the concatenated batch; (mean, for IPO) response log-probs for chosen and rejected."""
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in batch.inputs.items()}
+    logits = model(**inputs, logits_to_keep=batch.logits_to_keep, use_cache=False).logits[:, :-1]
+    labels = batch.labels.to(device)
+    logps, counts = sequence_logps(logits, labels, average=average)
+    summed = logps * counts if average else logps
+    b = batch.num_pairs
+    return PairLogps(logps[:b], logps[b:], summed[:b], counts[:b])
+
+
+def pad_id(processor) -> int:
+    tokenizer = tokenizer_of(processor)
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -1,0 +1,58 @@
+"""DPO-family losses as pure functions of sequence log-probs (tensors in, tensors out).
+
+``logits = (π_c − π_r) − (ref_c − ref_r)``; implicit rewards are ``β·(π − ref)``.
+- ``sigmoid`` (DPO, Rafailov et al.): −log σ(β·logits), with optional label smoothing (conservative DPO);
+- ``robust`` (Chowdhury et al.): unbiased under label noise ε = label_smoothing;
+- ``ipo`` (Azar et al.): (logits − 1/(2β))², on *mean* token log-probs;
+- ``hinge`` (SLiC): relu(1 − β·logits).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class DPOOutput:
+    loss: torch.Tensor  # scalar
+    losses: torch.Tensor  # per pair
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+
+    def metrics(self) -> dict[str, float]:
+        margin = self.chosen_rewards - self.rejected_rewards
+        return {
+            "loss": float(self.loss.detach()),
+            "reward_chosen": float(self.chosen_rewards.mean()),
+            "reward_rejected": float(self.rejected_rewards.mean()),
+            "reward_margin": float(margin.mean()),
+            "reward_accuracy": float((margin > 0).float().mean()),
+        }
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float = 0.1, loss_type: str = "sigmoid",
+             label_smoothing: float = 0.0) -> DPOOutput:
+    logits = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * logits) * (1 - label_smoothing) - F.logsigmoid(-beta * logits) * label_smoothing
+    elif loss_type == "robust":
+        losses = ((-F.logsigmoid(beta * logits) * (1 - label_smoothing) + F.logsigmoid(-beta * logits) * label_smoothing)
+                  / (1 - 2 * label_smoothing))
+    elif loss_type == "ipo":
+        losses = (logits - 1 / (2 * beta)) ** 2
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * logits)
+    else:
+        raise ValueError(f"unknown loss type {loss_type!r}")
+    chosen_rewards = beta * (policy_chosen - ref_chosen).detach()
+    rejected_rewards = beta * (policy_rejected - ref_rejected).detach()
+    return DPOOutput(losses.mean(), losses, chosen_rewards, rejected_rewards)
+
+
+def sft_loss(chosen_token_logps_sum: torch.Tensor, chosen_token_counts: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood per token of the chosen answers (the optional SFT term)."""
+    return -(chosen_token_logps_sum.sum() / chosen_token_counts.sum().clamp(min=1))
