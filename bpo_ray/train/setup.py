@@ -1,0 +1,94 @@
+"""Model preparation and the generated DeepSpeed config: plain functions of the train config."""
+
+from __future__ import annotations
+
+import math
+
+from bpo_ray.config import TrainConfig
+
+# Where vision-language models keep their parts (LLaVA, Qwen-VL, Idefics/SmolVLM, Gemma3, …).
+VISION_NAMES = ("vision_tower", "visual", "vision_model")
+PROJECTOR_NAMES = ("multi_modal_projector", "merger", "connector")
+LM_LINEAR = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
+
+
+def precision(train: TrainConfig, use_gpu: bool) -> str:
+    if train.precision == "auto":
+        return "bf16" if use_gpu else "fp32"
+    return train.precision
+
+
+def _modules(model, names):
+    return [module for name, module in model.named_modules() if name.rsplit(".", 1)[-1] in names]
+
+
+def prepare_model(model, train: TrainConfig):
+    """Freeze what the config freezes, add LoRA to the language model, enable gradient checkpointing.
+
+    Reentrant checkpointing + input embeddings that require grad: the combination that works with a frozen
+    vision tower and with a LoRA base under ZeRO-3 (non-reentrant raises CheckpointError there).
+    """
+    if train.freeze_vision_tower:
+        for module in _modules(model, VISION_NAMES):
+            module.requires_grad_(False)
+    projectors = _modules(model, PROJECTOR_NAMES)
+    for module in projectors:  # Qwen's merger sits inside the vision tower: decide it explicitly
+        module.requires_grad_(not train.freeze_projector)
+    if train.lora.enabled:
+        from peft import LoraConfig, get_peft_model
+
+        targets = LM_LINEAR if train.lora.target_modules == "all-linear" else train.lora.target_modules
+        model = get_peft_model(model, LoraConfig(r=train.lora.r, lora_alpha=train.lora.alpha,
+                                                 lora_dropout=train.lora.dropout, target_modules=targets))
+    if train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        model.enable_input_require_grads()
+    model.config.use_cache = False
+    return model
+
+
+def trainable_parameters(model) -> tuple[int, int]:
+    def size(p):  # ZeRO-3 leaves a 0-element placeholder; ds_numel is the real size
+        return getattr(p, "ds_numel", p.numel())
+
+    return sum(size(p) for p in model.parameters() if p.requires_grad), sum(size(p) for p in model.parameters())
+
+
+def optimizer_steps(num_pairs: int, train: TrainConfig, world_size: int) -> tuple[int, int]:
+    """(micro-batches per epoch per worker, total optimizer steps)."""
+    per_worker = num_pairs // world_size
+    micro_per_epoch = max(1, math.ceil(per_worker / train.per_device_batch_size))
+    total = max(1, math.ceil(train.epochs * micro_per_epoch / train.gradient_accumulation_steps))
+    if train.max_steps:
+        total = min(total, train.max_steps)
+    return micro_per_epoch, total
+
+
+def deepspeed_config(train: TrainConfig, world_size: int, use_gpu: bool, total_steps: int) -> dict:
+    prec = precision(train, use_gpu)
+    zero: dict = {"stage": train.zero_stage}
+    if train.zero_stage == 3:
+        # Gather full weights on save: without it a ZeRO-3 LoRA export is empty (trl#4416).
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if train.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
+    if train.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": use_gpu}
+    warmup = max(1, int(round(train.warmup_ratio * total_steps)))  # DeepSpeed rejects 0
+    return {
+        "train_micro_batch_size_per_gpu": train.per_device_batch_size,
+        "gradient_accumulation_steps": train.gradient_accumulation_steps,
+        "train_batch_size": train.per_device_batch_size * train.gradient_accumulation_steps * world_size,
+        "gradient_clipping": train.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": prec == "bf16"},
+        "fp16": {"enabled": prec == "fp16"},
+        "optimizer": {"type": "AdamW", "params": {"lr": train.lr, "weight_decay": train.weight_decay,
+                                                  "betas": [0.9, 0.999], "eps": 1e-8}},
+        "scheduler": {"type": "WarmupCosineLR", "params": {
+            "total_num_steps": max(total_steps, warmup + 1), "warmup_num_steps": warmup,
+            "warmup_min_ratio": 0.0, "cos_min_ratio": 0.0, "warmup_type": "linear"}},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }

@@ -1,0 +1,170 @@
+"""Training stages: reference log-probs (Ray Data), then DPO (Ray Train × DeepSpeed) and export.
+
+``reference``: with ``train.reference: precomputed`` (the default) the frozen base model scores every pair
+once, in an autoscaling actor pool, and the scores are stored beside the pairs (``reference/pairs``), so
+training workers hold only the policy. Pairs whose prompt leaves no room for the response are recorded in
+``reference/errors``. ``live`` / ``adapter_disabled`` score inside the training step instead.
+
+``train``: ``TorchTrainer`` with one DeepSpeed engine per worker. Checkpoints go to
+``checkpoints/train-<key>`` (the key hashes the training inputs), so re-running the job with the same run
+resumes from the latest one, and a failed worker group restarts from it (``FailureConfig``). The trained
+model is exported to ``model/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+
+import numpy as np
+import torch
+
+from bpo_ray import storage
+from bpo_ray.config import RunConfig
+from bpo_ray.models.loader import load_vlm, resolve_model_path
+from bpo_ray.models.prompts import SampleTooLong
+from bpo_ray.negatives.stage import PAIR_COLUMNS
+from bpo_ray.raydata import count_by, write_by_kind
+from bpo_ray.stages import RunDir
+from bpo_ray.train.batch import collate, encode_pair, pad_id, pair_logps
+from bpo_ray.train.setup import optimizer_steps
+
+log = logging.getLogger(__name__)
+
+SCORED_COLUMNS = (*PAIR_COLUMNS, "ref_chosen_logp", "ref_rejected_logp")
+ERROR_COLUMNS = ("sample_id", "record_id", "stage", "negative_type", "reason", "detail")
+
+
+class ReferenceScorer:
+    """Ray Data actor: the frozen reference model scores (chosen, rejected) for a batch of pairs."""
+
+    def __init__(self, model_path: str, model_cfg: dict, average: bool):
+        from bpo_ray.config import ModelConfig
+
+        torch.set_num_threads(1)
+        self.cfg = ModelConfig.model_validate(model_cfg)
+        self.model, self.processor = load_vlm(model_path, self.cfg, dtype=torch.float32)
+        self.model.eval()
+        self.average = average
+
+    @torch.inference_mode()
+    def __call__(self, batch):
+        rows = batch.to_dict("records")
+        encoded, valid, problems = [], [], {}
+        for i, row in enumerate(rows):
+            try:
+                encoded.append(encode_pair(self.processor, row, self.cfg.max_length, self.cfg.min_response_tokens))
+                valid.append(i)
+            except SampleTooLong as err:
+                problems[i] = str(err)
+        chosen = rejected = []
+        if encoded:
+            logps = pair_logps(self.model, collate(encoded, pad_id(self.processor)), average=self.average)
+            chosen, rejected = logps.chosen.tolist(), logps.rejected.tolist()
+        scores = dict(zip(valid, zip(chosen, rejected, strict=True), strict=True))
+        batch["ref_chosen_logp"] = [scores.get(i, (np.nan, np.nan))[0] for i in range(len(rows))]
+        batch["ref_rejected_logp"] = [scores.get(i, (np.nan, np.nan))[1] for i in range(len(rows))]
+        batch["kind"] = ["error" if i in problems else "pair" for i in range(len(rows))]
+        batch["stage"] = "reference"
+        batch["reason"] = [SampleTooLong.reason if i in problems else "" for i in range(len(rows))]
+        batch["detail"] = [problems.get(i, "") for i in range(len(rows))]
+        return batch
+
+
+def run_reference(cfg: RunConfig, run: RunDir) -> dict:
+    import ray.data
+
+    pairs = ray.data.read_parquet(run.path("negatives", "pairs"))
+    pairs_in = pairs.count()
+    if cfg.train.reference != "precomputed":  # scored live during training: nothing to do here
+        return {"pairs_in": pairs_in, "scored": 0, "mode": cfg.train.reference}
+    pool = cfg.train.reference_pool
+    policy = resolve_model_path(cfg.model.name_or_path, cfg.cache_dir)
+    rows = pairs.map_batches(
+        ReferenceScorer, batch_format="pandas", batch_size=pool.batch_size,
+        fn_constructor_kwargs={"model_path": policy, "model_cfg": cfg.model.model_dump(),
+                               "average": cfg.train.loss == "ipo"},
+        compute=ray.data.ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size),
+        num_cpus=pool.num_cpus, num_gpus=pool.num_gpus).materialize()
+    write_by_kind(rows, run.path("reference"), {"pairs": ("pair", SCORED_COLUMNS), "errors": ("error", ERROR_COLUMNS)})
+    counts = count_by(rows, ["kind", "reason"])
+    scored = counts.get(("pair", ""), 0)
+    errors = {reason: n for (kind, reason), n in counts.items() if kind == "error"}
+    if scored + sum(errors.values()) != pairs_in:
+        raise RuntimeError(f"reference: {pairs_in} pairs in but {scored} scored + {sum(errors.values())} errors")
+    return {"pairs_in": pairs_in, "scored": scored, "errors_by_reason": errors, "mode": "precomputed"}
+
+
+def _train_key(cfg: RunConfig, run: RunDir) -> str:
+    """Checkpoints belong to exactly these training inputs (config + the reference stage's output)."""
+    upstream = (run.read_manifest("reference") or {}).get("output_id", "")
+    return hashlib.sha256((upstream + cfg.section_hash("model", "train")).encode()).hexdigest()[:12]
+
+
+def run_train(cfg: RunConfig, run: RunDir, pid_dir: str | None = None) -> dict:
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    train, res = cfg.train, cfg.resources
+    source = "reference" if train.reference == "precomputed" else "negatives"
+    pairs = ray.data.read_parquet(run.path(source, "pairs"))
+    if train.reference != "precomputed":
+        pairs = pairs.map_batches(_no_reference, batch_format="pandas")
+    pairs = pairs.random_shuffle(seed=train.seed)  # one fixed order: resumed runs see the same batches
+    num_pairs = pairs.count()
+    if num_pairs < train.num_workers:
+        raise ValueError(f"train: {num_pairs} pairs cannot feed {train.num_workers} workers")
+    micro_per_epoch, total_steps = optimizer_steps(num_pairs, train, train.num_workers)
+    storage.make_dir(run.path("train"))
+    key = _train_key(cfg, run)
+    loop_config = {
+        "cfg": cfg.model_dump(mode="json"),
+        "policy_path": resolve_model_path(cfg.model.name_or_path, cfg.cache_dir),
+        "use_gpu": res.use_gpu,
+        "total_steps": total_steps,
+        "metrics_path": run.path("train", "metrics.jsonl"),
+        "tb_dir": run.path("train", "tb"),
+        "export_dir": run.path("model"),
+        "pid_dir": pid_dir,
+    }
+    resources = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.use_gpu else {})}
+    execution = ray.data.ExecutionOptions(preserve_order=True)
+    trainer = TorchTrainer(
+        train_loop_per_worker=_loop,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=train.num_workers, use_gpu=res.use_gpu,
+                                               resources_per_worker=resources,
+                                               accelerator_type=res.accelerator_type),
+        datasets={"train": pairs},
+        dataset_config=ray.train.DataConfig(execution_options=execution),
+        run_config=ray.train.RunConfig(
+            name=f"train-{key}", storage_path=run.path("checkpoints"),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=train.max_failures)),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    return {"pairs": num_pairs, "steps": total_steps, "micro_batches_per_epoch": micro_per_epoch,
+            "workers": train.num_workers, "final_metrics": {k: v for k, v in (result.metrics or {}).items()
+                                                             if isinstance(v, (int, float))},
+            "checkpoint": result.checkpoint.path if result.checkpoint else None, "model_dir": run.path("model")}
+
+
+def _no_reference(batch):
+    batch["ref_chosen_logp"] = np.nan
+    batch["ref_rejected_logp"] = np.nan
+    return batch
+
+
+def _loop(config: dict) -> None:  # a module-level function: Ray pickles it by reference
+    from bpo_ray.train.worker import train_loop_per_worker
+
+    train_loop_per_worker(config)
+
+
+def read_metrics(run: RunDir) -> list[dict]:
+    path = run.path("train", "metrics.jsonl")
+    return [json.loads(line) for line in storage.read_text(path).splitlines()] if storage.exists(path) else []

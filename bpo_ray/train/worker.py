@@ -1,0 +1,195 @@
+"""What each Ray Train worker runs: DPO with a DeepSpeed engine over its Ray Data shard.
+
+Resume: a checkpoint holds the DeepSpeed state of every rank plus ``state.json`` (micro-batches done);
+on restart (a failed worker, or the same run re-submitted) ``ray.train.get_checkpoint()`` returns it, the
+engine loads it and the loop skips the micro-batches already done, so the trajectory continues.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+
+import torch
+
+from bpo_ray.config import RunConfig
+from bpo_ray.models.loader import load_vlm
+from bpo_ray.models.prompts import SampleTooLong
+from bpo_ray.train.batch import collate, encode_pair, pad_id, pair_logps
+from bpo_ray.train.losses import dpo_loss, sft_loss
+from bpo_ray.train.setup import deepspeed_config, prepare_model, trainable_parameters
+
+log = logging.getLogger("bpo_ray.train")
+STATE_FILE = "state.json"
+
+
+def _load_policy(path: str, cfg: RunConfig, ds_config: dict):
+    dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float16 if ds_config["fp16"]["enabled"] \
+        else torch.float32
+    keep_alive = None
+    if cfg.train.zero_stage == 3:
+        # Partition weights while loading (zero.Init) instead of materialising the whole model per worker.
+        from transformers.integrations import HfDeepSpeedConfig
+
+        keep_alive = HfDeepSpeedConfig(ds_config)
+    model, processor = load_vlm(path, cfg.model, dtype=dtype)
+    del keep_alive
+    return prepare_model(model, cfg.train), processor
+
+
+def _batches(shard, batch_size: int, processor, cfg: RunConfig):
+    """Encoded micro-batches of pairs with their reference log-probs, forever (epochs repeat the shard)."""
+    while True:
+        for rows in shard.iter_batches(batch_size=batch_size, batch_format="pandas"):
+            pairs, ref_c, ref_r = [], [], []
+            for row in rows.to_dict("records"):
+                try:
+                    pairs.append(encode_pair(processor, row, cfg.model.max_length, cfg.model.min_response_tokens))
+                except SampleTooLong:  # the reference stage recorded it already; never crash on it
+                    continue
+                ref_c.append(row["ref_chosen_logp"])
+                ref_r.append(row["ref_rejected_logp"])
+            if pairs:
+                yield collate(pairs, pad_id(processor)), torch.tensor(ref_c), torch.tensor(ref_r)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import deepspeed
+    import ray.train
+
+    cfg = RunConfig.model_validate(config["cfg"])
+    train = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    # Ray Train created the torch process group; DeepSpeed must adopt it before zero.Init or initialize,
+    # or it sees a world of one.
+    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+    torch.manual_seed(train.seed)
+    if config.get("pid_dir"):  # lets a test (or an operator) find and kill a worker
+        with open(os.path.join(config["pid_dir"], f"rank{rank}.pid"), "w") as f:
+            f.write(str(os.getpid()))
+
+    ds_config = deepspeed_config(train, world, config["use_gpu"], config["total_steps"])
+    model, processor = _load_policy(config["policy_path"], cfg, ds_config)
+    trainable, total = trainable_parameters(model)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config)
+
+    reference = _reference_scorer(cfg, config["policy_path"], ds_config, engine)
+    micro_done = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            engine.load_checkpoint(directory, tag="ds")
+            with open(os.path.join(directory, STATE_FILE)) as f:
+                micro_done = json.load(f)["micro_steps"]
+        if rank == 0:
+            log.info("resumed from %s at micro-step %d", checkpoint.path, micro_done)
+
+    accumulation = train.gradient_accumulation_steps
+    total_micro = config["total_steps"] * accumulation
+    batches = _batches(ray.train.get_dataset_shard("train"), train.per_device_batch_size, processor, cfg)
+    for _ in range(micro_done):  # same order as before the interruption: skip what was already trained on
+        next(batches)
+    metrics_path = config["metrics_path"] if rank == 0 else None
+    writer = _tensorboard(config["tb_dir"]) if rank == 0 else None
+    window, started = [], time.time()
+    average = train.loss == "ipo"
+    while micro_done < total_micro:
+        batch, ref_c, ref_r = next(batches)
+        if reference is not None:
+            ref_c, ref_r = reference(batch, average)
+        engine.train()
+        logps = pair_logps(engine, batch, average=average)
+        out = dpo_loss(logps.chosen, logps.rejected, ref_c, ref_r, train.beta, train.loss, train.label_smoothing)
+        loss = out.loss
+        if train.sft_weight:
+            loss = loss + train.sft_weight * sft_loss(logps.chosen_token_sum, logps.chosen_tokens)
+        engine.backward(loss)
+        lr = float(scheduler.get_last_lr()[0])  # the rate this step uses (step() moves the schedule on)
+        engine.step()
+        micro_done += 1
+        window.append((out.metrics(), batch.num_pairs))
+        if micro_done % accumulation:
+            continue
+        step = micro_done // accumulation
+        metrics = _step_metrics(window, step, lr, engine, started, world)
+        window, started = [], time.time()
+        last = micro_done >= total_micro
+        if step % train.checkpoint_every == 0 or last:
+            with tempfile.TemporaryDirectory() as directory:
+                engine.save_checkpoint(directory, tag="ds")
+                if rank == 0:
+                    with open(os.path.join(directory, STATE_FILE), "w") as f:
+                        json.dump({"micro_steps": micro_done, "step": step}, f)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        else:
+            ray.train.report(metrics)
+        if rank == 0:
+            _log_metrics(metrics, metrics_path, writer, trainable, total)
+    if writer:
+        writer.close()
+    from bpo_ray.train.export import export_model
+
+    export_model(engine, cfg, config["policy_path"], config["export_dir"], rank)
+
+
+def _reference_scorer(cfg: RunConfig, policy_path: str, ds_config: dict, engine):
+    """None when reference log-probs were precomputed; else a function scoring a batch live."""
+    import deepspeed
+
+    mode = cfg.train.reference
+    if mode == "precomputed":
+        return None
+    if mode == "adapter_disabled":  # the LoRA policy with its adapters off *is* the base model
+        def score(batch, average):
+            with torch.no_grad(), engine.module.disable_adapter():
+                logps = pair_logps(engine, batch, average=average)
+            return logps.chosen, logps.rejected
+        return score
+    # live: a frozen copy of the base under the same ZeRO stage, with no optimizer state
+    frozen = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler")}
+    if cfg.train.zero_stage != 3:
+        frozen["zero_optimization"] = {"stage": 0}
+    model, _ = load_vlm(policy_path, cfg.model, dtype=next(engine.module.parameters()).dtype)
+    model.requires_grad_(False)
+    ref_engine = deepspeed.initialize(model=model, config=frozen)[0]
+    ref_engine.eval()
+
+    def score(batch, average):
+        with torch.no_grad():
+            logps = pair_logps(ref_engine, batch, average=average)
+        return logps.chosen, logps.rejected
+    return score
+
+
+def _step_metrics(window, step, lr, engine, started, world) -> dict:
+    pairs = sum(n for _, n in window)
+    metrics = {k: sum(m[k] * n for m, n in window) / pairs for k in window[0][0]}
+    grad_norm = engine.get_global_grad_norm()
+    metrics.update(step=step, lr=lr,
+                   grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+                   samples_per_second=pairs * world / max(time.time() - started, 1e-9))
+    return metrics
+
+
+def _tensorboard(directory: str):
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:  # TensorBoard is optional; JSONL always works
+        return None
+    return SummaryWriter(directory)
+
+
+def _log_metrics(metrics: dict, path: str, writer, trainable: int, total: int) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+    if writer:
+        for key, value in metrics.items():
+            if key != "step":
+                writer.add_scalar(f"train/{key}", value, metrics["step"])
+    log.info("step %d loss %.4f margin %.4f acc %.2f lr %.2e (%d/%d params trainable)", metrics["step"],
+             metrics["loss"], metrics["reward_margin"], metrics["reward_accuracy"], metrics["lr"], trainable, total)

@@ -1,0 +1,114 @@
+"""The concatenated chosen+rejected batch gives the same log-probs as each sequence alone, and the
+precomputed, adapter-disabled and live references agree."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+
+from bpo_ray.config import TrainConfig
+from bpo_ray.data.synthetic import generate as shapes
+from bpo_ray.models.loader import load_vlm
+from bpo_ray.train.batch import collate, encode_pair, pad_id, pair_logps
+from bpo_ray.train.setup import deepspeed_config, optimizer_steps, prepare_model
+
+
+def _png(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+IMAGE = _png(next(shapes(1)).image)
+PAIRS = [
+    {"messages": json.dumps([{"role": "user", "content": "Describe the image in detail."}]), "image": IMAGE,
+     "chosen": "There is one shape. A large red circle is at the top.", "rejected": "There are two shapes."},
+    {"messages": json.dumps([{"role": "user", "content": "Is there a blue square?"}]), "image": IMAGE,
+     "chosen": "No.", "rejected": "Yes, there is a blue square at the left of the red circle."},
+]
+
+
+def _alone(model, encoded) -> float:
+    logits = model(**encoded.model_inputs()).logits[0, :-1]
+    targets = torch.tensor(encoded.input_ids[1:])
+    logps = torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None])[:, 0]
+    return logps[encoded.prompt_length - 1:].sum().item()
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2_vl"])
+def test_batched_left_padded_logps_equal_single_sequences(tiny_models, arch):
+    model, processor = load_vlm(str(tiny_models[arch]))
+    encoded = [encode_pair(processor, p, 512) for p in PAIRS]
+    batch = collate(encoded, pad_id(processor))
+    assert batch.logits_to_keep < batch.inputs["input_ids"].shape[1]  # prompt/image logits never computed
+    with torch.no_grad():
+        out = pair_logps(model, batch)
+        expected_c = [_alone(model, c) for c, _ in encoded]
+        expected_r = [_alone(model, r) for _, r in encoded]
+    assert out.chosen.tolist() == pytest.approx(expected_c, abs=1e-3)
+    assert out.rejected.tolist() == pytest.approx(expected_r, abs=1e-3)
+
+
+def test_reference_modes_agree(tiny_models):
+    """Precomputed (the base model, scored apart) = adapter-disabled LoRA policy = live frozen copy."""
+    import pandas as pd
+
+    from bpo_ray.train.stage import ReferenceScorer
+
+    scorer = ReferenceScorer(str(tiny_models["llava"]), {}, average=False)
+    scored = scorer(pd.DataFrame(PAIRS))
+    base, processor = load_vlm(str(tiny_models["llava"]))
+    policy = prepare_model(base, TrainConfig(lora={"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0},
+                                             gradient_checkpointing=False))
+    with torch.no_grad():
+        for module in policy.modules():  # train the adapters a little: the policy must differ from the base
+            if hasattr(module, "lora_B"):
+                for linear in module.lora_B.values():
+                    linear.weight.add_(0.05)
+        batch = collate([encode_pair(processor, p, 512) for p in PAIRS], pad_id(processor))
+        with policy.disable_adapter():
+            disabled = pair_logps(policy, batch)
+        live = pair_logps(load_vlm(str(tiny_models["llava"]))[0], batch)
+        trained = pair_logps(policy, batch)
+    assert scored["ref_chosen_logp"].tolist() == pytest.approx(disabled.chosen.tolist(), abs=1e-3)
+    assert scored["ref_rejected_logp"].tolist() == pytest.approx(live.rejected.tolist(), abs=1e-3)
+    assert trained.chosen.tolist() != pytest.approx(disabled.chosen.tolist(), abs=1e-3)
+
+
+def test_reference_scorer_records_too_long_pairs(tiny_models):
+    import pandas as pd
+
+    from bpo_ray.train.stage import ReferenceScorer
+
+    scorer = ReferenceScorer(str(tiny_models["llava"]), {"max_length": 70}, average=False)  # < 64 image tokens + prompt
+    out = scorer(pd.DataFrame(PAIRS))
+    assert out["kind"].tolist() == ["error", "error"] and out["reason"].tolist() == ["prompt_too_long"] * 2
+
+
+def test_freezing_and_lora_targets(tiny_models):
+    model, _ = load_vlm(str(tiny_models["qwen2_vl"]))
+    full = prepare_model(model, TrainConfig(lora={"enabled": False}, freeze_vision_tower=True, freeze_projector=False,
+                                            gradient_checkpointing=False))
+    trainable = {n for n, p in full.named_parameters() if p.requires_grad}
+    assert not any(".visual.blocks." in n for n in trainable)  # tower frozen
+    assert any(".visual.merger." in n for n in trainable)  # projector (Qwen's merger) trains
+    model, _ = load_vlm(str(tiny_models["llava"]))
+    lora = prepare_model(model, TrainConfig(lora={"enabled": True, "r": 4, "alpha": 8}))
+    names = [n for n, p in lora.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n and "language_model" in n for n in names)
+
+
+def test_deepspeed_config_and_steps():
+    train = TrainConfig(per_device_batch_size=4, gradient_accumulation_steps=2, epochs=2, zero_stage=3,
+                        warmup_ratio=0.1)
+    micro, total = optimizer_steps(100, train, world_size=2)
+    assert (micro, total) == (13, 13)
+    ds = deepspeed_config(train, world_size=2, use_gpu=False, total_steps=total)
+    assert ds["train_batch_size"] == 16 and ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert not ds["bf16"]["enabled"] and deepspeed_config(train, 2, True, total)["bf16"]["enabled"]
+    assert ds["scheduler"]["params"]["warmup_num_steps"] == 1
+    assert optimizer_steps(100, TrainConfig(max_steps=3), 2)[1] == 3

@@ -1,0 +1,180 @@
+"""DPO on Ray Train with 2 DeepSpeed ZeRO-3 workers on CPU: LoRA and full, LLaVA and Qwen2-VL,
+a killed worker, a resumed run, and the exported model."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bpo_ray.config import load_config
+from bpo_ray.data.stage import run_data
+from bpo_ray.models.generate import Sampling, generate
+from bpo_ray.negatives.stage import run_negatives
+from bpo_ray.stages import Pipeline, RunDir
+from bpo_ray.train.stage import read_metrics, run_reference, run_train
+from conftest import REPO
+
+PREP = [("data", run_data, ("data",)), ("negatives", run_negatives, ("model", "negatives")),
+        ("reference", run_reference, ("model", "train"))]
+
+
+def _cfg(root, model, *extra):
+    return load_config(REPO / "configs" / "tiny.yaml", [
+        f"storage_path={root}", f"cache_dir={root / 'cache'}", f"model.name_or_path={model}",
+        "data.synthetic.num_images=6", "negatives.weakening.enabled=false", "train.num_workers=2",
+        "train.per_device_batch_size=2", "train.lr=1e-2", "train.warmup_ratio=0", "train.checkpoint_every=2",
+        "train.epochs=20",
+        "train.lora.r=8", "train.lora.alpha=16", *extra])
+
+
+def _prepare(cfg):
+    run = RunDir.for_config(cfg)
+    pipeline = Pipeline(cfg, run, order=[name for name, _, _ in PREP])
+    for name, fn, sections in PREP:
+        pipeline.stage(name, fn, sections)
+    return run
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, tiny_models, ray_local):
+    """Pairs + reference scores for tiny LLaVA, made once; each test trains on a copy."""
+    root = tmp_path_factory.mktemp("train-prep")
+    _prepare(_cfg(root, tiny_models["llava"]))
+    return root
+
+
+def _copy(prepared, tmp_path):
+    shutil.copytree(prepared, tmp_path, dirs_exist_ok=True)
+    return tmp_path
+
+
+def _losses(run) -> dict[int, float]:
+    """Loss per step; for a step trained twice (before and after a restart), the later one."""
+    return {m["step"]: m["loss"] for m in read_metrics(run)}
+
+
+def _answers(model_dir) -> list[str]:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from bpo_ray.data.synthetic import generate as shapes
+
+    model = AutoModelForImageTextToText.from_pretrained(model_dir)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    return generate(model, processor, [[{"role": "user", "content": "Describe the image in detail."}]],
+                    [next(shapes(1)).image], Sampling(max_new_tokens=4))
+
+
+def test_lora_zero3_llava_loss_falls_and_exports(prepared, tmp_path, tiny_models, ray_local):
+    root = _copy(prepared, tmp_path)
+    cfg = _cfg(root, tiny_models["llava"], "train.max_steps=8")
+    run = RunDir.for_config(cfg)
+    manifest = run_train(cfg, run)
+    losses = _losses(run)
+    assert sorted(losses) == list(range(1, 9))
+    assert losses[1] == pytest.approx(0.6931, abs=1e-3)  # policy = reference at the start (LoRA B = 0)
+    assert sum(losses[s] for s in (7, 8)) / 2 < losses[1] - 0.05
+    assert manifest["workers"] == 2 and manifest["final_metrics"]["step"] == 8
+    metrics = read_metrics(run)[-1]
+    assert {"reward_margin", "reward_accuracy", "lr", "grad_norm", "samples_per_second"} <= set(metrics)
+    assert (root / "bpo-tiny" / "train" / "tb").is_dir()
+
+    model_dir = root / "bpo-tiny" / "model"
+    assert (model_dir / "model.safetensors").is_file() and not list(model_dir.glob("adapter_*"))
+    exported = load_file(str(model_dir / "model.safetensors"))
+    base = load_file(str(tiny_models["llava"] / "model.safetensors"))
+    assert exported.keys() == base.keys()  # LoRA merged away: a plain LLaVA checkpoint
+    changed = [k for k in base if not torch.equal(base[k], exported[k])]
+    assert changed and all("language_model" in k for k in changed)  # the frozen vision tower is untouched
+    assert isinstance(_answers(model_dir)[0], str)
+
+
+def test_full_finetune_zero3_qwen2_vl(tmp_path, tiny_models, ray_local):
+    cfg = _cfg(tmp_path, tiny_models["qwen2_vl"], "train.lora.enabled=false", "train.lr=2e-3", "train.max_steps=4",
+               "train.freeze_vision_tower=false")
+    run = _prepare(cfg)
+    run_train(cfg, run)
+    losses = _losses(run)
+    assert sorted(losses) == [1, 2, 3, 4] and losses[4] < losses[1]
+    exported = load_file(str(tmp_path / "bpo-tiny" / "model" / "model.safetensors"))
+    base = load_file(str(tiny_models["qwen2_vl"] / "model.safetensors"))
+    assert any("visual" in k and not torch.equal(base[k], exported[k]) for k in base)  # tower trained too
+    assert isinstance(_answers(tmp_path / "bpo-tiny" / "model")[0], str)
+
+
+def _kill_rank_after(pid_dir, run, step: int, rank: int = 1):
+    """Kill one training worker process once ``step`` is logged."""
+    def watch():
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if any(m["step"] >= step for m in read_metrics(run)):
+                pid = int((pid_dir / f"rank{rank}.pid").read_text())
+                os.kill(pid, signal.SIGKILL)
+                return
+            time.sleep(0.05)
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+STEPS = 10
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(prepared, tmp_path_factory, tiny_models, ray_local):
+    root = _copy(prepared, tmp_path_factory.mktemp("uninterrupted"))
+    cfg = _cfg(root, tiny_models["llava"], f"train.max_steps={STEPS}")
+    run = RunDir.for_config(cfg)
+    run_train(cfg, run)
+    return _losses(run), load_file(str(root / "bpo-tiny" / "model" / "model.safetensors"))
+
+
+def _same_trajectory(run, root, uninterrupted):
+    losses, weights = uninterrupted
+    resumed = _losses(run)
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        assert resumed[step] == pytest.approx(losses[step], abs=1e-4), step
+    exported = load_file(str(root / "bpo-tiny" / "model" / "model.safetensors"))
+    assert all(torch.allclose(exported[k], weights[k], atol=1e-5) for k in weights)
+
+
+def test_killed_worker_is_restarted_and_continues_the_same_trajectory(prepared, tmp_path, tiny_models, ray_local,
+                                                                      uninterrupted):
+    root = _copy(prepared, tmp_path)
+    cfg = _cfg(root, tiny_models["llava"], f"train.max_steps={STEPS}", "train.max_failures=1")
+    run = RunDir.for_config(cfg)
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    watcher = _kill_rank_after(pids, run, step=3)
+    run_train(cfg, run, pid_dir=str(pids))
+    watcher.join(timeout=1)
+    steps = [m["step"] for m in read_metrics(run)]
+    assert len(steps) > len(set(steps))  # some steps ran twice: the group restarted from a checkpoint
+    _same_trajectory(run, root, uninterrupted)
+
+
+def test_rerun_with_same_run_name_resumes_from_checkpoint(prepared, tmp_path, tiny_models, ray_local, uninterrupted):
+    root = _copy(prepared, tmp_path)
+    cfg = _cfg(root, tiny_models["llava"], f"train.max_steps={STEPS}", "train.max_failures=0")
+    run = RunDir.for_config(cfg)
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    _kill_rank_after(pids, run, step=3).join(timeout=0)
+    with pytest.raises(Exception):  # noqa: B017 - Ray wraps the worker death in its own error types
+        run_train(cfg, run, pid_dir=str(pids))
+    logged_before = len(read_metrics(run))
+    done_before = max(m["step"] for m in read_metrics(run))
+    assert done_before < STEPS
+    run_train(cfg, run)  # same run name and storage: picks up the latest checkpoint
+    first_after = read_metrics(run)[logged_before]["step"]
+    assert 1 < first_after <= done_before + 1  # resumed from a checkpoint, did not start over
+    assert json.loads((root / "bpo-tiny" / "model" / "config.json").read_text())["model_type"] == "llava"
+    _same_trajectory(run, root, uninterrupted)
