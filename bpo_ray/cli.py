@@ -11,7 +11,6 @@ from bpo_ray.config import ConfigError, load_config
 
 # Commands whose stage lands in a later issue: they exist (and have --help) so the surface is stable.
 PENDING = {
-    "train": "DPO on Ray Train with DeepSpeed ZeRO-3",
     "serve": "serve a model over an OpenAI-compatible HTTP endpoint with Ray Serve",
     "eval": "POPE / CHAIR evaluation against an OpenAI-compatible endpoint",
 }
@@ -59,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output run directory (default: storage_path/run_name of the config)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing, different or unfinished output")
 
+    p = sub.add_parser(
+        "train", help="DPO on Ray Train with DeepSpeed ZeRO-3 (runs the stages before it when needed)",
+        description="Runs data → negatives → reference → train into the config's run directory, skipping "
+                    "finished stages; training resumes from its latest checkpoint. Exports model/.")
+    _add_config_args(p)
+
     for name, text in PENDING.items():
         p = sub.add_parser(name, help=f"{text} (not available yet)")
         _add_config_args(p)
@@ -72,6 +77,17 @@ def _job_script() -> Path:
             return script
     raise FileNotFoundError("jobs/bpo.py not found next to the package or in the current directory; "
                             "run from a checkout of bpo-ray")
+
+
+def _run_job(flags: list[str], overrides, until: str | None = None) -> int:
+    """Run the job recipe (jobs/bpo.py), optionally only up to a stage."""
+    spec = importlib.util.spec_from_file_location("bpo_job", _job_script())
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    stages = job.STAGES
+    if until:
+        stages = stages[: [name for name, _, _ in stages].index(until) + 1]
+    return job.main([*flags, *overrides], stages=stages)
 
 
 def _generate(args) -> int:
@@ -139,17 +155,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "generate":
         return _generate(args)
+    if args.command == "train":
+        return _run_job(["--config", args.config] if args.config else [], args.overrides, until="train")
     if args.command == "run":
-        spec = importlib.util.spec_from_file_location("bpo_job", _job_script())
-        job = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(job)
-        forwarded = ([f"--config={args.config}"] if args.config else []) + list(args.overrides)
+        flags = ([f"--config={args.config}"] if args.config else []) + (["--force"] if args.force else [])
         for flag in ("from_stage", "only_stage"):
             if getattr(args, flag):
-                forwarded.append(f"--{flag.replace('_', '-')}={getattr(args, flag)}")
-        if args.force:
-            forwarded.append("--force")
-        return job.main(forwarded)
+                flags.append(f"--{flag.replace('_', '-')}={getattr(args, flag)}")
+        return _run_job(flags, args.overrides)
     print(f"bpo {args.command}: not available yet in this version ({PENDING[args.command]}).", file=sys.stderr)
     return 2
 

@@ -130,5 +130,13 @@ def summary(manifests: dict[str, dict]) -> str:
         by_type = ", ".join(f"{t}: {v['pairs']}" for t, v in neg.get("by_type", {}).items())
         lines.append(f"negatives: {neg.get('pairs')} pairs ({by_type}) from {neg.get('samples_in')} samples at "
                      f"{neg.get('samples_per_second')} samples/s; dropped {neg.get('errors_by_reason') or '{}'}")
+    if ref := manifests.get("reference"):
+        lines.append(f"reference: {ref.get('scored')} of {ref.get('pairs_in')} pairs scored ({ref.get('mode')}); "
+                     f"dropped {ref.get('errors_by_reason') or '{}'}")
+    if train := manifests.get("train"):
+        final = train.get("final_metrics", {})
+        lines.append(f"train: {train.get('steps')} steps on {train.get('workers')} workers, final loss "
+                     f"{final.get('loss', float('nan')):.4f}, reward margin {final.get('reward_margin', float('nan')):.4f}, "
+                     f"accuracy {final.get('reward_accuracy', float('nan')):.2f}; model: {train.get('model_dir')}")
     return "\n".join(lines)
 

@@ -4,8 +4,8 @@
     ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/bpo.py --config ...
 
 Stages whose outputs are complete in the run directory (``storage_path/run_name``) are skipped, so a
-crashed or cancelled job resumes where it stopped. Stages so far: data, negatives. Reference log-probs,
-DPO, export, serving and evaluation join this list as they land.
+crashed or cancelled job resumes where it stopped (training from its latest checkpoint). Stages so far:
+data → negatives → reference log-probs → DPO with export. Serving and evaluation join as they land.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from bpo_ray.models.loader import resolve_model_path
 from bpo_ray.negatives.stage import run_negatives
 from bpo_ray.runtime import init_ray, setup_logging
 from bpo_ray.stages import Pipeline, RunDir, summary
+from bpo_ray.train.stage import run_reference, run_train
 
 log = logging.getLogger("bpo_ray.job")
 
@@ -33,24 +34,28 @@ log = logging.getLogger("bpo_ray.job")
 STAGES = [
     ("data", run_data, ("data",)),
     ("negatives", run_negatives, ("model", "negatives")),
+    ("reference", run_reference, ("model", "train")),
+    ("train", run_train, ("model", "train")),
 ]
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None, stages: list) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="jobs/bpo.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="run config YAML (default: the embedded tiny default)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-5")
-    stage_names = [name for name, _, _ in STAGES]
+    stage_names = [name for name, _, _ in stages]
     parser.add_argument("--from-stage", choices=stage_names, help="run this stage and the ones after it")
     parser.add_argument("--only-stage", choices=stage_names, help="run just this stage")
     parser.add_argument("--force", action="store_true", help="re-run selected stages even if finished")
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, stages: list | None = None) -> int:
+    """``stages``: a prefix of STAGES (``bpo train`` stops after training)."""
+    stages = STAGES if stages is None else stages
     setup_logging()
-    args = parse_args(argv)
+    args = parse_args(argv, stages)
     try:  # every config problem surfaces here, before Ray starts
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
@@ -63,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     # Tiny models (tiny://...) are built once into cache_dir; real ones resolve to their hub id or path.
     log.info("policy model: %s", resolve_model_path(cfg.model.name_or_path, cfg.cache_dir))
 
-    pipeline = Pipeline(cfg, run, order=[name for name, _, _ in STAGES], from_stage=args.from_stage,
+    pipeline = Pipeline(cfg, run, order=[name for name, _, _ in stages], from_stage=args.from_stage,
                         only_stage=args.only_stage, force=args.force)
-    for name, fn, sections in STAGES:
+    for name, fn, sections in stages:
         pipeline.stage(name, fn, sections)
 
     print(f"\nrun directory: {run.root}")
