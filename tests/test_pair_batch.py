@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from bpo_ray.config import TrainConfig
 from bpo_ray.data.synthetic import generate as shapes
 from bpo_ray.models.loader import load_vlm
 from bpo_ray.train.batch import collate, encode_pair, pad_id, pair_logps
+from bpo_ray.train.losses import dpo_loss
 from bpo_ray.train.setup import deepspeed_config, optimizer_steps, prepare_model
 
 
@@ -76,16 +78,27 @@ def test_reference_modes_agree(tiny_models):
     assert scored["ref_chosen_logp"].tolist() == pytest.approx(disabled.chosen.tolist(), abs=1e-3)
     assert scored["ref_rejected_logp"].tolist() == pytest.approx(live.rejected.tolist(), abs=1e-3)
     assert trained.chosen.tolist() != pytest.approx(disabled.chosen.tolist(), abs=1e-3)
+    # …so the DPO loss of the trained policy is the same whichever reference is used.
+    losses = [dpo_loss(trained.chosen, trained.rejected, c, r).loss.item() for c, r in (
+        (torch.tensor(scored["ref_chosen_logp"].tolist()), torch.tensor(scored["ref_rejected_logp"].tolist())),
+        (disabled.chosen, disabled.rejected), (live.chosen, live.rejected))]
+    assert losses[1] == pytest.approx(losses[0], abs=1e-4) and losses[2] == pytest.approx(losses[0], abs=1e-4)
+    assert losses[0] != pytest.approx(math.log(2), abs=1e-3)  # the policy really differs from the reference
 
 
-def test_reference_scorer_records_too_long_pairs(tiny_models):
+@pytest.mark.parametrize("score", [True, False])
+def test_reference_scorer_records_too_long_pairs(tiny_models, score):
+    """Length problems are recorded whether the reference is precomputed (score) or live (checks only)."""
     import pandas as pd
 
     from bpo_ray.train.stage import ReferenceScorer
 
-    scorer = ReferenceScorer(str(tiny_models["llava"]), {"max_length": 70}, average=False)  # < 64 image tokens + prompt
-    out = scorer(pd.DataFrame(PAIRS))
-    assert out["kind"].tolist() == ["error", "error"] and out["reason"].tolist() == ["prompt_too_long"] * 2
+    long_prompt = {**PAIRS[0], "messages": json.dumps([{"role": "user", "content": "Describe it. " * 40}])}
+    scorer = ReferenceScorer(str(tiny_models["llava"]), {"max_length": 120}, average=False, score=score)
+    out = scorer(pd.DataFrame([PAIRS[0], long_prompt]))
+    assert out["kind"].tolist() == ["pair", "error"] and out["reason"].tolist() == ["", "prompt_too_long"]
+    assert "64 image tokens" in out["detail"][1]
+    assert (out["ref_chosen_logp"][0] < 0) == score  # scored only when precomputed
 
 
 def test_freezing_and_lora_targets(tiny_models):

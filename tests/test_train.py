@@ -4,6 +4,7 @@ a killed worker, a resumed run, and the exported model."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -136,14 +137,19 @@ def uninterrupted(prepared, tmp_path_factory, tiny_models, ray_local):
     return _losses(run), load_file(str(root / "bpo-tiny" / "model" / "model.safetensors"))
 
 
-def _same_trajectory(run, root, uninterrupted):
+def _same_trajectory(run, root, uninterrupted, base_dir):
     losses, weights = uninterrupted
     resumed = _losses(run)
     assert sorted(resumed) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):
         assert resumed[step] == pytest.approx(losses[step], abs=1e-4), step
+    # Weights: the restarted run must land where the uninterrupted one did, relative to how far training
+    # moved them (Adam turns float-level noise on near-zero gradients into lr-sized steps, so not bit-exact).
     exported = load_file(str(root / "bpo-tiny" / "model" / "model.safetensors"))
-    assert all(torch.allclose(exported[k], weights[k], atol=1e-5) for k in weights)
+    base = load_file(str(base_dir / "model.safetensors"))
+    gap = max((exported[k] - weights[k]).abs().max().item() for k in weights)
+    moved = max((weights[k] - base[k]).abs().max().item() for k in weights)
+    assert moved > 0 and gap <= 0.02 * moved, (gap, moved)
 
 
 def test_killed_worker_is_restarted_and_continues_the_same_trajectory(prepared, tmp_path, tiny_models, ray_local,
@@ -158,7 +164,7 @@ def test_killed_worker_is_restarted_and_continues_the_same_trajectory(prepared, 
     watcher.join(timeout=1)
     steps = [m["step"] for m in read_metrics(run)]
     assert len(steps) > len(set(steps))  # some steps ran twice: the group restarted from a checkpoint
-    _same_trajectory(run, root, uninterrupted)
+    _same_trajectory(run, root, uninterrupted, tiny_models["llava"])
 
 
 def test_rerun_with_same_run_name_resumes_from_checkpoint(prepared, tmp_path, tiny_models, ray_local, uninterrupted):
@@ -177,4 +183,21 @@ def test_rerun_with_same_run_name_resumes_from_checkpoint(prepared, tmp_path, ti
     first_after = read_metrics(run)[logged_before]["step"]
     assert 1 < first_after <= done_before + 1  # resumed from a checkpoint, did not start over
     assert json.loads((root / "bpo-tiny" / "model" / "config.json").read_text())["model_type"] == "llava"
-    _same_trajectory(run, root, uninterrupted)
+    _same_trajectory(run, root, uninterrupted, tiny_models["llava"])
+
+
+@pytest.mark.parametrize("mode", ["adapter_disabled", "live"])
+def test_live_reference_modes_train(prepared, tmp_path, tiny_models, ray_local, mode):
+    """The reference scored inside the step (LoRA adapters off, or a frozen ZeRO-3 copy of the base) is the
+    base model: the first loss is exactly ln 2 (policy = reference at init), then the loss falls. A wrong
+    reference (say, the adapters left on) would keep it at ln 2. Their agreement with the precomputed
+    reference, number for number, is test_pair_batch.py::test_reference_modes_agree."""
+    root = _copy(prepared, tmp_path)
+    cfg = _cfg(root, tiny_models["llava"], "train.max_steps=6", f"train.reference={mode}")
+    run = RunDir.for_config(cfg)
+    manifest = run_reference(cfg, run)  # length checks only in these modes
+    assert manifest["mode"] == mode and manifest["scored"] == manifest["pairs_in"]
+    run_train(cfg, run)
+    losses = _losses(run)
+    assert losses[1] == pytest.approx(math.log(2), abs=1e-4)
+    assert losses[6] < losses[1] - 0.02

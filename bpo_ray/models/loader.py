@@ -48,15 +48,10 @@ def _common_kwargs(cfg: ModelConfig) -> dict:
 
 
 def load_processor(path: str, cfg: ModelConfig | None = None):
-    """AutoProcessor for a vision-language model (falls back to the tokenizer for text-only models)."""
-    from transformers import AutoProcessor, AutoTokenizer
+    """AutoProcessor of a vision-language model (text-only models use ``load_llm``'s tokenizer)."""
+    from transformers import AutoProcessor
 
-    kwargs = _common_kwargs(cfg or ModelConfig())
-    try:
-        processor = AutoProcessor.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, TypeError):
-        return AutoTokenizer.from_pretrained(path, **kwargs)
-    return processor
+    return AutoProcessor.from_pretrained(path, **_common_kwargs(cfg or ModelConfig()))
 
 
 def load_vlm(path: str, cfg: ModelConfig | None = None, dtype: torch.dtype | None = None):

@@ -2,8 +2,9 @@
 
 ``reference``: with ``train.reference: precomputed`` (the default) the frozen base model scores every pair
 once, in an autoscaling actor pool, and the scores are stored beside the pairs (``reference/pairs``), so
-training workers hold only the policy. Pairs whose prompt leaves no room for the response are recorded in
-``reference/errors``. ``live`` / ``adapter_disabled`` score inside the training step instead.
+training workers hold only the policy. ``live`` / ``adapter_disabled`` score inside the training step
+instead; the stage then only checks lengths. Either way, pairs whose prompt leaves no room for the response
+are recorded in ``reference/errors`` and training reads ``reference/pairs``.
 
 ``train``: ``TorchTrainer`` with one DeepSpeed engine per worker. Checkpoints go to
 ``checkpoints/train-<key>`` (the key hashes the training inputs), so re-running the job with the same run
@@ -22,7 +23,7 @@ import torch
 
 from bpo_ray import storage
 from bpo_ray.config import RunConfig
-from bpo_ray.models.loader import load_vlm, resolve_model_path
+from bpo_ray.models.loader import load_processor, load_vlm, resolve_model_path
 from bpo_ray.models.prompts import SampleTooLong
 from bpo_ray.negatives.stage import PAIR_COLUMNS
 from bpo_ray.raydata import count_by, write_by_kind
@@ -39,13 +40,16 @@ ERROR_COLUMNS = ("sample_id", "record_id", "stage", "negative_type", "reason", "
 class ReferenceScorer:
     """Ray Data actor: the frozen reference model scores (chosen, rejected) for a batch of pairs."""
 
-    def __init__(self, model_path: str, model_cfg: dict, average: bool):
+    def __init__(self, model_path: str, model_cfg: dict, average: bool, score: bool = True):
         from bpo_ray.config import ModelConfig
 
         torch.set_num_threads(1)
         self.cfg = ModelConfig.model_validate(model_cfg)
-        self.model, self.processor = load_vlm(model_path, self.cfg, dtype=torch.float32)
-        self.model.eval()
+        if score:
+            self.model, self.processor = load_vlm(model_path, self.cfg, dtype=torch.float32)
+            self.model.eval()
+        else:  # length checks only: the reference is scored live during training
+            self.model, self.processor = None, load_processor(model_path, self.cfg)
         self.average = average
 
     @torch.inference_mode()
@@ -58,8 +62,8 @@ class ReferenceScorer:
                 valid.append(i)
             except SampleTooLong as err:
                 problems[i] = str(err)
-        chosen = rejected = []
-        if encoded:
+        chosen = rejected = [np.nan] * len(encoded)
+        if encoded and self.model is not None:
             logps = pair_logps(self.model, collate(encoded, pad_id(self.processor)), average=self.average)
             chosen, rejected = logps.chosen.tolist(), logps.rejected.tolist()
         scores = dict(zip(valid, zip(chosen, rejected, strict=True), strict=True))
@@ -77,14 +81,12 @@ def run_reference(cfg: RunConfig, run: RunDir) -> dict:
 
     pairs = ray.data.read_parquet(run.path("negatives", "pairs"))
     pairs_in = pairs.count()
-    if cfg.train.reference != "precomputed":  # scored live during training: nothing to do here
-        return {"pairs_in": pairs_in, "scored": 0, "mode": cfg.train.reference}
     pool = cfg.train.reference_pool
     policy = resolve_model_path(cfg.model.name_or_path, cfg.cache_dir)
     rows = pairs.map_batches(
         ReferenceScorer, batch_format="pandas", batch_size=pool.batch_size,
         fn_constructor_kwargs={"model_path": policy, "model_cfg": cfg.model.model_dump(),
-                               "average": cfg.train.loss == "ipo"},
+                               "average": cfg.train.loss == "ipo", "score": cfg.train.reference == "precomputed"},
         compute=ray.data.ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size),
         num_cpus=pool.num_cpus, num_gpus=pool.num_gpus).materialize()
     write_by_kind(rows, run.path("reference"), {"pairs": ("pair", SCORED_COLUMNS), "errors": ("error", ERROR_COLUMNS)})
@@ -93,7 +95,7 @@ def run_reference(cfg: RunConfig, run: RunDir) -> dict:
     errors = {reason: n for (kind, reason), n in counts.items() if kind == "error"}
     if scored + sum(errors.values()) != pairs_in:
         raise RuntimeError(f"reference: {pairs_in} pairs in but {scored} scored + {sum(errors.values())} errors")
-    return {"pairs_in": pairs_in, "scored": scored, "errors_by_reason": errors, "mode": "precomputed"}
+    return {"pairs_in": pairs_in, "scored": scored, "errors_by_reason": errors, "mode": cfg.train.reference}
 
 
 def _train_key(cfg: RunConfig, run: RunDir) -> str:
@@ -108,11 +110,8 @@ def run_train(cfg: RunConfig, run: RunDir, pid_dir: str | None = None) -> dict:
     from ray.train.torch import TorchTrainer
 
     train, res = cfg.train, cfg.resources
-    source = "reference" if train.reference == "precomputed" else "negatives"
-    pairs = ray.data.read_parquet(run.path(source, "pairs"))
-    if train.reference != "precomputed":
-        pairs = pairs.map_batches(_no_reference, batch_format="pandas")
-    pairs = pairs.random_shuffle(seed=train.seed)  # one fixed order: resumed runs see the same batches
+    pairs = ray.data.read_parquet(run.path("reference", "pairs"))
+    pairs = pairs.random_shuffle(seed=train.seed)  # one fixed order for these files: resumed runs see the same batches
     num_pairs = pairs.count()
     if num_pairs < train.num_workers:
         raise ValueError(f"train: {num_pairs} pairs cannot feed {train.num_workers} workers")
@@ -151,12 +150,6 @@ def run_train(cfg: RunConfig, run: RunDir, pid_dir: str | None = None) -> dict:
             "workers": train.num_workers, "final_metrics": {k: v for k, v in (result.metrics or {}).items()
                                                              if isinstance(v, (int, float))},
             "checkpoint": result.checkpoint.path if result.checkpoint else None, "model_dir": run.path("model")}
-
-
-def _no_reference(batch):
-    batch["ref_chosen_logp"] = np.nan
-    batch["ref_rejected_logp"] = np.nan
-    return batch
 
 
 def _loop(config: dict) -> None:  # a module-level function: Ray pickles it by reference

@@ -43,17 +43,22 @@ def _load_policy(path: str, cfg: RunConfig, ds_config: dict):
 def _batches(shard, batch_size: int, processor, cfg: RunConfig):
     """Encoded micro-batches of pairs with their reference log-probs, forever (epochs repeat the shard)."""
     while True:
+        produced = False
         for rows in shard.iter_batches(batch_size=batch_size, batch_format="pandas"):
             pairs, ref_c, ref_r = [], [], []
             for row in rows.to_dict("records"):
                 try:
                     pairs.append(encode_pair(processor, row, cfg.model.max_length, cfg.model.min_response_tokens))
-                except SampleTooLong:  # the reference stage recorded it already; never crash on it
+                except SampleTooLong:  # the reference stage recorded and dropped these; a guard only
                     continue
-                ref_c.append(row["ref_chosen_logp"])
-                ref_r.append(row["ref_rejected_logp"])
+                # Unscored (live reference modes) columns are all-null in parquet: None → NaN.
+                ref_c.append(float("nan") if row["ref_chosen_logp"] is None else row["ref_chosen_logp"])
+                ref_r.append(float("nan") if row["ref_rejected_logp"] is None else row["ref_rejected_logp"])
             if pairs:
+                produced = True
                 yield collate(pairs, pad_id(processor)), torch.tensor(ref_c), torch.tensor(ref_r)
+        if not produced:
+            raise ValueError("this worker's shard holds no pair that fits model.max_length")
 
 
 def train_loop_per_worker(config: dict) -> None:
