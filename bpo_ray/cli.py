@@ -79,21 +79,26 @@ def _job_script() -> Path:
                             "run from a checkout of bpo-ray")
 
 
-def _run_job(flags: list[str], overrides, until: str | None = None) -> int:
-    """Run the job recipe (jobs/bpo.py), optionally only up to a stage."""
+def _job():
+    """The job recipe module (jobs/bpo.py): its STAGES are the one list of stages and their inputs."""
     spec = importlib.util.spec_from_file_location("bpo_job", _job_script())
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
-    stages = job.STAGES
-    if until:
-        stages = stages[: [name for name, _, _ in stages].index(until) + 1]
-    return job.main([*flags, *overrides], stages=stages)
+    return job
+
+
+def _stages_until(stages, until: str):
+    return stages[: [name for name, _, _ in stages].index(until) + 1]
+
+
+def _run_job(flags: list[str], overrides, until: str | None = None) -> int:
+    """Run the job recipe, optionally only up to a stage."""
+    job = _job()
+    return job.main([*flags, *overrides], stages=_stages_until(job.STAGES, until) if until else job.STAGES)
 
 
 def _generate(args) -> int:
     """Data + negatives stages into one run directory; refuses to touch a different output unless asked."""
-    from bpo_ray.data.stage import run_data
-    from bpo_ray.negatives.stage import run_negatives
     from bpo_ray.runtime import init_ray, setup_logging
     from bpo_ray.stages import Pipeline, RunDir, summary
 
@@ -113,7 +118,7 @@ def _generate(args) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     run = RunDir.for_config(cfg)
-    stages = [("data", run_data, ("data",)), ("negatives", run_negatives, ("model", "negatives"))]
+    stages = _stages_until(_job().STAGES, "negatives")
     pipeline = Pipeline(cfg, run, order=[name for name, _, _ in stages], force=args.overwrite)
     existing = [name for name, _, _ in stages if Path(run.path(name)).exists()]
     complete = not args.overwrite and pipeline.all_finished(stages)

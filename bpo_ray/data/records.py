@@ -138,6 +138,12 @@ def check_image(data: bytes, limits: ImageLimits) -> tuple[int, int]:
     return width, height
 
 
+def decode_image(data: bytes) -> Image.Image:
+    """Encoded bytes of an already validated image → RGB PIL image."""
+    with Image.open(io.BytesIO(data)) as img:
+        return img.convert("RGB")
+
+
 # ---------------------------------------------------------------------------------------------- records
 def validate_record(raw, image_root: str | None = None, limits: ImageLimits = ImageLimits(),
                     stage: str = "data") -> tuple[list[dict], dict | None]:

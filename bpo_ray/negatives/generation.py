@@ -11,7 +11,6 @@ A failure on one row becomes that row's ``generation_error``; it never fails the
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from bpo_ray.config import ActorPoolConfig, SamplingConfig
+from bpo_ray.data.records import decode_image
 from bpo_ray.models.generate import HFEngine, Sampling
 
 log = logging.getLogger(__name__)
@@ -34,11 +34,6 @@ class GenerationSpec:
     pool: ActorPoolConfig
     accelerator_type: str | None = None
     max_model_len: int | None = None
-
-
-def _decode(data: bytes) -> Image.Image:
-    with Image.open(io.BytesIO(data)) as img:
-        return img.convert("RGB")
 
 
 class HFGenerator:
@@ -61,12 +56,12 @@ class HFGenerator:
         n = len(conversations)
         texts, errors = [""] * n, [""] * n
         try:
-            images = [_decode(b) for b in batch["gen_image"]] if self.engine.vision else None
+            images = [decode_image(b) for b in batch["gen_image"]] if self.engine.vision else None
             texts = self._run(conversations, images, seeds)
         except Exception:  # find the bad rows one at a time; the rest still get answers
             for i in range(n):
                 try:
-                    image = [_decode(batch["gen_image"][i])] if self.engine.vision else None
+                    image = [decode_image(batch["gen_image"][i])] if self.engine.vision else None
                     texts[i] = self._run([conversations[i]], image, [seeds[i]])[0]
                 except Exception as err:  # noqa: BLE001 - recorded per row, by design
                     errors[i] = f"{err.__class__.__name__}: {err}"[:500]
@@ -127,7 +122,7 @@ def _vllm_generate(ds, spec: GenerationSpec):
     vision = spec.vision
 
     def preprocess(row: dict) -> dict:
-        image = _decode(row["gen_image"]) if vision else None
+        image = decode_image(row["gen_image"]) if vision else None
         return {
             "carry": row["carry"], "seed": row["seed"],
             "messages": vllm_messages(json.loads(row["gen_messages"]), image),

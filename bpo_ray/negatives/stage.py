@@ -46,6 +46,10 @@ def _rows(batch: dict) -> list[dict]:
     return [{k: batch[k][i] for k in batch} for i in range(n)]
 
 
+def _carry(rows: list[dict]) -> np.ndarray:
+    return np.array([pickle.dumps({k: r[k] for k in CARRIED}) for r in rows], dtype=object)
+
+
 def _columns(rows: list[dict], names) -> dict:
     return {name: np.array([r[name] for r in rows], dtype=object) for name in names}
 
@@ -90,7 +94,7 @@ def weaken_batch(batch: dict, distortions: list[dict], seed: int) -> dict:
     rows = _rows(batch)
     seeds = [stable_seed(seed, IMAGE_WEAKENING, r["sample_id"]) for r in rows]
     return {
-        "carry": np.array([pickle.dumps({k: r[k] for k in CARRIED}) for r in rows], dtype=object),
+        "carry": _carry(rows),
         "gen_messages": np.array([r["messages"] for r in rows], dtype=object),
         "gen_image": np.array([distort.weaken_bytes(r["image"], distortions, s) for r, s in zip(rows, seeds,
                                                                                                 strict=True)],
@@ -102,7 +106,7 @@ def weaken_batch(batch: dict, distortions: list[dict], seed: int) -> dict:
 def injection_prompts(batch: dict, mode: str, seed: int) -> dict:
     rows = _rows(batch)
     return {
-        "carry": np.array([pickle.dumps({k: r[k] for k in CARRIED}) for r in rows], dtype=object),
+        "carry": _carry(rows),
         "gen_messages": np.array([json.dumps(inject.injection_messages(r["prompt"], r["answer"], mode))
                                   for r in rows], dtype=object),
         "seed": np.array([stable_seed(seed, ERROR_INJECTION, r["sample_id"]) for r in rows], dtype=np.int64),

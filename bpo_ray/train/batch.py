@@ -8,20 +8,14 @@ tokens. RoPE attention depends on relative positions only, so left padding does 
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass
 
 import torch
-from PIL import Image
 
+from bpo_ray.data.records import decode_image
 from bpo_ray.models.prompts import Encoded, encode_prompt_response, tokenizer_of
 from bpo_ray.train.logprobs import IGNORE, sequence_logps
-
-
-def decode_image(data: bytes) -> Image.Image:
-    with Image.open(io.BytesIO(data)) as img:
-        return img.convert("RGB")
 
 
 def encode_pair(processor, pair: dict, max_length: int, min_response_tokens: int = 1) -> tuple[Encoded, Encoded]:

@@ -25,7 +25,7 @@ from bpo_ray import storage
 from bpo_ray.config import RunConfig
 from bpo_ray.models.loader import load_processor, load_vlm, resolve_model_path
 from bpo_ray.models.prompts import SampleTooLong
-from bpo_ray.negatives.stage import PAIR_COLUMNS
+from bpo_ray.negatives.stage import ERROR_COLUMNS, PAIR_COLUMNS
 from bpo_ray.raydata import count_by, write_by_kind
 from bpo_ray.stages import RunDir
 from bpo_ray.train.batch import collate, encode_pair, pad_id, pair_logps
@@ -34,7 +34,6 @@ from bpo_ray.train.setup import optimizer_steps
 log = logging.getLogger(__name__)
 
 SCORED_COLUMNS = (*PAIR_COLUMNS, "ref_chosen_logp", "ref_rejected_logp")
-ERROR_COLUMNS = ("sample_id", "record_id", "stage", "negative_type", "reason", "detail")
 
 
 class ReferenceScorer:
