@@ -11,7 +11,6 @@ from bpo_ray.config import ConfigError, load_config
 
 # Commands whose stage lands in a later issue: they exist (and have --help) so the surface is stable.
 PENDING = {
-    "serve": "serve a model over an OpenAI-compatible HTTP endpoint with Ray Serve",
     "eval": "POPE / CHAIR evaluation against an OpenAI-compatible endpoint",
 }
 
@@ -63,6 +62,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Runs data → negatives → reference → train into the config's run directory, skipping "
                     "finished stages; training resumes from its latest checkpoint. Exports model/.")
     _add_config_args(p)
+
+    p = sub.add_parser(
+        "serve", help="serve a model over an OpenAI-compatible HTTP endpoint (Ray Serve) until interrupted",
+        description="Serves --model (a directory, hub id or tiny://arch; default: the config's run_dir/model) "
+                    "at http://HOST:PORT/v1 with the config's serve section. Ctrl-C / SIGTERM stops it.")
+    _add_config_args(p)
+    p.add_argument("--model", help="model to serve (default: the run's exported model, storage_path/run_name/model)")
+    p.add_argument("--model-id", help="the name clients pass as `model` (default: serve.model_id)")
+    p.add_argument("--host", help="bind address (default: serve.host, 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default: serve.port, 8000)")
+    p.add_argument("--engine", choices=["hf", "vllm"], help="default: serve.engine (hf)")
 
     for name, text in PENDING.items():
         p = sub.add_parser(name, help=f"{text} (not available yet)")
@@ -136,6 +146,21 @@ def _generate(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    from bpo_ray.serve.launch import serve_until_stopped
+
+    overrides = list(args.overrides)
+    for flag in ("host", "port", "engine", "model_id"):
+        if getattr(args, flag) is not None:
+            overrides.append(f"serve.{flag}={getattr(args, flag)}")
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return serve_until_stopped(cfg, args.model)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "make-tiny":
@@ -160,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "generate":
         return _generate(args)
+    if args.command == "serve":
+        return _serve(args)
     if args.command == "train":
         return _run_job(["--config", args.config] if args.config else [], args.overrides, until="train")
     if args.command == "run":

@@ -180,20 +180,34 @@ class TrainConfig(Section):
 # ---------------------------------------------------------------------------------------------- serve
 class ServeConfig(Section):
     engine: Literal["hf", "vllm"] = "hf"
+    # Loopback by default: reach a remote head with port forwarding; any other address needs api_key.
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    model_id: str = "bpo-aligned"
+    model_id: str = Field("bpo-aligned", min_length=1)
+    # Replicas: min == max is a fixed count; min < max autoscales on ongoing requests per replica.
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
     target_ongoing_requests: float = Field(4.0, gt=0.0)
+    # Admission: per replica at once, then a bounded queue per proxy; past both, 503 with Retry-After.
     max_ongoing_requests: int = Field(32, ge=1)
+    max_queued_requests: int = Field(64, ge=0)
+    retry_after_s: float = Field(1.0, ge=0.0)
+    # Dynamic batching (hf engine): up to this many requests per generate call; 1 disables it.
     max_batch_size: int = Field(8, ge=1)
     batch_wait_timeout_s: float = Field(0.02, ge=0.0)
+    # Context window (None: the model's); completion length when a request does not say.
+    max_model_len: int | None = Field(None, ge=16)
+    default_max_tokens: int = Field(256, ge=1)
     api_key: str | None = None
+    # Images: data: URLs always; file:// only under local_image_root; http(s) only when allowed.
+    local_image_root: str | None = None
     allow_remote_images: bool = False
     max_images_per_request: int = Field(1, ge=1)
+    max_image_pixels: int = Field(4096 * 4096, ge=1)
+    max_request_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     num_cpus_per_replica: float = Field(1.0, gt=0.0)
     num_gpus_per_replica: float = Field(0.0, ge=0.0)
+    accelerator_type: str | None = None
 
     @model_validator(mode="after")
     def _replicas(self) -> ServeConfig:
@@ -301,9 +315,22 @@ def _impossible_combinations(cfg: RunConfig):
         yield "train.offload_params needs train.zero_stage=3 (parameter offload is a ZeRO-3 feature)"
     if train.offload_optimizer and train.zero_stage == 0:
         yield "train.offload_optimizer needs train.zero_stage 2 or 3"
-    if cfg.serve.host not in ("127.0.0.1", "localhost", "::1") and not cfg.serve.api_key:
-        yield (f"serve.host {cfg.serve.host!r} exposes the endpoint beyond loopback without serve.api_key; "
-               "set an api_key or bind to 127.0.0.1")
+    yield from serve_problems(cfg.serve)
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def serve_problems(serve: ServeConfig):
+    """Serve settings that cannot work together (also checked by ``bpo serve`` without a run config)."""
+    if serve.engine == "vllm" and serve.api_key:
+        yield ("serve.api_key is not enforced by the vllm engine (ray.serve.llm has no auth); use engine 'hf' "
+               "or put the endpoint behind an authenticating proxy")
+    if serve.host not in LOOPBACK and not serve.api_key:
+        yield (f"serve.host {serve.host!r} exposes the endpoint beyond loopback without serve.api_key; "
+               "set an api_key (engine 'hf') or bind to 127.0.0.1")
+    if serve.engine == "vllm" and (serve.local_image_root or serve.allow_remote_images):
+        yield "serve.local_image_root / allow_remote_images are hf-engine settings; vLLM has its own media policy"
 
 
 # ------------------------------------------------------------------------------------ loading + errors

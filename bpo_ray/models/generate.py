@@ -24,22 +24,28 @@ class Sampling:
 
 
 class PerRowSampler(LogitsProcessor):
-    """Temperature + top-p sampling with one generator per row. Returns scores where only the drawn token
-    is finite, so ``generate`` runs greedy on top of it."""
+    """Temperature + top-p sampling with one generator per row (and, for serving, per-row temperature and
+    top-p; a row at temperature 0 stays greedy). Returns scores where only the drawn token is finite, so
+    ``generate`` runs greedy on top of it."""
 
-    def __init__(self, seeds: list[int], temperature: float, top_p: float):
+    def __init__(self, seeds: list[int], temperature: float | list[float], top_p: float | list[float]):
+        n = len(seeds)
         self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        self.temperature, self.top_p = temperature, top_p
+        self.temperature = torch.tensor(temperature if isinstance(temperature, list) else [temperature] * n)
+        self.top_p = torch.tensor(top_p if isinstance(top_p, list) else [top_p] * n)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
-        if self.top_p < 1.0:
+        sampled = self.temperature > 0
+        temperature = torch.where(sampled, self.temperature, 1.0).to(scores.device)
+        probs = torch.softmax(scores.float() / temperature[:, None], dim=-1)
+        top_p = self.top_p.to(scores.device)
+        if bool((top_p < 1.0).any()):
             sorted_probs, order = probs.sort(dim=-1, descending=True)
-            outside = sorted_probs.cumsum(-1) - sorted_probs > self.top_p  # keep the smallest nucleus
+            outside = sorted_probs.cumsum(-1) - sorted_probs > top_p[:, None]  # keep the smallest nucleus
             sorted_probs = sorted_probs.masked_fill(outside, 0.0)
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-        drawn = torch.stack([torch.multinomial(p.cpu(), 1, generator=g) for p, g in zip(probs, self.generators,
-                                                                                    strict=True)])
+        drawn = torch.stack([torch.multinomial(p.cpu(), 1, generator=g) if s else p.argmax(-1, keepdim=True).cpu()
+                             for p, g, s in zip(probs, self.generators, sampled.tolist(), strict=True)])
         out = torch.full_like(scores, float("-inf"))
         return out.scatter(-1, drawn.to(scores.device), 0.0)
 

