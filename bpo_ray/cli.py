@@ -9,11 +9,6 @@ from pathlib import Path
 
 from bpo_ray.config import ConfigError, load_config
 
-# Commands whose stage lands in a later issue: they exist (and have --help) so the surface is stable.
-PENDING = {
-    "eval": "POPE / CHAIR evaluation against an OpenAI-compatible endpoint",
-}
-
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="run config YAML (default: the embedded tiny default)")
@@ -74,9 +69,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="port (default: serve.port, 8000)")
     p.add_argument("--engine", choices=["hf", "vllm"], help="default: serve.engine (hf)")
 
-    for name, text in PENDING.items():
-        p = sub.add_parser(name, help=f"{text} (not available yet)")
-        _add_config_args(p)
+    p = sub.add_parser(
+        "eval", help="POPE / CHAIR hallucination evaluation against any OpenAI-compatible endpoint",
+        description="POPE (random, popular, adversarial) and CHAIR on held-out synthetic shapes (or --data), "
+                    "and POPE on a COCO annotation file when given. Prints the metrics; --out saves them "
+                    "with every prediction.")
+    _add_config_args(p)
+    p.add_argument("--endpoint", required=True, help="OpenAI base URL, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--model", required=True, help="the model name the endpoint serves")
+    p.add_argument("--api-key", help="Bearer key, if the endpoint needs one")
+    p.add_argument("--data", help="a shapes dataset directory (bpo make-data); default: held-out images "
+                                  "generated from the config's eval section")
+    p.add_argument("--coco-annotations", help="COCO instances JSON for POPE on real images")
+    p.add_argument("--coco-image-root", help="directory the COCO file names resolve in")
+    p.add_argument("--out", help="write metrics + predictions JSON here")
     return parser
 
 
@@ -161,6 +167,39 @@ def _serve(args) -> int:
     return serve_until_stopped(cfg, args.model)
 
 
+def _eval(args) -> int:
+    import json
+
+    from bpo_ray.eval.client import Endpoint
+    from bpo_ray.eval.run import evaluate, heldout_dir
+
+    overrides = list(args.overrides)
+    if args.coco_annotations or args.coco_image_root:
+        overrides += [f"eval.coco_annotations={args.coco_annotations}", f"eval.coco_image_root={args.coco_image_root}"]
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    dataset = Path(args.data) if args.data else heldout_dir(cfg)
+    if not (dataset / "truth.jsonl").is_file():
+        print(f"error: {dataset} is not a shapes dataset (no truth.jsonl; make one with bpo make-data)",
+              file=sys.stderr)
+        return 2
+    try:
+        metrics, rows = evaluate(Endpoint(args.endpoint.rstrip("/"), args.model, args.api_key), cfg, dataset)
+    except ValueError as err:  # e.g. an unreadable COCO file
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(metrics, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps({"metrics": metrics, "predictions": rows}, indent=1))
+    failed = sum(r["error"] is not None for r in rows)
+    if failed:
+        print(f"warning: {failed} of {len(rows)} requests failed (see the predictions' error field)", file=sys.stderr)
+    return 1 if failed == len(rows) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "make-tiny":
@@ -187,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         return _generate(args)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "eval":
+        return _eval(args)
     if args.command == "train":
         return _run_job(["--config", args.config] if args.config else [], args.overrides, until="train")
     if args.command == "run":
@@ -195,8 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, flag):
                 flags.append(f"--{flag.replace('_', '-')}={getattr(args, flag)}")
         return _run_job(flags, args.overrides)
-    print(f"bpo {args.command}: not available yet in this version ({PENDING[args.command]}).", file=sys.stderr)
-    return 2
+    raise AssertionError(f"unhandled command {args.command}")
 
 
 if __name__ == "__main__":

@@ -222,8 +222,10 @@ class EvalConfig(Section):
     pope_splits: list[Literal["random", "popular", "adversarial"]] = Field(
         default_factory=lambda: ["random", "popular", "adversarial"]
     )
+    # Held-out synthetic images: the training generator's settings with this seed (never the data seed).
     num_images: int = Field(50, ge=1)
     seed: int = 1234
+    concurrency: int = Field(16, ge=1)
     # Optional COCO-format annotation file for POPE on real images.
     coco_annotations: str | None = None
     coco_image_root: str | None = None
@@ -315,6 +317,10 @@ def _impossible_combinations(cfg: RunConfig):
         yield "train.offload_params needs train.zero_stage=3 (parameter offload is a ZeRO-3 feature)"
     if train.offload_optimizer and train.zero_stage == 0:
         yield "train.offload_optimizer needs train.zero_stage 2 or 3"
+    if cfg.eval.enabled and cfg.data.format == "synthetic" and cfg.eval.seed == cfg.data.synthetic.seed:
+        yield "eval.seed equals data.synthetic.seed: the evaluation images would be the training images"
+    if bool(cfg.eval.coco_annotations) != bool(cfg.eval.coco_image_root):
+        yield "eval.coco_annotations and eval.coco_image_root go together (the file and where its images are)"
     yield from serve_problems(cfg.serve)
 
 

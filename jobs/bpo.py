@@ -4,8 +4,14 @@
     ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/bpo.py --config ...
 
 Stages whose outputs are complete in the run directory (``storage_path/run_name``) are skipped, so a
-crashed or cancelled job resumes where it stopped (training from its latest checkpoint). Stages so far:
-data → negatives → reference log-probs → DPO with export. Serving and evaluation join as they land.
+crashed or cancelled job resumes where it stopped (training from its latest checkpoint).
+
+    data       read + validate records (Ray Data)                      → data/
+    negatives  weakened-image answers + injected errors → pairs         → negatives/
+    reference  reference-model log-probs of every pair (Ray Data)      → reference/
+    train      DPO on Ray Train × DeepSpeed ZeRO-3, export             → train/ checkpoints/ model/
+    eval       serve base and aligned (Ray Serve), POPE + CHAIR over HTTP → eval/
+    report     training curves and the base-vs-aligned table           → report.json report.md plots/
 """
 
 from __future__ import annotations
@@ -22,8 +28,10 @@ except ImportError:  # submitted with --working-dir and not installed on the clu
 
 from bpo_ray.config import ConfigError, load_config
 from bpo_ray.data.stage import run_data
+from bpo_ray.eval.run import run_eval
 from bpo_ray.models.loader import resolve_model_path
 from bpo_ray.negatives.stage import run_negatives
+from bpo_ray.report import format_table, run_report
 from bpo_ray.runtime import init_ray, setup_logging
 from bpo_ray.stages import Pipeline, RunDir, summary
 from bpo_ray.train.stage import run_reference, run_train
@@ -36,6 +44,8 @@ STAGES = [
     ("negatives", run_negatives, ("model", "negatives")),
     ("reference", run_reference, ("model", "train")),
     ("train", run_train, ("model", "train")),
+    ("eval", run_eval, ("model", "serve", "eval")),
+    ("report", run_report, ()),
 ]
 
 
@@ -75,6 +85,10 @@ def main(argv: list[str] | None = None, stages: list | None = None) -> int:
 
     print(f"\nrun directory: {run.root}")
     print(summary(pipeline.manifests))
+    if report := pipeline.manifests.get("report", {}).get("report"):
+        if rows := pipeline.manifests["report"].get("comparison"):
+            print("\nbase vs aligned (held-out images):\n" + format_table(rows))
+        print(f"\nreport: {report}")
     return 0
 
 

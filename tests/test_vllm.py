@@ -44,3 +44,42 @@ def test_error_injection_on_vllm_through_ray_data_llm(tmp_path, ray_local):
     assert all(p["negative_type"] == ERROR_INJECTION and p["rejected"] != p["chosen"] for p in pairs)
     errors = pq.read_table(run.path("negatives", "errors")).to_pylist()
     assert "generation_failed" not in json.dumps(manifest["errors_by_reason"]), errors[:3]
+
+
+def test_serve_vllm_engine_through_ray_serve_llm(tmp_path, ray_local):
+    """engine: vllm builds Ray's own OpenAI app (ray.serve.llm) from our serve config; on CPU it serves text
+    models (a vision model needs GPUs: refused up front)."""
+    import socket
+
+    import httpx
+    from openai import OpenAI
+    from ray import serve
+
+    from bpo_ray.config import ConfigError, ServeConfig
+    from bpo_ray.models.tiny import make_tiny
+    from bpo_ray.serve.launch import deploy, undeploy, wait_healthy
+    from bpo_ray.serve.vllm import llm_config
+
+    with pytest.raises(ConfigError, match="vision model"):
+        llm_config(str(make_tiny("llava", tmp_path / "tiny-llava")), ServeConfig(engine="vllm"), "x")
+    model = make_tiny("llm", tmp_path / "tiny-llm")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = ServeConfig(engine="vllm", port=port, model_id="tiny-llm", max_model_len=512, num_cpus_per_replica=1)
+    url = deploy({"vllm": (str(model), "tiny-llm")}, cfg)["vllm"]
+    try:
+        wait_healthy(url, timeout_s=300)
+        client = OpenAI(base_url=url, api_key="unused")
+        assert [m.id for m in client.models.list()] == ["tiny-llm"]
+        messages = [{"role": "user", "content": "Rewrite the answer: a red circle is at the top."}]
+        answer = client.chat.completions.create(model="tiny-llm", messages=messages, max_tokens=8, temperature=0)
+        assert answer.usage.completion_tokens <= 8 and answer.choices[0].finish_reason in ("stop", "length")
+        chunks = list(client.chat.completions.create(model="tiny-llm", messages=messages, max_tokens=8,
+                                                     temperature=0, stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == answer.choices[0].message.content
+        bad = httpx.post(f"{url}/chat/completions", json={"model": "tiny-llm", "messages": messages, "temperature": -1})
+        assert 400 <= bad.status_code < 500, bad.text
+    finally:
+        undeploy(["vllm"])
+    assert not serve.status().applications
