@@ -51,6 +51,12 @@ def comparison(eval_metrics: dict) -> list[dict]:
     return out
 
 
+def headline(rows: list[dict]) -> list[dict]:
+    """The rows a person reads first: caption hallucination and POPE F1 per split."""
+    labels = {label for label, _, _ in HEADLINE}
+    return [r for r in rows if r["metric"] in labels or r["metric"].endswith(" f1")]
+
+
 def format_table(rows: list[dict]) -> str:
     lines = ["| metric | base | aligned | Δ |", "|---|---:|---:|---:|"]
     for r in rows:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -24,9 +25,23 @@ def init_ray(resources: ResourcesConfig) -> None:
         return
     # Workers inherit these: one BLAS thread per worker on small machines, quiet tokenizers.
     env_vars = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "TOKENIZERS_PARALLELISM": "false"}
+    # A submitted job (ray job submit) already has a runtime env; Ray refuses to merge one that sets the
+    # same variables again, so add only what the job's does not say.
+    for key in _job_env_vars():
+        env_vars.pop(key, None)
     address = resources.ray_address or os.environ.get("RAY_ADDRESS")
-    kwargs: dict = {"runtime_env": {"env_vars": env_vars}, "log_to_driver": True}
+    kwargs: dict = {"runtime_env": {"env_vars": env_vars} if env_vars else None, "log_to_driver": True}
     if address in (None, "local"):
         kwargs["num_cpus"] = resources.local_num_cpus
     ray.init(address=address, **kwargs)
     log.info("ray: %s", ray.cluster_resources())
+
+
+def _job_env_vars() -> set[str]:
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return set()
+    try:
+        return set((json.loads(raw).get("runtime_env") or {}).get("env_vars") or {})
+    except (json.JSONDecodeError, AttributeError):
+        return set()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from bpo_ray.data.stage import run_data
 from bpo_ray.eval.run import run_eval
 from bpo_ray.models.loader import resolve_model_path
 from bpo_ray.negatives.stage import run_negatives
-from bpo_ray.report import format_table, run_report
+from bpo_ray.report import format_table, headline, run_report
 from bpo_ray.runtime import init_ray, setup_logging
 from bpo_ray.stages import Pipeline, RunDir, summary
 from bpo_ray.train.stage import run_reference, run_train
@@ -71,6 +72,9 @@ def main(argv: list[str] | None = None, stages: list | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if "runtime_resources" in os.getcwd() and not (cfg.storage_path.startswith("/") or "://" in cfg.storage_path):
+        log.warning("storage_path %r is relative to this job's uploaded working directory; set an absolute "
+                    "path or a cloud URI so results outlive the job and a resubmission resumes", cfg.storage_path)
     run = RunDir.for_config(cfg)
     log.info("resolved config (saved to %s):\n%s", run.save_config(cfg), cfg.to_yaml())
 
@@ -87,7 +91,7 @@ def main(argv: list[str] | None = None, stages: list | None = None) -> int:
     print(summary(pipeline.manifests))
     if report := pipeline.manifests.get("report", {}).get("report"):
         if rows := pipeline.manifests["report"].get("comparison"):
-            print("\nbase vs aligned (held-out images):\n" + format_table(rows))
+            print("\nbase vs aligned (held-out images):\n" + format_table(headline(rows)))
         print(f"\nreport: {report}")
     return 0
 

@@ -1,18 +1,36 @@
-"""The real entry points (``bpo run`` and ``python jobs/bpo.py``) on the embedded default, on local Ray."""
+"""The real entry points on the embedded default: ``bpo run`` / ``python jobs/bpo.py`` on local Ray, and
+``ray job submit`` to a head node this test starts and stops itself (stopped mid-training, resubmitted).
+
+These run first (alphabetically before any test that starts the session's Ray cluster): Ray Train does
+not tolerate a second Ray instance on the machine while it trains.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
 
+import psutil
 import pyarrow.parquet as pq
+import pytest
 import yaml
 
-from conftest import run_cli
+from conftest import REPO, run_cli
+
+RAY = str(Path(sys.executable).parent / "ray")
 
 
 def test_job_runs_the_embedded_default_and_resumes(tmp_path):
     common = [f"storage_path={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}", "resources.ray_address=local",
-              "data.synthetic.num_images=8", "train.max_steps=3", "negatives.weakening.sampling.max_new_tokens=8"]
+              "data.synthetic.num_images=8", "train.max_steps=3", "negatives.weakening.sampling.max_new_tokens=8", "eval.enabled=false"]
     first = run_cli("run", "--config", "configs/tiny.yaml", *common)
     assert first.returncode == 0, first.stderr[-3000:]
     run_dir = tmp_path / "runs" / "bpo-tiny"
@@ -32,3 +50,127 @@ def test_job_runs_the_embedded_default_and_resumes(tmp_path):
     for stage in ("data", "negatives", "reference", "train"):
         assert f"stage {stage}: finished earlier for the same inputs, skipped" in again.stderr
     assert json.loads((run_dir / "data" / "manifest.json").read_text()) == manifest
+
+
+# ------------------------------------------------------------------------------------- ray job submit
+def _free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _processes_of(temp_dir: str) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(temp_dir in part for part in p.info["cmdline"] or []):
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+@pytest.fixture
+def head_node():
+    """A Ray head started with ``ray start`` in its own temp dir; stopped by killing exactly its processes
+    (``ray stop`` would stop every Ray cluster on the machine)."""
+    temp_dir = tempfile.mkdtemp(prefix="bpo-head-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    gcs, dashboard, client, manager, store = _free_ports(5)
+    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
+    started = subprocess.run(
+        [RAY, "start", "--head", f"--port={gcs}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
+         "--include-dashboard=true", f"--ray-client-server-port={client}", f"--node-manager-port={manager}",
+         f"--object-manager-port={store}", "--num-cpus=4", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+        capture_output=True, text=True, env=env, timeout=180)
+    assert started.returncode == 0, started.stdout + started.stderr
+    try:
+        yield f"http://127.0.0.1:{dashboard}", env
+    finally:
+        procs = _processes_of(temp_dir)
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        _, alive = psutil.wait_procs(procs, timeout=8)
+        for p in alive:
+            p.kill()
+        assert not [p for p in _processes_of(temp_dir) if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def _job(address: str, env: dict, *args: str, timeout: int = 60) -> subprocess.CompletedProcess:
+    command, rest = args[0], list(args[1:])
+    return subprocess.run([RAY, "job", command, f"--address={address}", *rest], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=timeout)
+
+
+def _submit(address: str, env: dict, *args: str) -> str:
+    """Submit and return the job id; retries while the head's job agent is still starting."""
+    deadline = time.monotonic() + 120
+    while True:
+        done = _job(address, env, "submit", *args)
+        if done.returncode == 0 or "No available agent" not in done.stderr + done.stdout or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return re.search(r"raysubmit_\w+", done.stdout).group(0)
+
+
+def _status(address: str, env: dict, job_id: str) -> str | None:
+    found = re.findall(r"PENDING|RUNNING|STOPPED|SUCCEEDED|FAILED", _job(address, env, "status", job_id).stdout.upper())
+    return found[-1] if found else None
+
+
+def _wait_status(address: str, env: dict, job_id: str, done: set[str], timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = _status(address, env, job_id)
+        if status in done:
+            return status
+        time.sleep(2)
+    raise TimeoutError(f"job {job_id} not in {done} after {timeout}s")
+
+
+def test_ray_job_submit_runs_the_whole_job_and_resumes_after_a_stop(head_node, tmp_path):
+    address, env = head_node
+    runs, cache = tmp_path / "runs", tmp_path / "cache"
+    entry = [sys.executable, "jobs/bpo.py", "--config", "configs/tiny.yaml", f"storage_path={runs}",
+             f"cache_dir={cache}", "data.synthetic.num_images=8", "negatives.weakening.sampling.max_new_tokens=8",
+             "train.max_steps=6", "train.checkpoint_every=2", "eval.num_images=4", f"serve.port={_free_ports(1)[0]}"]
+    runtime_env = json.dumps({"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                                           "TORCH_EXTENSIONS_DIR": os.environ.get(
+                                               "TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))}})
+    submit = ["--no-wait", "--working-dir", ".", "--runtime-env-json", runtime_env, "--"]
+
+    first_id = _submit(address, env, *submit, *entry)
+    # Stop it once training has written a checkpoint (mid-training: 6 steps, checkpoints every 2).
+    checkpoints = runs / "bpo-tiny" / "checkpoints"
+    deadline = time.monotonic() + 600
+    while not list(checkpoints.glob("*/checkpoint_*")) and time.monotonic() < deadline:
+        assert _status(address, env, first_id) in ("PENDING", "RUNNING"), _job(address, env, "logs", first_id).stdout[-3000:]
+        time.sleep(2)
+    assert list(checkpoints.glob("*/checkpoint_*")), _job(address, env, "logs", first_id).stdout[-3000:]
+    assert _job(address, env, "stop", first_id, timeout=120).returncode == 0
+    assert _wait_status(address, env, first_id, {"STOPPED", "FAILED", "SUCCEEDED"}, 120) == "STOPPED"
+    assert not (runs / "bpo-tiny" / "train" / "manifest.json").exists()
+
+    second_id = _submit(address, env, *submit, *entry)
+    status = _wait_status(address, env, second_id, {"STOPPED", "FAILED", "SUCCEEDED"}, 900)
+    logs = _job(address, env, "logs", second_id).stdout
+    assert status == "SUCCEEDED", logs[-4000:]
+    for stage in ("data", "negatives", "reference"):
+        assert f"stage {stage}: finished earlier for the same inputs, skipped" in logs
+    assert re.search(r"train: resuming from checkpoint \S*checkpoint_\S+ \(micro-step [1-5] of 6\)", logs), logs[-4000:]
+    run_dir = runs / "bpo-tiny"
+    train = json.loads((run_dir / "train" / "manifest.json").read_text())
+    assert train["steps"] == 6 and 0 < train["resumed_from_micro_step"] < 6
+    report = json.loads((run_dir / "report.json").read_text())
+    assert set(report["eval"]) == {"base", "aligned"}
+    for model in ("base", "aligned"):
+        assert set(report["eval"][model]["pope"]) == {"random", "popular", "adversarial"}
+        assert report["eval"][model]["chair"]["n"] == 4
+    markdown = (run_dir / "report.md").read_text()
+    assert "| pope adversarial f1 |" in markdown and "CHAIR_s" in markdown
+    assert (run_dir / "plots" / "training.png").stat().st_size > 1000 and (run_dir / "plots" / "eval.png").is_file()
+    assert f"report: {run_dir}/report.md" in logs

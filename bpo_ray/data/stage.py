@@ -8,11 +8,13 @@ later stages need no access to the source), ``data/errors/*.parquet`` (record id
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 
 from bpo_ray import storage
-from bpo_ray.config import DataConfig, RunConfig, SyntheticDataConfig
+from bpo_ray.config import RunConfig, SyntheticDataConfig
 from bpo_ray.data import readers
 from bpo_ray.data.records import ImageLimits, validate_record
 from bpo_ray.raydata import count_by, write_by_kind
@@ -31,7 +33,7 @@ def synthetic_dir(cfg: SyntheticDataConfig, cache_dir: str) -> Path:
     """The bundled dataset for these settings, written once into the cache."""
     from bpo_ray.data.synthetic import write_dataset
 
-    key = RunConfig(data=DataConfig(synthetic=cfg)).section_hash("data")
+    key = hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
     target = Path(cache_dir).absolute() / "data" / f"shapes-{key}"
     if not (target / "records.json").exists():
         write_dataset(target, **cfg.model_dump())

@@ -127,6 +127,10 @@ def run_train(cfg: RunConfig, run: RunDir, pid_dir: str | None = None) -> dict:
         "export_dir": run.path("model"),
         "pid_dir": pid_dir,
     }
+    resumed = latest_checkpoint(run.path("checkpoints", f"train-{key}"))
+    if resumed:
+        log.info("train: resuming from checkpoint %s (micro-step %d of %d)", resumed[0], resumed[1],
+                 total_steps * train.gradient_accumulation_steps)
     resources = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.use_gpu else {})}
     execution = ray.data.ExecutionOptions(preserve_order=True)
     trainer = TorchTrainer(
@@ -148,7 +152,20 @@ def run_train(cfg: RunConfig, run: RunDir, pid_dir: str | None = None) -> dict:
     return {"pairs": num_pairs, "steps": total_steps, "micro_batches_per_epoch": micro_per_epoch,
             "workers": train.num_workers, "final_metrics": {k: v for k, v in (result.metrics or {}).items()
                                                              if isinstance(v, (int, float))},
-            "checkpoint": result.checkpoint.path if result.checkpoint else None, "model_dir": run.path("model")}
+            "checkpoint": result.checkpoint.path if result.checkpoint else None, "model_dir": run.path("model"),
+            "resumed_from_micro_step": resumed[1] if resumed else 0}
+
+
+def latest_checkpoint(train_dir: str) -> tuple[str, int] | None:
+    """(path, micro-steps done) of the furthest checkpoint a previous attempt of this run left, if any."""
+    from bpo_ray.train.worker import STATE_FILE
+
+    found = []
+    for path in storage.list_dirs(train_dir):
+        state = storage.join(path, STATE_FILE)
+        if path.rsplit("/", 1)[-1].startswith("checkpoint_") and storage.exists(state):
+            found.append((json.loads(storage.read_text(state))["micro_steps"], path))
+    return (max(found)[1], max(found)[0]) if found else None
 
 
 def _loop(config: dict) -> None:  # a module-level function: Ray pickles it by reference
