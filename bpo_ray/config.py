@@ -93,13 +93,16 @@ class SamplingConfig(Section):
 
 
 class ActorPoolConfig(Section):
-    """Ray Data actor-pool size (min, max): grows on autoscaling clusters."""
+    """Ray Data actor-pool size (min, max): grows on autoscaling clusters. What each actor needs (CPUs,
+    GPUs, accelerator type, memory) is what the autoscaler brings nodes up for (bpo_ray/resources.py)."""
 
     min_size: int = Field(1, ge=1)
     max_size: int = Field(1, ge=1)
     batch_size: int = Field(8, ge=1)
     num_gpus: float = Field(0.0, ge=0.0)
     num_cpus: float = Field(1.0, gt=0.0)
+    accelerator_type: str | None = None  # e.g. "L4": only nodes with that GPU
+    memory_gb: float | None = Field(None, gt=0.0)
 
     @model_validator(mode="after")
     def _min_le_max(self) -> ActorPoolConfig:
@@ -208,6 +211,7 @@ class ServeConfig(Section):
     num_cpus_per_replica: float = Field(1.0, gt=0.0)
     num_gpus_per_replica: float = Field(0.0, ge=0.0)
     accelerator_type: str | None = None
+    memory_gb_per_replica: float | None = Field(None, gt=0.0)
 
     @model_validator(mode="after")
     def _replicas(self) -> ServeConfig:
@@ -238,9 +242,11 @@ class ResourcesConfig(Section):
     use_gpu: bool = False
     # Logical CPUs for a local cluster (Ray Data actors each take one; more than cores is fine).
     local_num_cpus: int | None = Field(None, ge=1)
+    # What each training worker needs (the other stages say so in their own pool / serve sections).
     accelerator_type: str | None = None
     cpus_per_worker: float = Field(1.0, gt=0.0)
     gpus_per_worker: float = Field(0.0, ge=0.0)
+    memory_gb_per_worker: float | None = Field(None, gt=0.0)
 
 
 # ------------------------------------------------------------------------------------------------ run

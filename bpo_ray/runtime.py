@@ -13,6 +13,19 @@ log = logging.getLogger("bpo_ray")
 
 def setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per evaluation request otherwise
+
+
+def setup_worker_logging(level: str = "INFO") -> None:
+    """In a Ray worker: our own progress lines at INFO (they reach the driver's and the job's log), without
+    turning on every library's INFO logging the way a root-level config would."""
+    lib = logging.getLogger("bpo_ray")
+    if not lib.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        lib.addHandler(handler)
+    lib.setLevel(level)
+    lib.propagate = False
 
 
 def init_ray(resources: ResourcesConfig) -> None:

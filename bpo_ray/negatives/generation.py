@@ -21,6 +21,7 @@ from PIL import Image
 from bpo_ray.config import ActorPoolConfig, SamplingConfig
 from bpo_ray.data.records import decode_image
 from bpo_ray.models.generate import HFEngine, Sampling
+from bpo_ray.resources import pool_request
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,7 @@ class GenerationSpec:
     model_path: str
     vision: bool
     sampling: SamplingConfig
-    pool: ActorPoolConfig
-    accelerator_type: str | None = None
+    pool: ActorPoolConfig  # also says what each engine actor needs (CPUs, GPUs, accelerator type, memory)
     max_model_len: int | None = None
 
 
@@ -79,7 +79,7 @@ def generate_column(ds, spec: GenerationSpec):
                                    "sampling": spec.sampling.model_dump()},
             batch_size=spec.pool.batch_size,
             compute=ray.data.ActorPoolStrategy(min_size=spec.pool.min_size, max_size=spec.pool.max_size),
-            num_cpus=spec.pool.num_cpus, num_gpus=spec.pool.num_gpus,
+            **pool_request(spec.pool),
         )
     if spec.engine == "vllm":
         return _vllm_generate(ds, spec)
@@ -113,7 +113,7 @@ def _vllm_generate(ds, spec: GenerationSpec):
         engine_kwargs=engine_kwargs,
         batch_size=spec.pool.batch_size,
         concurrency=(spec.pool.min_size, spec.pool.max_size),
-        accelerator_type=spec.accelerator_type,
+        accelerator_type=spec.pool.accelerator_type,
         placement_group_config=cpu_only,
         prepare_multimodal_stage={"enabled": spec.vision},
         should_continue_on_error=True,

@@ -158,7 +158,7 @@ def run_negatives(cfg: RunConfig, run: RunDir) -> dict:
         generators[IMAGE_WEAKENING] = cfg.model.name_or_path
         prepared = ok.map_batches(weaken_batch, fn_kwargs={"distortions": distortions, "seed": neg.seed})
         spec = GenerationSpec(neg.weakening.engine, policy, True, neg.weakening.sampling, neg.weakening.pool,
-                              cfg.resources.accelerator_type, cfg.model.max_length)
+                              cfg.model.max_length)
         outputs.append(generate_column(prepared, spec).map_batches(
             finish_generated, fn_kwargs={"negative_type": IMAGE_WEAKENING, "generator": cfg.model.name_or_path,
                                          "max_words": neg.max_words, "distortion": described}))
@@ -172,7 +172,7 @@ def run_negatives(cfg: RunConfig, run: RunDir) -> dict:
             generators[ERROR_INJECTION] = inj.model
             rewriter = resolve_model_path(inj.model, cfg.cache_dir)
             prepared = ok.map_batches(injection_prompts, fn_kwargs={"mode": inj.mode, "seed": neg.seed})
-            spec = GenerationSpec(inj.engine, rewriter, False, inj.sampling, inj.pool, cfg.resources.accelerator_type)
+            spec = GenerationSpec(inj.engine, rewriter, False, inj.sampling, inj.pool)
             outputs.append(generate_column(prepared, spec).map_batches(
                 finish_generated, fn_kwargs={"negative_type": ERROR_INJECTION, "generator": inj.model,
                                              "max_words": neg.max_words, "distortion": ""}))

@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bpo_ray.config import ServeConfig
 from bpo_ray.data.records import ImageLimits
+from bpo_ray.resources import serve_replica_request
 from bpo_ray.serve.protocol import (
     APIError,
     ChatRequest,
@@ -192,11 +193,9 @@ class ChatServer:
 # ------------------------------------------------------------------------------------------ building
 def deployment_options(cfg: ServeConfig) -> dict:
     """Replicas, resources and admission from the serve config."""
-    actor = {"num_cpus": cfg.num_cpus_per_replica, "num_gpus": cfg.num_gpus_per_replica,
+    actor = {**serve_replica_request(cfg),
              "runtime_env": {"env_vars": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
                                           "TOKENIZERS_PARALLELISM": "false"}}}
-    if cfg.accelerator_type:
-        actor["accelerator_type"] = cfg.accelerator_type
     options = {"ray_actor_options": actor, "max_ongoing_requests": cfg.max_ongoing_requests,
                "max_queued_requests": cfg.max_queued_requests,
                "backpressure_config": {"status_code": 503, "retry_after_s": cfg.retry_after_s},

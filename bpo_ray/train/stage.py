@@ -27,6 +27,7 @@ from bpo_ray.models.loader import load_processor, load_vlm, resolve_model_path
 from bpo_ray.models.prompts import SampleTooLong
 from bpo_ray.negatives.stage import ERROR_COLUMNS, PAIR_COLUMNS
 from bpo_ray.raydata import count_by, write_by_kind
+from bpo_ray.resources import pool_request, train_worker_request
 from bpo_ray.stages import RunDir
 from bpo_ray.train.batch import collate, encode_pair, pad_id, pair_logps
 from bpo_ray.train.setup import optimizer_steps
@@ -87,7 +88,7 @@ def run_reference(cfg: RunConfig, run: RunDir) -> dict:
         fn_constructor_kwargs={"model_path": policy, "model_cfg": cfg.model.model_dump(),
                                "average": cfg.train.loss == "ipo", "score": cfg.train.reference == "precomputed"},
         compute=ray.data.ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size),
-        num_cpus=pool.num_cpus, num_gpus=pool.num_gpus).materialize()
+        **pool_request(pool)).materialize()
     write_by_kind(rows, run.path("reference"), {"pairs": ("pair", SCORED_COLUMNS), "errors": ("error", ERROR_COLUMNS)})
     counts = count_by(rows, ["kind", "reason"])
     scored = counts.get(("pair", ""), 0)
@@ -131,7 +132,9 @@ def run_train(cfg: RunConfig, run: RunDir, pid_dir: str | None = None) -> dict:
     if resumed:
         log.info("train: resuming from checkpoint %s (micro-step %d of %d)", resumed[0], resumed[1],
                  total_steps * train.gradient_accumulation_steps)
-    resources = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.use_gpu else {})}
+    request = train_worker_request(cfg)
+    resources = {"CPU": request["num_cpus"], **({"GPU": request["num_gpus"]} if res.use_gpu else {}),
+                 **({"memory": request["memory"]} if "memory" in request else {})}
     execution = ray.data.ExecutionOptions(preserve_order=True)
     trainer = TorchTrainer(
         train_loop_per_worker=_loop,

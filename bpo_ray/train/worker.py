@@ -65,9 +65,9 @@ def train_loop_per_worker(config: dict) -> None:
     import deepspeed
     import ray.train
 
-    from bpo_ray.runtime import setup_logging
+    from bpo_ray.runtime import setup_worker_logging
 
-    setup_logging()  # a fresh worker process: its progress lines reach the driver's (and the job's) log
+    setup_worker_logging()  # a fresh worker process: its progress lines reach the driver's (and the job's) log
     cfg = RunConfig.model_validate(config["cfg"])
     train = cfg.train
     ctx = ray.train.get_context()
