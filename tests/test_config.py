@@ -79,6 +79,10 @@ def test_typo_in_yaml_file(tmp_path):
     (["negatives.weakening.pool.min_size=3", "negatives.weakening.pool.max_size=1"], "min_size (3) > max_size (1)"),
     (["train.zero_stage=1"], "train.zero_stage"),
     (["negatives.weakening.distortions=[{kind: diffusion, step: 1000}]"], "step"),
+    (["eval.seed=0"], "the evaluation images would be the training images"),
+    (["eval.coco_annotations=/x/instances.json"], "eval.coco_image_root"),
+    (["serve.engine=vllm", "serve.num_gpus_per_replica=1", "serve.api_key=k"], "not enforced by the vllm engine"),
+    (["serve.min_replicas=3", "serve.max_replicas=2"], "min_replicas (3) > max_replicas (2)"),
 ])
 def test_impossible_combinations_fail_with_the_key(overrides, message):
     with pytest.raises(ConfigError) as err:
