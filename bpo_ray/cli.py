@@ -86,6 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _load(config: str | None, overrides: list[str]):
+    """The config, or None after saying what is wrong with it (the command then exits 2, before Ray)."""
+    try:
+        return load_config(config, overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return None
+
+
 def _job_script() -> Path:
     for root in (Path(__file__).resolve().parents[1], Path.cwd()):
         script = root / "jobs" / "bpo.py"
@@ -128,10 +137,8 @@ def _generate(args) -> int:
     if args.out:
         out = Path(args.out).absolute()
         overrides += [f"storage_path={out.parent}", f"run_name={out.name}"]
-    try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+    cfg = _load(args.config, overrides)
+    if cfg is None:
         return 2
     run = RunDir.for_config(cfg)
     stages = _stages_until(_job().STAGES, "negatives")
@@ -159,10 +166,8 @@ def _serve(args) -> int:
     for flag in ("host", "port", "engine", "model_id"):
         if getattr(args, flag) is not None:
             overrides.append(f"serve.{flag}={getattr(args, flag)}")
-    try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+    cfg = _load(args.config, overrides)
+    if cfg is None:
         return 2
     return serve_until_stopped(cfg, args.model)
 
@@ -176,10 +181,8 @@ def _eval(args) -> int:
     overrides = list(args.overrides)
     if args.coco_annotations or args.coco_image_root:
         overrides += [f"eval.coco_annotations={args.coco_annotations}", f"eval.coco_image_root={args.coco_image_root}"]
-    try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+    cfg = _load(args.config, overrides)
+    if cfg is None:
         return 2
     dataset = Path(args.data) if args.data else heldout_dir(cfg)
     if not (dataset / "truth.jsonl").is_file():
@@ -216,11 +219,10 @@ def main(argv: list[str] | None = None) -> int:
         print(out)
         return 0
     if args.command == "config":
-        try:
-            print(load_config(args.config, args.overrides).to_yaml(), end="")
-        except ConfigError as err:
-            print(f"error: {err}", file=sys.stderr)
+        cfg = _load(args.config, args.overrides)
+        if cfg is None:
             return 2
+        print(cfg.to_yaml(), end="")
         return 0
     if args.command == "generate":
         return _generate(args)

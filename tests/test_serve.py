@@ -233,6 +233,28 @@ def test_auth_on_and_off(endpoints):
     assert post(open_, chat("hi")).status_code == 200  # no key configured: none needed
 
 
+def test_app_builder_is_what_serve_run_and_rayservice_import(endpoints, tiny_models):
+    """``serve run bpo_ray.serve.app:app_builder model=DIR key=value...`` (and RayService's import_path):
+    arguments are dotted config overrides, validated like any run config."""
+    from ray import serve
+
+    from bpo_ray.config import ConfigError
+    from bpo_ray.serve.app import app_builder
+
+    with pytest.raises(ConfigError, match="serve.api_key"):
+        app_builder({"model": str(tiny_models["llava"]), "serve.host": "0.0.0.0"})
+    app = app_builder({"model": str(tiny_models["llava"]), "serve.model_id": "built", "serve.num_cpus_per_replica": 0.5,
+                       "serve.max_batch_size": 2})
+    serve.run(app, name="built", route_prefix="/built", blocking=False)
+    url = endpoints["llava"].replace("/llava/", "/built/")
+    try:
+        wait_healthy(url, timeout_s=120)
+        reply = post(url, {**chat("hi"), "model": "built"})
+        assert reply.status_code == 200 and reply.json()["model"] == "built"
+    finally:
+        serve.delete("built")
+
+
 # ---------------------------------------------------------------------------------------------- load
 async def _load(url: str, payloads: list[dict], concurrency: int) -> list[int]:
     gate = asyncio.Semaphore(concurrency)

@@ -120,8 +120,8 @@ def run_eval(cfg: RunConfig, run: RunDir) -> dict:
     urls = deploy(models, cfg.serve)
     results, rows = {}, []
     try:
-        for url in urls.values():
-            wait_healthy(url, api_key=cfg.serve.api_key)
+        for url in urls.values():  # a 7B model downloading and loading on a fresh GPU node takes minutes
+            wait_healthy(url, timeout_s=1800, api_key=cfg.serve.api_key)
         for name, url in urls.items():
             log.info("eval: %s at %s", name, url)
             metrics, model_rows = evaluate(Endpoint(url, models[name][1], cfg.serve.api_key), cfg, dataset)
