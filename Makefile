@@ -14,7 +14,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.bpo-installed
 
-.PHONY: install demo test test-vllm lint format clean
+.PHONY: install demo test test-vllm bench lint format clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ $(VLLM_STAMP): pyproject.toml constraints-vllm.txt
 # Each ray.data.llm stage actor holds a logical CPU: give the test cluster enough of them.
 test-vllm: $(VLLM_STAMP)
 	BPO_TEST_RAY_CPUS=8 $(VLLM_VENV)/bin/python -m pytest -m vllm tests/test_vllm.py
+
+# Benchmarks run on purpose, not in CI: each prints a table and writes benchmarks/results/<name>.{json,md}.
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_negatives.py
+	$(BIN)/python benchmarks/bench_serve.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

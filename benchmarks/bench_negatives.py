@@ -1,0 +1,119 @@
+"""Negatives benchmark: image-weakening generation, samples/s, in one run on the same samples:
+- one sample at a time through ``generate`` in one process (how the authors' script works);
+- the raw batched engine in one process (no Ray): what the pipeline could reach at best;
+- the real negatives stage (Ray Data: weakening → HF actor pool → pairs), with 1 and with 2 workers.
+
+    python benchmarks/bench_negatives.py [--images 32] [--models tiny,small] [--max-new-tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from common import models, parameters, save, table  # noqa: E402
+
+
+def samples(run_dir: str) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(f"{run_dir}/data/samples").to_pylist()
+
+
+def in_process(model: Path, rows: list[dict], cfg, batch_size: int) -> float:
+    """samples/s of the same weakening + generation without Ray (all cores to torch)."""
+    import torch
+
+    from bpo_ray.data.records import decode_image
+    from bpo_ray.models.generate import HFEngine, Sampling
+    from bpo_ray.negatives import distort
+    from bpo_ray.negatives.pairs import IMAGE_WEAKENING, stable_seed
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    weak = cfg.negatives.weakening
+    engine = HFEngine(str(model))
+    sampling = Sampling(weak.sampling.temperature, weak.sampling.top_p, weak.sampling.max_new_tokens)
+    distortions = [d.model_dump() for d in weak.distortions]
+    engine.generate([json.loads(rows[0]["messages"])], [decode_image(rows[0]["image"])], sampling, [0])  # warm-up
+    start = time.perf_counter()
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        seeds = [stable_seed(cfg.negatives.seed, IMAGE_WEAKENING, r["sample_id"]) for r in chunk]
+        images = [decode_image(distort.weaken_bytes(r["image"], distortions, s)) for r, s in zip(chunk, seeds, strict=True)]
+        engine.generate([json.loads(r["messages"]) for r in chunk], images, sampling, seeds)
+    return len(rows) / (time.perf_counter() - start)
+
+
+def pipeline(cfg, workers: int) -> float:
+    """samples/s the real stage reports (its own clock, Ray already up)."""
+    from bpo_ray import storage
+    from bpo_ray.config import validate_config
+    from bpo_ray.negatives.stage import run_negatives
+    from bpo_ray.stages import RunDir
+
+    raw = cfg.model_dump(mode="json")
+    raw["negatives"]["weakening"]["pool"].update(min_size=workers, max_size=workers)
+    run_cfg = validate_config(raw)
+    run = RunDir.for_config(run_cfg)
+    storage.remove_dir(run.path("negatives"))
+    start = time.perf_counter()
+    manifest = run_negatives(run_cfg, run)
+    return manifest["samples_in"] / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--models", default="tiny,small")
+    args = parser.parse_args()
+
+    import ray
+
+    from bpo_ray.config import load_config
+    from bpo_ray.data.stage import run_data
+    from bpo_ray.stages import RunDir
+
+    root = Path(tempfile.mkdtemp(prefix="bpo-bench-neg-"))
+    paths = models(root)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    rows, results = [], {}
+    for name in args.models.split(","):
+        cfg = load_config(None, [
+            f"storage_path={root / 'runs'}", f"run_name=bench-{name}", f"cache_dir={root / 'cache'}",
+            f"model.name_or_path={paths[name]}", f"data.synthetic.num_images={args.images}",
+            "data.synthetic.qa_per_image=0", "negatives.injection.enabled=false",
+            f"negatives.weakening.sampling.max_new_tokens={args.max_new_tokens}",
+            f"negatives.weakening.pool.batch_size={args.batch_size}"])
+        run = RunDir.for_config(cfg)
+        run_data(cfg, run)
+        data = samples(run.root)
+        one = in_process(paths[name], data, cfg, batch_size=1)
+        batched = in_process(paths[name], data, cfg, batch_size=args.batch_size)
+        ray1, ray2 = pipeline(cfg, 1), pipeline(cfg, 2)
+        results[name] = {"parameters": parameters(paths[name]), "samples": len(data), "one_at_a_time": one,
+                         "batched_in_process": batched, "pipeline_1_worker": ray1, "pipeline_2_workers": ray2}
+        rows.append([name, len(data), one, batched, ray1, ray2, ray2 / one, ray1 / batched, ray2 / ray1])
+    ray.shutdown()
+    markdown = table(
+        "Negatives (image weakening + generation): samples/s on the same samples",
+        ["model", "samples", "one-at-a-time", "batched, no Ray", "Ray Data 1 worker", "Ray Data 2 workers",
+         "2 workers / one-at-a-time", "1 worker / batched (overhead)", "2 / 1 workers"], rows)
+    save("negatives", {"args": vars(args), "results": results}, markdown)
+
+
+if __name__ == "__main__":
+    main()
