@@ -109,13 +109,6 @@ def eval_plot(rows: list[dict]) -> bytes:
     return _plot_png(draw)
 
 
-def _write_bytes(path: str, data: bytes) -> None:
-    fs, target = storage.resolve(path)
-    fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(target) as f:
-        f.write(data)
-
-
 def run_report(cfg: RunConfig, run: RunDir) -> dict:
     from bpo_ray.train.stage import read_metrics
 
@@ -133,10 +126,10 @@ def run_report(cfg: RunConfig, run: RunDir) -> dict:
     storage.write_text(run.path("report.json"), json.dumps(report, indent=2, default=str))
     plots = []
     if train_metrics:
-        _write_bytes(run.path("plots", "training.png"), training_plot(train_metrics))
+        storage.write_bytes(run.path("plots", "training.png"), training_plot(train_metrics))
         plots.append("plots/training.png")
     if rows:
-        _write_bytes(run.path("plots", "eval.png"), eval_plot(rows))
+        storage.write_bytes(run.path("plots", "eval.png"), eval_plot(rows))
         plots.append("plots/eval.png")
     storage.write_text(run.path("report.md"), render_markdown(cfg, report, plots))
     return {"report": run.path("report.md"), "plots": plots, "comparison": rows}

@@ -37,6 +37,14 @@ def serve_replica_request(serve: ServeConfig) -> dict:
                     serve.memory_gb_per_replica)
 
 
+def serve_scaling(serve: ServeConfig) -> dict:
+    """Serve deployment options for replica count: fixed when min == max, else autoscaling."""
+    if serve.min_replicas == serve.max_replicas:
+        return {"num_replicas": serve.max_replicas}
+    return {"autoscaling_config": {"min_replicas": serve.min_replicas, "max_replicas": serve.max_replicas,
+                                   "target_ongoing_requests": serve.target_ongoing_requests}}
+
+
 def stage_requests(cfg: RunConfig) -> dict[str, dict]:
     """Per stage (and worker kind), what one of its actors needs; stages that need nothing special
     (data, rules injection, report) run on any CPU."""

@@ -43,13 +43,17 @@ def read_text(path: str) -> str:
     return read_bytes(path).decode("utf-8")
 
 
-def write_text(path: str, text: str) -> None:
+def write_bytes(path: str, data: bytes) -> None:
     fs, p = resolve(path)
     fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
     tmp = p + ".tmp"
     with fs.open_output_stream(tmp) as f:
-        f.write(text.encode("utf-8"))
+        f.write(data)
     fs.move(tmp, p)  # readers never see a half-written file
+
+
+def write_text(path: str, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
 
 
 def exists(path: str) -> bool:

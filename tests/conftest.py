@@ -82,6 +82,19 @@ def ray_local():
     ray.shutdown()
 
 
+def free_ports(n: int = 1) -> list[int]:
+    """Ports free on loopback right now (bound together, so the n are distinct)."""
+    import socket
+
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600):
     """Run the real ``bpo`` console script (or a python file) as a user would; returns CompletedProcess."""
     import subprocess

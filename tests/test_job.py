@@ -11,7 +11,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import REPO, run_cli
+from conftest import REPO, free_ports, run_cli
 
 RAY = str(Path(sys.executable).parent / "ray")
 
@@ -53,16 +52,6 @@ def test_job_runs_the_embedded_default_and_resumes(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- ray job submit
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def _processes_of(temp_dir: str) -> list[psutil.Process]:
     found = []
     for p in psutil.process_iter(["cmdline"]):
@@ -79,7 +68,7 @@ def head_node():
     """A Ray head started with ``ray start`` in its own temp dir; stopped by killing exactly its processes
     (``ray stop`` would stop every Ray cluster on the machine)."""
     temp_dir = tempfile.mkdtemp(prefix="bpo-head-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    gcs, dashboard, client, manager, store = _free_ports(5)
+    gcs, dashboard, client, manager, store = free_ports(5)
     env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
     started = subprocess.run(
         [RAY, "start", "--head", f"--port={gcs}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
@@ -137,7 +126,7 @@ def test_ray_job_submit_runs_the_whole_job_and_resumes_after_a_stop(head_node, t
     runs, cache = tmp_path / "runs", tmp_path / "cache"
     entry = [sys.executable, "jobs/bpo.py", "--config", "configs/tiny.yaml", f"storage_path={runs}",
              f"cache_dir={cache}", "data.synthetic.num_images=8", "negatives.weakening.sampling.max_new_tokens=8",
-             "train.max_steps=6", "train.checkpoint_every=2", "eval.num_images=4", f"serve.port={_free_ports(1)[0]}"]
+             "train.max_steps=6", "train.checkpoint_every=2", "eval.num_images=4", f"serve.port={free_ports(1)[0]}"]
     runtime_env = json.dumps({"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
                                            "TORCH_EXTENSIONS_DIR": os.environ.get(
                                                "TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))}})

