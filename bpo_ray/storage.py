@@ -70,14 +70,3 @@ def remove_dir(path: str) -> None:
 def make_dir(path: str) -> None:
     fs, p = resolve(path)
     fs.create_dir(p, recursive=True)
-
-
-def list_dirs(path: str) -> list[str]:
-    """Immediate subdirectories of ``path`` (full paths, sorted); empty when it does not exist."""
-    fs, target = resolve(path)
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(target, allow_not_found=True))
-    except FileNotFoundError:
-        return []
-    base = path.rstrip("/")
-    return sorted(f"{base}/{info.base_name}" for info in infos if info.type == pafs.FileType.Directory)

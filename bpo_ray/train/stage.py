@@ -23,12 +23,12 @@ import torch
 
 from bpo_ray import storage
 from bpo_ray.config import RunConfig
-from bpo_ray.models.loader import load_processor, load_vlm, resolve_model_path
+from bpo_ray.models.loader import load_processor, load_vlm
 from bpo_ray.models.prompts import SampleTooLong
 from bpo_ray.negatives.stage import ERROR_COLUMNS, PAIR_COLUMNS
 from bpo_ray.raydata import count_by, write_by_kind
 from bpo_ray.resources import pool_request, train_worker_request
-from bpo_ray.stages import RunDir
+from bpo_ray.stages import RunDir, policy_path
 from bpo_ray.train.batch import collate, encode_pair, pad_id, pair_logps
 from bpo_ray.train.setup import optimizer_steps
 
@@ -82,7 +82,7 @@ def run_reference(cfg: RunConfig, run: RunDir) -> dict:
     pairs = ray.data.read_parquet(run.path("negatives", "pairs"))
     pairs_in = pairs.count()
     pool = cfg.train.reference_pool
-    policy = resolve_model_path(cfg.model.name_or_path, cfg.cache_dir)
+    policy = policy_path(cfg, run)
     rows = pairs.map_batches(
         ReferenceScorer, batch_format="pandas", batch_size=pool.batch_size,
         fn_constructor_kwargs={"model_path": policy, "model_cfg": cfg.model.model_dump(),
@@ -106,32 +106,44 @@ def _train_key(cfg: RunConfig, run: RunDir) -> str:
 
 def run_train(cfg: RunConfig, run: RunDir, pid_dir: str | None = None) -> dict:
     import ray.data
+
+    pairs = ray.data.read_parquet(run.path("reference", "pairs"))
+    return fit(cfg, run, pairs, objective="dpo", name=f"train-{_train_key(cfg, run)}", base=policy_path(cfg, run),
+               export_dir=run.path("model"), out_dir=run.path("train"), pid_dir=pid_dir)
+
+
+def fit(cfg: RunConfig, run: RunDir, rows, objective: str, name: str, base: str, export_dir: str, out_dir: str,
+        pid_dir: str | None = None) -> dict:
+    """Train ``base`` on ``rows`` with ``cfg.train``, one DeepSpeed engine per Ray Train worker; export it.
+
+    ``objective``: "dpo" (rows are scored pairs) or "sft" (rows are samples). Checkpoints go to
+    ``checkpoints/<name>``: the same name resumes from the latest one Ray Train recorded."""
+    import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
     train, res = cfg.train, cfg.resources
-    pairs = ray.data.read_parquet(run.path("reference", "pairs"))
-    pairs = pairs.random_shuffle(seed=train.seed)  # one fixed order for these files: resumed runs see the same batches
-    num_pairs = pairs.count()
-    if num_pairs < train.num_workers:
-        raise ValueError(f"train: {num_pairs} pairs cannot feed {train.num_workers} workers")
-    micro_per_epoch, total_steps = optimizer_steps(num_pairs, train, train.num_workers)
-    storage.make_dir(run.path("train"))
-    key = _train_key(cfg, run)
+    rows = rows.random_shuffle(seed=train.seed)  # one fixed order for these files: resumed runs see the same batches
+    num_rows = rows.count()
+    if num_rows < train.num_workers:
+        raise ValueError(f"{objective}: {num_rows} rows cannot feed {train.num_workers} workers")
+    micro_per_epoch, total_steps = optimizer_steps(num_rows, train, train.num_workers)
+    storage.make_dir(out_dir)
     loop_config = {
         "cfg": cfg.model_dump(mode="json"),
-        "policy_path": resolve_model_path(cfg.model.name_or_path, cfg.cache_dir),
+        "objective": objective,
+        "policy_path": base,
         "use_gpu": res.use_gpu,
         "total_steps": total_steps,
-        "metrics_path": run.path("train", "metrics.jsonl"),
-        "tb_dir": run.path("train", "tb"),
-        "export_dir": run.path("model"),
+        "metrics_path": storage.join(out_dir, "metrics.jsonl"),
+        "tb_dir": storage.join(out_dir, "tb"),
+        "export_dir": export_dir,
         "pid_dir": pid_dir,
     }
-    resumed = latest_checkpoint(run.path("checkpoints", f"train-{key}"))
+    resumed = latest_checkpoint(run.path("checkpoints", name))
     if resumed:
-        log.info("train: resuming from checkpoint %s (micro-step %d of %d)", resumed[0], resumed[1],
-                 total_steps * train.gradient_accumulation_steps)
+        log.info("%s: resuming from checkpoint %s (micro-step %d of %d)", out_dir.rsplit("/", 1)[-1], resumed[0],
+                 resumed[1], total_steps * train.gradient_accumulation_steps)
     request = train_worker_request(cfg)
     resources = {"CPU": request["num_cpus"], **({"GPU": request["num_gpus"]} if res.use_gpu else {}),
                  **({"memory": request["memory"]} if "memory" in request else {})}
@@ -142,33 +154,41 @@ def run_train(cfg: RunConfig, run: RunDir, pid_dir: str | None = None) -> dict:
         scaling_config=ray.train.ScalingConfig(num_workers=train.num_workers, use_gpu=res.use_gpu,
                                                resources_per_worker=resources,
                                                accelerator_type=res.accelerator_type),
-        datasets={"train": pairs},
+        datasets={"train": rows},
         dataset_config=ray.train.DataConfig(execution_options=execution),
         run_config=ray.train.RunConfig(
-            name=f"train-{key}", storage_path=run.path("checkpoints"),
+            name=name, storage_path=run.path("checkpoints"),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=train.max_failures)),
     )
     result = trainer.fit()
     if result.error:
         raise result.error
-    return {"pairs": num_pairs, "steps": total_steps, "micro_batches_per_epoch": micro_per_epoch,
-            "workers": train.num_workers, "final_metrics": {k: v for k, v in (result.metrics or {}).items()
-                                                             if isinstance(v, (int, float))},
-            "checkpoint": result.checkpoint.path if result.checkpoint else None, "model_dir": run.path("model"),
+    return {"pairs" if objective == "dpo" else "samples": num_rows, "steps": total_steps,
+            "micro_batches_per_epoch": micro_per_epoch, "workers": train.num_workers,
+            "final_metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))},
+            "checkpoint": result.checkpoint.path if result.checkpoint else None, "model_dir": export_dir,
             "resumed_from_micro_step": resumed[1] if resumed else 0}
 
 
+# Ray Train V2 restores ``ray.train.get_checkpoint()`` from this file in the run's storage folder; a
+# checkpoint folder it does not list (a job stopped mid-upload) is never resumed from.
+RAY_TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
 def latest_checkpoint(train_dir: str) -> tuple[str, int] | None:
-    """(path, micro-steps done) of the furthest checkpoint a previous attempt of this run left, if any."""
+    """(path, micro-steps done) of the checkpoint Ray Train will resume this run from, if any."""
     from bpo_ray.train.worker import STATE_FILE
 
-    found = []
-    for path in storage.list_dirs(train_dir):
-        state = storage.join(path, STATE_FILE)
-        if path.rsplit("/", 1)[-1].startswith("checkpoint_") and storage.exists(state):
-            found.append((json.loads(storage.read_text(state))["micro_steps"], path))
-    return (max(found)[1], max(found)[0]) if found else None
+    snapshot = storage.join(train_dir, RAY_TRAIN_SNAPSHOT)
+    if not storage.exists(snapshot):
+        return None
+    latest = json.loads(storage.read_text(snapshot)).get("latest_checkpoint_result")
+    if not latest:
+        return None
+    path = storage.join(train_dir, latest["checkpoint_dir_name"])
+    state = storage.join(path, STATE_FILE)
+    return (path, json.loads(storage.read_text(state))["micro_steps"]) if storage.exists(state) else None
 
 
 def _loop(config: dict) -> None:  # a module-level function: Ray pickles it by reference
