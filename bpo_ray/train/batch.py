@@ -36,7 +36,12 @@ class PairBatch:
 
 
 def collate(pairs: list[tuple[Encoded, Encoded]], pad_token_id: int) -> PairBatch:
-    rows = [c for c, _ in pairs] + [r for _, r in pairs]
+    inputs, labels, keep = collate_rows([c for c, _ in pairs] + [r for _, r in pairs], pad_token_id)
+    return PairBatch(inputs, labels, keep, len(pairs))
+
+
+def collate_rows(rows: list[Encoded], pad_token_id: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
+    """Encoded rows → (model inputs, response labels for the last K positions, logits_to_keep = K + 1)."""
     length = max(len(e.input_ids) for e in rows)
     keep = max(len(e.response_ids) for e in rows)
     input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
@@ -51,8 +56,16 @@ def collate(pairs: list[tuple[Encoded, Encoded]], pad_token_id: int) -> PairBatc
         for k, values in e.token_types.items():
             token_types[k][i, length - n:] = torch.tensor(values)
     vision = {k: torch.cat([e.vision_inputs[k] for e in rows], dim=0) for k in rows[0].vision_inputs}
-    inputs = {"input_ids": input_ids, "attention_mask": attention, **token_types, **vision}
-    return PairBatch(inputs, labels, keep + 1, len(pairs))
+    return {"input_ids": input_ids, "attention_mask": attention, **token_types, **vision}, labels, keep + 1
+
+
+def response_nll(model, inputs: dict[str, torch.Tensor], labels: torch.Tensor, logits_to_keep: int) -> torch.Tensor:
+    """Mean negative log-likelihood per response token (SFT), with the same kept-logits forward as DPO."""
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    logits = model(**inputs, logits_to_keep=logits_to_keep, use_cache=False).logits[:, :-1]
+    logps, counts = sequence_logps(logits, labels.to(device))
+    return -(logps.sum() / counts.sum().clamp(min=1))
 
 
 @dataclass

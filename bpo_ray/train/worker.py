@@ -1,4 +1,5 @@
-"""What each Ray Train worker runs: DPO with a DeepSpeed engine over its Ray Data shard.
+"""What each Ray Train worker runs: DPO (or, for the sft stage, plain SFT) with a DeepSpeed engine over its
+Ray Data shard.
 
 Resume: a checkpoint holds the DeepSpeed state of every rank plus ``state.json`` (micro-batches done);
 on restart (a failed worker, or the same run re-submitted) ``ray.train.get_checkpoint()`` returns it, the
@@ -16,9 +17,10 @@ import time
 import torch
 
 from bpo_ray.config import RunConfig
+from bpo_ray.data.records import decode_image
 from bpo_ray.models.loader import load_vlm
-from bpo_ray.models.prompts import SampleTooLong
-from bpo_ray.train.batch import collate, encode_pair, pad_id, pair_logps
+from bpo_ray.models.prompts import SampleTooLong, encode_prompt_response
+from bpo_ray.train.batch import collate, collate_rows, encode_pair, pad_id, pair_logps, response_nll
 from bpo_ray.train.losses import dpo_loss, sft_loss
 from bpo_ray.train.setup import deepspeed_config, prepare_model, trainable_parameters
 
@@ -61,6 +63,28 @@ def _batches(shard, batch_size: int, processor, cfg: RunConfig):
             raise ValueError("this worker's shard holds no pair that fits model.max_length")
 
 
+def _sft_batches(shard, batch_size: int, processor, cfg: RunConfig):
+    """Encoded micro-batches of samples (prompt + annotated answer), forever, with the count of samples
+    skipped as too long so far (the data stage checks records, not token lengths)."""
+    skipped = 0
+    while True:
+        produced = False
+        for rows in shard.iter_batches(batch_size=batch_size, batch_format="pandas"):
+            encoded = []
+            for row in rows.to_dict("records"):
+                try:
+                    encoded.append(encode_prompt_response(
+                        processor, json.loads(row["messages"]), decode_image(row["image"]), row["answer"],
+                        cfg.model.max_length, cfg.model.min_response_tokens))
+                except SampleTooLong:
+                    skipped += 1
+            if encoded:
+                produced = True
+                yield collate_rows(encoded, pad_id(processor)), len(encoded), skipped
+        if not produced:
+            raise ValueError("this worker's shard holds no sample that fits model.max_length")
+
+
 def train_loop_per_worker(config: dict) -> None:
     import deepspeed
     import ray.train
@@ -86,7 +110,8 @@ def train_loop_per_worker(config: dict) -> None:
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config)
 
-    reference = _reference_scorer(cfg, config["policy_path"], ds_config, engine)
+    sft = config.get("objective", "dpo") == "sft"
+    reference = None if sft else _reference_scorer(cfg, config["policy_path"], ds_config, engine)
     micro_done = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -99,7 +124,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     accumulation = train.gradient_accumulation_steps
     total_micro = config["total_steps"] * accumulation
-    batches = _batches(ray.train.get_dataset_shard("train"), train.per_device_batch_size, processor, cfg)
+    shard = ray.train.get_dataset_shard("train")
+    batches = (_sft_batches if sft else _batches)(shard, train.per_device_batch_size, processor, cfg)
     for _ in range(micro_done):  # same order as before the interruption: skip what was already trained on
         next(batches)
     metrics_path = config["metrics_path"] if rank == 0 else None
@@ -107,24 +133,34 @@ def train_loop_per_worker(config: dict) -> None:
     window, started = [], time.time()
     average = train.loss == "ipo"
     while micro_done < total_micro:
-        batch, ref_c, ref_r = next(batches)
-        if reference is not None:
-            ref_c, ref_r = reference(batch, average)
         engine.train()
-        logps = pair_logps(engine, batch, average=average)
-        out = dpo_loss(logps.chosen, logps.rejected, ref_c, ref_r, train.beta, train.loss, train.label_smoothing)
-        loss = out.loss
-        if train.sft_weight:
-            loss = loss + train.sft_weight * sft_loss(logps.chosen_token_sum, logps.chosen_tokens)
+        if sft:
+            (inputs, labels, keep), rows, skipped = next(batches)
+            loss = response_nll(engine, inputs, labels, keep)
+            step_metrics, weight = {"loss": loss.item()}, rows
+        else:
+            batch, ref_c, ref_r = next(batches)
+            if reference is not None:
+                ref_c, ref_r = reference(batch, average)
+            logps = pair_logps(engine, batch, average=average)
+            out = dpo_loss(logps.chosen, logps.rejected, ref_c, ref_r, train.beta, train.loss, train.label_smoothing)
+            loss = out.loss
+            if train.sft_weight:
+                loss = loss + train.sft_weight * sft_loss(logps.chosen_token_sum, logps.chosen_tokens)
+            step_metrics, weight = out.metrics(), batch.num_pairs
         engine.backward(loss)
         lr = float(scheduler.get_last_lr()[0])  # the rate this step uses (step() moves the schedule on)
         engine.step()
         micro_done += 1
-        window.append((out.metrics(), batch.num_pairs))
+        window.append((step_metrics, weight))
         if micro_done % accumulation:
             continue
         step = micro_done // accumulation
         metrics = _step_metrics(window, step, lr, engine, started, world)
+        if sft:  # samples over model.max_length, summed over workers: the sft manifest reports them
+            total_skipped = torch.tensor([float(skipped)])
+            torch.distributed.all_reduce(total_skipped)
+            metrics["skipped_too_long"] = int(total_skipped.item())
         window, started = [], time.time()
         last = micro_done >= total_micro
         if step % train.checkpoint_every == 0 or last:
@@ -134,8 +170,8 @@ def train_loop_per_worker(config: dict) -> None:
                     with open(os.path.join(directory, STATE_FILE), "w") as f:
                         json.dump({"micro_steps": micro_done, "step": step}, f)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
-        else:
-            ray.train.report(metrics)
+        # No report between checkpoints: Ray Train V2 drains one report per worker per controller poll (2 s),
+        # so reporting every step would cap training at one step per poll. Rank 0 logs every step itself.
         if rank == 0:
             _log_metrics(metrics, metrics_path, writer, trainable, total)
     if writer:
@@ -180,8 +216,27 @@ def _step_metrics(window, step, lr, engine, started, world) -> dict:
     grad_norm = engine.get_global_grad_norm()
     metrics.update(step=step, lr=lr,
                    grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-                   samples_per_second=pairs * world / max(time.time() - started, 1e-9))
+                   samples_per_second=pairs * world / max(time.time() - started, 1e-9),
+                   peak_memory_gib=peak_memory_gib(), model_state_gib=model_state_gib(engine))
     return metrics
+
+
+def peak_memory_gib() -> float:
+    """This worker's peak: GPU memory allocated on GPU workers, resident memory (RSS) on CPU workers."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def model_state_gib(engine) -> float:
+    """Model states this worker holds for its trainable parameters: weights + gradients + AdamW moments, 16
+    bytes a parameter (fp32, or bf16 weights/grads with fp32 master + moments), over the local ZeRO-3
+    partition (``ds_tensor``) when parameters are partitioned, else over the whole parameter."""
+    local = sum((p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel())
+                for p in engine.module.parameters() if p.requires_grad)
+    return 16 * local / 2**30
 
 
 def _tensorboard(directory: str):
@@ -199,5 +254,6 @@ def _log_metrics(metrics: dict, path: str, writer, trainable: int, total: int) -
         for key, value in metrics.items():
             if key != "step":
                 writer.add_scalar(f"train/{key}", value, metrics["step"])
-    log.info("step %d loss %.4f margin %.4f acc %.2f lr %.2e (%d/%d params trainable)", metrics["step"],
-             metrics["loss"], metrics["reward_margin"], metrics["reward_accuracy"], metrics["lr"], trainable, total)
+    dpo = f" margin {metrics['reward_margin']:.4f} acc {metrics['reward_accuracy']:.2f}" if "reward_margin" in metrics else ""
+    log.info("step %d loss %.4f%s lr %.2e (%d/%d params trainable)", metrics["step"], metrics["loss"], dpo,
+             metrics["lr"], trainable, total)
