@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -25,11 +26,14 @@ import yaml
 from conftest import REPO, free_ports, run_cli
 
 RAY = str(Path(sys.executable).parent / "ray")
+# The embedded default trains its SFT base first: a few steps on a few images here.
+TINY_SFT = ["sft.max_steps=2", "sft.data.synthetic.num_images=8", "sft.per_device_batch_size=4"]
 
 
 def test_job_runs_the_embedded_default_and_resumes(tmp_path):
     common = [f"storage_path={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}", "resources.ray_address=local",
-              "data.synthetic.num_images=8", "train.max_steps=3", "negatives.weakening.sampling.max_new_tokens=8", "eval.enabled=false"]
+              "data.synthetic.num_images=8", "train.max_steps=3", "negatives.weakening.sampling.max_new_tokens=8", "eval.enabled=false",
+              *TINY_SFT]
     first = run_cli("run", "--config", "configs/tiny.yaml", *common)
     assert first.returncode == 0, first.stderr[-3000:]
     run_dir = tmp_path / "runs" / "bpo-tiny"
@@ -43,10 +47,16 @@ def test_job_runs_the_embedded_default_and_resumes(tmp_path):
     train = json.loads((run_dir / "train" / "manifest.json").read_text())
     assert train["finished"] and train["steps"] == 3 and train["workers"] == 2
     assert (run_dir / "model" / "model.safetensors").is_file() and "train: 3 steps on 2 workers" in first.stdout
+    # The embedded default fine-tunes its own base first; BPO then aligns that model.
+    sft = json.loads((run_dir / "sft" / "manifest.json").read_text())
+    assert sft["finished"] and sft["steps"] == 2 and (run_dir / "sft" / "model" / "model.safetensors").is_file()
+    assert f"sft: 2 steps on {sft['samples']} samples" in first.stdout
+    pairs = pq.read_table(run_dir / "negatives" / "pairs", columns=["negative_type", "generator"]).to_pylist()
+    assert {p["generator"] for p in pairs if p["negative_type"] == "image_weakening"} == {str(run_dir / "sft" / "model")}
 
     again = run_cli("jobs/bpo.py", "--config", "configs/tiny.yaml", *common)
     assert again.returncode == 0, again.stderr[-3000:]
-    for stage in ("data", "negatives", "reference", "train"):
+    for stage in ("sft", "data", "negatives", "reference", "train"):
         assert f"stage {stage}: finished earlier for the same inputs, skipped" in again.stderr
     assert json.loads((run_dir / "data" / "manifest.json").read_text()) == manifest
 
@@ -70,6 +80,10 @@ def head_node():
     temp_dir = tempfile.mkdtemp(prefix="bpo-head-", dir="/tmp")  # short: Ray's socket paths have a length limit
     gcs, dashboard, client, manager, store = free_ports(5)
     env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
+    if env["RAY_AUTH_MODE"] == "token":  # this head's own token: independent of ~/.ray and of test order
+        token = Path(temp_dir) / "auth_token"
+        token.write_text(secrets.token_hex(32))
+        env["RAY_AUTH_TOKEN_PATH"] = str(token)
     started = subprocess.run(
         [RAY, "start", "--head", f"--port={gcs}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
          "--include-dashboard=true", f"--ray-client-server-port={client}", f"--node-manager-port={manager}",
@@ -121,39 +135,54 @@ def _wait_status(address: str, env: dict, job_id: str, done: set[str], timeout: 
     raise TimeoutError(f"job {job_id} not in {done} after {timeout}s")
 
 
+def _registered_checkpoint(run_dir: Path) -> tuple[str, int] | None:
+    from bpo_ray.train.stage import latest_checkpoint
+
+    for train_dir in (run_dir / "checkpoints").glob("train-*"):
+        if found := latest_checkpoint(str(train_dir)):
+            return found
+    return None
+
+
 def test_ray_job_submit_runs_the_whole_job_and_resumes_after_a_stop(head_node, tmp_path):
     address, env = head_node
     runs, cache = tmp_path / "runs", tmp_path / "cache"
     entry = [sys.executable, "jobs/bpo.py", "--config", "configs/tiny.yaml", f"storage_path={runs}",
              f"cache_dir={cache}", "data.synthetic.num_images=8", "negatives.weakening.sampling.max_new_tokens=8",
-             "train.max_steps=6", "train.checkpoint_every=2", "eval.num_images=4", f"serve.port={free_ports(1)[0]}"]
+             "train.max_steps=10", "train.checkpoint_every=2", "eval.num_images=4", f"serve.port={free_ports(1)[0]}",
+             *TINY_SFT]
     runtime_env = json.dumps({"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
                                            "TORCH_EXTENSIONS_DIR": os.environ.get(
                                                "TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))}})
     submit = ["--no-wait", "--working-dir", ".", "--runtime-env-json", runtime_env, "--"]
 
     first_id = _submit(address, env, *submit, *entry)
-    # Stop it once training has written a checkpoint (mid-training: 6 steps, checkpoints every 2).
-    checkpoints = runs / "bpo-tiny" / "checkpoints"
-    deadline = time.monotonic() + 600
-    while not list(checkpoints.glob("*/checkpoint_*")) and time.monotonic() < deadline:
-        assert _status(address, env, first_id) in ("PENDING", "RUNNING"), _job(address, env, "logs", first_id).stdout[-3000:]
-        time.sleep(2)
-    assert list(checkpoints.glob("*/checkpoint_*")), _job(address, env, "logs", first_id).stdout[-3000:]
+    # Stop it once Ray Train has registered a checkpoint (mid-training: 10 steps, checkpoints every 2). A
+    # checkpoint folder appears before Ray Train records it; only a recorded one is resumed from.
+    run_dir = runs / "bpo-tiny"
+    deadline, next_status = time.monotonic() + 600, 0.0
+    while (found := _registered_checkpoint(run_dir)) is None and time.monotonic() < deadline:
+        if time.monotonic() > next_status:  # the CLI is slow: ask only now and then
+            assert _status(address, env, first_id) in ("PENDING", "RUNNING"), _job(address, env, "logs", first_id).stdout[-3000:]
+            next_status = time.monotonic() + 5
+        time.sleep(0.2)
+    assert found, _job(address, env, "logs", first_id).stdout[-3000:]
     assert _job(address, env, "stop", first_id, timeout=120).returncode == 0
     assert _wait_status(address, env, first_id, {"STOPPED", "FAILED", "SUCCEEDED"}, 120) == "STOPPED"
-    assert not (runs / "bpo-tiny" / "train" / "manifest.json").exists()
+    assert not (run_dir / "train" / "manifest.json").exists()
+    stopped_at = _registered_checkpoint(run_dir)[1]
 
     second_id = _submit(address, env, *submit, *entry)
     status = _wait_status(address, env, second_id, {"STOPPED", "FAILED", "SUCCEEDED"}, 900)
     logs = _job(address, env, "logs", second_id).stdout
     assert status == "SUCCEEDED", logs[-4000:]
-    for stage in ("data", "negatives", "reference"):
+    for stage in ("sft", "data", "negatives", "reference"):
         assert f"stage {stage}: finished earlier for the same inputs, skipped" in logs
-    assert re.search(r"train: resuming from checkpoint \S*checkpoint_\S+ \(micro-step [1-5] of 6\)", logs), logs[-4000:]
-    run_dir = runs / "bpo-tiny"
+    assert re.search(rf"train: resuming from checkpoint \S*checkpoint_\S+ \(micro-step {stopped_at} of 10\)", logs), \
+        logs[-4000:]
     train = json.loads((run_dir / "train" / "manifest.json").read_text())
-    assert train["steps"] == 6 and 0 < train["resumed_from_micro_step"] < 6
+    assert train["steps"] == 10 and train["resumed_from_micro_step"] == stopped_at
+    assert 0 < stopped_at < 10
     report = json.loads((run_dir / "report.json").read_text())
     assert set(report["eval"]) == {"base", "aligned"}
     for model in ("base", "aligned"):
