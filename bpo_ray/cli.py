@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--max-objects", type=int, default=3)
     p.add_argument("--cooccurrence", type=float, default=0.8, help="how often an anchor brings its companion")
+    p.add_argument("--anchor-rate", type=float, default=0.0, help="how often an image is built around an anchor")
     p.add_argument("--qa-per-image", type=int, default=2)
 
     p = sub.add_parser("config", help="validate a config and print it resolved (with overrides)")
@@ -51,6 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-root", help="where the records' relative image paths resolve")
     p.add_argument("--out", help="output run directory (default: storage_path/run_name of the config)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing, different or unfinished output")
+
+    p = sub.add_parser(
+        "sft", help="supervised fine-tuning of the base model (the sft stage) on Ray Train with DeepSpeed",
+        description="Runs the sft stage of the config (sft.enabled=true) into its run directory: validates "
+                    "sft.data, fine-tunes model.name_or_path, exports sft/model, which later stages align. "
+                    "Skipped when finished for the same config.")
+    _add_config_args(p)
 
     p = sub.add_parser(
         "train", help="DPO on Ray Train with DeepSpeed ZeRO-3 (runs the stages before it when needed)",
@@ -214,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         from bpo_ray.data.synthetic import write_dataset
 
         out = write_dataset(args.out, num_images=args.num_images, seed=args.seed, image_size=args.image_size,
-                            max_objects=args.max_objects, cooccurrence=args.cooccurrence,
+                            max_objects=args.max_objects, cooccurrence=args.cooccurrence, anchor_rate=args.anchor_rate,
                             qa_per_image=args.qa_per_image)
         print(out)
         return 0
@@ -230,6 +238,15 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(args)
     if args.command == "eval":
         return _eval(args)
+    if args.command == "sft":
+        cfg = _load(args.config, args.overrides)
+        if cfg is None:
+            return 2
+        if not cfg.sft.enabled:
+            print("error: sft.enabled is false in this config; set it (e.g. bpo sft --config C sft.enabled=true) so "
+                  "that later stages of the same run align the fine-tuned model", file=sys.stderr)
+            return 2
+        return _run_job(["--config", args.config] if args.config else [], args.overrides, until="sft")
     if args.command == "train":
         return _run_job(["--config", args.config] if args.config else [], args.overrides, until="train")
     if args.command == "run":

@@ -53,6 +53,8 @@ class SyntheticDataConfig(Section):
     max_objects: int = Field(3, ge=1, le=6)
     # Language prior: how often a "companion" object accompanies its anchor (see data/synthetic.py).
     cooccurrence: float = Field(0.8, ge=0.0, le=1.0)
+    # How often an image is built around an anchor object (0: anchors are as common as any other object).
+    anchor_rate: float = Field(0.0, ge=0.0, le=1.0)
     qa_per_image: int = Field(2, ge=0, le=8)
 
 
@@ -180,6 +182,40 @@ class TrainConfig(Section):
     seed: int = 0
 
 
+# ------------------------------------------------------------------------------------------------ sft
+class SFTConfig(Section):
+    """Supervised fine-tuning before BPO: trains the base that BPO then aligns (a user with an SFT checkpoint
+    leaves this off and points model.name_or_path at it). Same Ray Train × DeepSpeed machinery as DPO;
+    full fine-tuning by default, since a model built from config starts random."""
+
+    enabled: bool = False
+    # What to fine-tune on: any data source the data stage reads (the demo: a larger shapes set).
+    data: DataConfig = DataConfig(synthetic=SyntheticDataConfig(num_images=1500, seed=7))
+    lr: float = Field(2e-3, gt=0.0)
+    epochs: float = Field(3.0, gt=0.0)
+    max_steps: int | None = Field(None, ge=1)
+    per_device_batch_size: int = Field(16, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    warmup_ratio: float = Field(0.05, ge=0.0, le=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    zero_stage: Literal[0, 2, 3] = 3
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    gradient_checkpointing: bool = False
+    freeze_vision_tower: bool = False
+    lora: LoraConfig = LoraConfig(enabled=False)
+    num_workers: int = Field(2, ge=1)
+    checkpoint_every: int = Field(200, ge=1)
+    keep_checkpoints: int = Field(1, ge=1)
+    max_failures: int = Field(2, ge=0)
+    seed: int = 0
+
+    def as_train(self) -> TrainConfig:
+        """The DPO trainer's settings for this run: one worker loop and one DeepSpeed config serve both."""
+        shared = set(TrainConfig.model_fields) & set(type(self).model_fields)
+        return TrainConfig(**{k: getattr(self, k) for k in shared}, freeze_projector=False, reference="precomputed")
+
+
 # ---------------------------------------------------------------------------------------------- serve
 class ServeConfig(Section):
     engine: Literal["hf", "vllm"] = "hf"
@@ -259,6 +295,7 @@ class RunConfig(Section):
     seed: int = 0
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
+    sft: SFTConfig = SFTConfig()
     negatives: NegativesConfig = NegativesConfig()
     train: TrainConfig = TrainConfig()
     serve: ServeConfig = ServeConfig()
@@ -319,6 +356,11 @@ def _impossible_combinations(cfg: RunConfig):
         yield "train.loss 'robust' needs train.label_smoothing > 0 (with 0 it is plain sigmoid DPO)"
     if train.loss != "robust" and train.loss != "sigmoid" and train.label_smoothing > 0:
         yield f"train.label_smoothing applies to 'sigmoid'/'robust' losses, not {train.loss!r}"
+    if cfg.sft.enabled and not cfg.resources.use_gpu and cfg.sft.precision in ("bf16", "fp16"):
+        yield f"sft.precision {cfg.sft.precision!r} needs GPUs; CPU training runs in fp32 (use 'auto')"
+    if cfg.sft.enabled and cfg.sft.data.format == "synthetic" and cfg.eval.enabled \
+            and cfg.sft.data.synthetic.seed == cfg.eval.seed:
+        yield "sft.data.synthetic.seed equals eval.seed: the base would be fine-tuned on the evaluation images"
     if train.offload_params and train.zero_stage != 3:
         yield "train.offload_params needs train.zero_stage=3 (parameter offload is a ZeRO-3 feature)"
     if train.offload_optimizer and train.zero_stage == 0:

@@ -12,7 +12,7 @@ from bpo_ray import storage
 from bpo_ray.config import RunConfig
 from bpo_ray.stages import RunDir
 
-STAGES = ("data", "negatives", "reference", "train", "eval")
+STAGES = ("sft", "data", "negatives", "reference", "train", "eval")
 # (label, path into one model's eval metrics, lower is better)
 HEADLINE = [
     ("CHAIR_s (captions with a hallucination)", ("chair", "chair_s"), True),
@@ -141,11 +141,19 @@ def render_markdown(cfg: RunConfig, report: dict, plots: list[str]) -> str:
     final = (report["training"]["final"] or {})
     first = (report["training"]["first"] or {})
     images = stages.get("eval", {}).get("dataset", "")
+    sft = stages.get("sft", {})
+    trained_base = bool(sft) and not sft.get("skipped")
+    policy = f"`{cfg.model.name_or_path}` fine-tuned by the sft stage" if trained_base else f"`{cfg.model.name_or_path}`"
     lines = [
         f"# BPO run report: {cfg.run_name}", "",
-        f"Policy `{cfg.model.name_or_path}`; run directory `{report['run_dir']}`.", "",
+        f"Policy {policy}; run directory `{report['run_dir']}`.", "",
         "## Pipeline", "",
         "| stage | result | seconds |", "|---|---|---:|",
+    ]
+    if trained_base:
+        lines.append(f"| sft | {sft.get('steps')} steps on {sft.get('samples')} samples, final loss "
+                     f"{sft.get('final_metrics', {}).get('loss', math.nan):.3f} (the base) | {sft.get('seconds', '')} |")
+    lines += [
         f"| data | {data.get('records_in')} records → {data.get('samples')} samples "
         f"({data.get('records_rejected')} rejected) | {data.get('seconds', '')} |",
         f"| negatives | {neg.get('pairs')} pairs from {neg.get('samples_in')} samples; dropped "

@@ -52,6 +52,16 @@ class RunDir:
         storage.write_text(self.path(stage, "manifest.json"), json.dumps(manifest, indent=2, sort_keys=True))
 
 
+def policy_path(cfg: RunConfig, run: RunDir) -> str:
+    """The model BPO aligns (and the base it is compared with): the sft stage's output when this run
+    fine-tunes one, else ``model.name_or_path`` (tiny models built into the cache on first use)."""
+    from bpo_ray.models.loader import resolve_model_path
+
+    if cfg.sft.enabled:
+        return run.path("sft", "model")
+    return resolve_model_path(cfg.model.name_or_path, cfg.cache_dir)
+
+
 StageFn = Callable[[RunConfig, RunDir], dict]
 
 
@@ -123,6 +133,10 @@ class Pipeline:
 def summary(manifests: dict[str, dict]) -> str:
     """The closing lines a job prints: what each stage made and what it dropped, and why."""
     lines = []
+    if (sft := manifests.get("sft")) and not sft.get("skipped"):
+        lines.append(f"sft: {sft.get('steps')} steps on {sft.get('samples')} samples, final loss "
+                     f"{sft.get('final_metrics', {}).get('loss', float('nan')):.4f}, {sft.get('seconds', '?')} s; "
+                     f"base: {sft.get('model_dir')}")
     if data := manifests.get("data"):
         lines.append(f"data: {data.get('records_in')} records -> {data.get('samples')} samples, "
                      f"{data.get('records_rejected')} rejected {data.get('errors_by_reason') or ''}")

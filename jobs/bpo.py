@@ -6,6 +6,7 @@
 Stages whose outputs are complete in the run directory (``storage_path/run_name``) are skipped, so a
 crashed or cancelled job resumes where it stopped (training from its latest checkpoint).
 
+    sft        (when sft.enabled) fine-tune the base that BPO aligns       → sft/  (skipped when finished)
     data       read + validate records (Ray Data)                      → data/
     negatives  weakened-image answers + injected errors → pairs         → negatives/
     reference  reference-model log-probs of every pair (Ray Data)      → reference/
@@ -30,17 +31,18 @@ except ImportError:  # submitted with --working-dir and not installed on the clu
 from bpo_ray.config import ConfigError, load_config
 from bpo_ray.data.stage import run_data
 from bpo_ray.eval.run import run_eval
-from bpo_ray.models.loader import resolve_model_path
 from bpo_ray.negatives.stage import run_negatives
 from bpo_ray.report import format_table, headline, run_report
 from bpo_ray.runtime import init_ray, setup_logging
-from bpo_ray.stages import Pipeline, RunDir, summary
+from bpo_ray.stages import Pipeline, RunDir, policy_path, summary
+from bpo_ray.train.sft import run_sft
 from bpo_ray.train.stage import run_reference, run_train
 
 log = logging.getLogger("bpo_ray.job")
 
 # (stage, function, config sections it reads), in order.
 STAGES = [
+    ("sft", run_sft, ("model", "sft")),
     ("data", run_data, ("data",)),
     ("negatives", run_negatives, ("model", "negatives")),
     ("reference", run_reference, ("model", "train")),
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None, stages: list | None = None) -> int:
 
     init_ray(cfg.resources)
     # Tiny models (tiny://...) are built once into cache_dir; real ones resolve to their hub id or path.
-    log.info("policy model: %s", resolve_model_path(cfg.model.name_or_path, cfg.cache_dir))
+    log.info("policy model: %s", policy_path(cfg, run))
 
     pipeline = Pipeline(cfg, run, order=[name for name, _, _ in stages], from_stage=args.from_stage,
                         only_stage=args.only_stage, force=args.force)

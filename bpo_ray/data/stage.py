@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 
 from bpo_ray import storage
-from bpo_ray.config import RunConfig, SyntheticDataConfig
+from bpo_ray.config import DataConfig, RunConfig, SyntheticDataConfig
 from bpo_ray.data import readers
 from bpo_ray.data.records import ImageLimits, validate_record
 from bpo_ray.raydata import count_by, write_by_kind
@@ -48,14 +48,13 @@ def _validated_rows(raw: dict, image_root: str | None, limits: ImageLimits) -> l
     return [{**sample, "kind": "sample", "stage": "data", "reason": "", "detail": ""} for sample in samples]
 
 
-def read_raw(cfg: RunConfig):
+def read_raw(data: DataConfig, cache_dir: str):
     """(Ray dataset of raw records, image root). LLaVA JSON is parsed on the driver (it holds paths only);
     parquet and HF datasets, which may hold image bytes, are read by Ray workers."""
     import ray.data
 
-    data = cfg.data
     if data.format == "synthetic":
-        root = synthetic_dir(data.synthetic, cfg.cache_dir)
+        root = synthetic_dir(data.synthetic, cache_dir)
         path, fmt, image_root = str(root / "records.json"), "llava_json", str(root)
     else:
         path, fmt, image_root = data.path, data.format, data.image_root
@@ -75,11 +74,16 @@ def read_raw(cfg: RunConfig):
 
 
 def run_data(cfg: RunConfig, run: RunDir) -> dict:
-    ds, image_root = read_raw(cfg)
+    return read_validated(cfg.data, cfg.cache_dir, run.path("data"), "data")
+
+
+def read_validated(data: DataConfig, cache_dir: str, out_dir: str, name: str) -> dict:
+    """Read + validate ``data`` into ``out_dir/samples`` and ``out_dir/errors``; the manifest's counts."""
+    ds, image_root = read_raw(data, cache_dir)
     records_in = ds.count()  # counted on the input side, so the conservation check below can fail
-    limits = ImageLimits(cfg.data.max_image_pixels, cfg.data.max_image_bytes)
+    limits = ImageLimits(data.max_image_pixels, data.max_image_bytes)
     rows = ds.flat_map(_validated_rows, fn_kwargs={"image_root": image_root, "limits": limits}).materialize()
-    write_by_kind(rows, run.path("data"), {"samples": ("sample", SAMPLE_COLUMNS), "errors": ("error", ERROR_COLUMNS)})
+    write_by_kind(rows, out_dir, {"samples": ("sample", SAMPLE_COLUMNS), "errors": ("error", ERROR_COLUMNS)})
     counts = count_by(rows, ["kind", "turn", "reason"])
     num_samples = sum(n for (kind, _, _), n in counts.items() if kind == "sample")
     records_ok = counts.get(("sample", 0, ""), 0)
@@ -89,15 +93,14 @@ def run_data(cfg: RunConfig, run: RunDir) -> dict:
             reasons[reason] = reasons.get(reason, 0) + n
     rejected = sum(reasons.values())
     if records_in != records_ok + rejected:
-        raise RuntimeError(f"data: {records_in} records in but {records_ok} kept + {rejected} rejected")
+        raise RuntimeError(f"{name}: {records_in} records in but {records_ok} kept + {rejected} rejected")
     manifest = {
         "records_in": records_in,
         "records_ok": records_ok,
         "records_rejected": rejected,
         "samples": num_samples,
         "errors_by_reason": reasons,
-        "source": cfg.data.path or "synthetic",
+        "source": data.path or "synthetic",
     }
-    log.info("data: %d records → %d samples, %d rejected %s", manifest["records_in"], num_samples,
-             manifest["records_rejected"], reasons)
+    log.info("%s: %d records → %d samples, %d rejected %s", name, records_in, num_samples, rejected, reasons)
     return manifest

@@ -22,7 +22,7 @@ from bpo_ray.eval.metrics import (
     pope_metrics,
 )
 from bpo_ray.eval.probes import build_probes, coco_images, synthetic_images
-from bpo_ray.stages import RunDir
+from bpo_ray.stages import RunDir, policy_path
 
 log = logging.getLogger(__name__)
 POPE_MAX_TOKENS = 12
@@ -109,13 +109,12 @@ def heldout_dir(cfg: RunConfig) -> Path:
 # ------------------------------------------------------------------------------------------ job stage
 def run_eval(cfg: RunConfig, run: RunDir) -> dict:
     """Serve base and aligned side by side (Ray Serve), evaluate both over HTTP, write eval/."""
-    from bpo_ray.models.loader import resolve_model_path
     from bpo_ray.serve.launch import deploy, undeploy, wait_healthy
 
     if not cfg.eval.enabled:
         return {"skipped": "eval.enabled is false"}
     dataset = heldout_dir(cfg)
-    models = {"base": (resolve_model_path(cfg.model.name_or_path, cfg.cache_dir), f"{cfg.serve.model_id}-base"),
+    models = {"base": (policy_path(cfg, run), f"{cfg.serve.model_id}-base"),
               "aligned": (run.path("model"), cfg.serve.model_id)}
     urls = deploy(models, cfg.serve)
     results, rows = {}, []

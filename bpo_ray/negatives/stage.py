@@ -30,7 +30,7 @@ from bpo_ray.negatives.pairs import (
     word_count,
 )
 from bpo_ray.raydata import count_by, write_by_kind
-from bpo_ray.stages import RunDir
+from bpo_ray.stages import RunDir, policy_path
 
 log = logging.getLogger(__name__)
 
@@ -152,15 +152,15 @@ def run_negatives(cfg: RunConfig, run: RunDir) -> dict:
     generators: dict[str, str] = {}
 
     if neg.weakening.enabled:
-        policy = resolve_model_path(cfg.model.name_or_path, cfg.cache_dir)
+        policy = policy_path(cfg, run)
         distortions = [d.model_dump() for d in neg.weakening.distortions]
         described = distort.describe(distortions)
-        generators[IMAGE_WEAKENING] = cfg.model.name_or_path
+        generators[IMAGE_WEAKENING] = policy
         prepared = ok.map_batches(weaken_batch, fn_kwargs={"distortions": distortions, "seed": neg.seed})
         spec = GenerationSpec(neg.weakening.engine, policy, True, neg.weakening.sampling, neg.weakening.pool,
                               cfg.model.max_length)
         outputs.append(generate_column(prepared, spec).map_batches(
-            finish_generated, fn_kwargs={"negative_type": IMAGE_WEAKENING, "generator": cfg.model.name_or_path,
+            finish_generated, fn_kwargs={"negative_type": IMAGE_WEAKENING, "generator": policy,
                                          "max_words": neg.max_words, "distortion": described}))
 
     if neg.injection.enabled:
