@@ -13,7 +13,7 @@ import torch
 from bpo_ray.config import TrainConfig
 from bpo_ray.data.synthetic import generate as shapes
 from bpo_ray.models.loader import load_vlm
-from bpo_ray.train.batch import collate, encode_pair, pad_id, pair_logps
+from bpo_ray.train.batch import collate, collate_rows, encode_pair, pad_id, pair_logps, response_nll
 from bpo_ray.train.losses import dpo_loss
 from bpo_ray.train.setup import deepspeed_config, optimizer_steps, prepare_model
 
@@ -52,6 +52,16 @@ def test_batched_left_padded_logps_equal_single_sequences(tiny_models, arch):
         expected_r = [_alone(model, r) for _, r in encoded]
     assert out.chosen.tolist() == pytest.approx(expected_c, abs=1e-3)
     assert out.rejected.tolist() == pytest.approx(expected_r, abs=1e-3)
+
+
+def test_sft_nll_is_the_per_token_mean_over_responses(tiny_models):
+    model, processor = load_vlm(str(tiny_models["llava"]))
+    rows = [e for pair in (encode_pair(processor, p, 512) for p in PAIRS) for e in pair]
+    with torch.no_grad():
+        nll = response_nll(model, *collate_rows(rows, pad_id(processor))).item()
+        total = sum(_alone(model, e) for e in rows)
+    tokens = sum(len(e.response_ids) for e in rows)
+    assert nll == pytest.approx(-total / tokens, abs=1e-4)
 
 
 def test_reference_modes_agree(tiny_models):

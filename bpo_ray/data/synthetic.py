@@ -57,14 +57,19 @@ class ShapeObject:
         return CELLS[self.cell]
 
 
-def sample_objects(rng: np.random.Generator, image_size: int, max_objects: int, cooccurrence: float):
-    """Pick objects for one image: distinct (colour, shape) pairs in distinct cells."""
+def sample_objects(rng: np.random.Generator, image_size: int, max_objects: int, cooccurrence: float,
+                   anchor_rate: float = 0.0):
+    """Pick objects for one image: distinct (colour, shape) pairs in distinct cells. With ``anchor_rate`` the
+    first object is an anchor that often: frequent anchors make the co-occurrence prior strong."""
     count = int(rng.integers(1, max_objects + 1))
     cells = [int(c) for c in rng.permutation(len(CELLS))]
     kinds: list[tuple[str, str, bool]] = []
     colours = list(COLORS)
+    anchors = list(COMPANIONS)
     while len(kinds) < count:
         kind = (colours[int(rng.integers(len(colours)))], SHAPES[int(rng.integers(len(SHAPES)))])
+        if not kinds and anchor_rate and rng.random() < anchor_rate:
+            kind = anchors[int(rng.integers(len(anchors)))]
         if any(k[:2] == kind for k in kinds):
             continue
         kinds.append((*kind, False))
@@ -105,9 +110,11 @@ def render(objects: list[ShapeObject], image_size: int) -> Image.Image:
 
 # --------------------------------------------------------------------------------------- text from truth
 def describe(objects: list[ShapeObject]) -> str:
+    """The caption, objects in reading order (row by row): one right answer per image, so a model that sees
+    well can get it exactly."""
     n = len(objects)
     head = "There is one shape." if n == 1 else f"There are {NUMBER_WORDS[n]} shapes."
-    parts = [f"A {o.size} {o.color} {o.shape} is at the {o.position}." for o in objects]
+    parts = [f"A {o.size} {o.color} {o.shape} is at the {o.position}." for o in sorted(objects, key=lambda o: o.cell)]
     return " ".join([head, *parts])
 
 
@@ -151,12 +158,12 @@ class SyntheticSample:
 
 
 def generate(num_images: int, seed: int = 0, image_size: int = 64, max_objects: int = 3,
-             cooccurrence: float = 0.8, qa_per_image: int = 2):
+             cooccurrence: float = 0.8, qa_per_image: int = 2, anchor_rate: float = 0.0):
     """Yield SyntheticSample, deterministically for a seed."""
     rng = np.random.default_rng(seed)
     for index in range(num_images):
         image_id = f"shapes-{seed}-{index:05d}"
-        objects = sample_objects(rng, image_size, max_objects, cooccurrence)
+        objects = sample_objects(rng, image_size, max_objects, cooccurrence, anchor_rate)
         file_name = f"images/{image_id}.png"
         records = [{
             "id": f"{image_id}-desc",
@@ -184,12 +191,13 @@ def truth_row(sample: SyntheticSample) -> dict:
 
 
 def write_dataset(out_dir: str | Path, num_images: int = 64, seed: int = 0, image_size: int = 64,
-                  max_objects: int = 3, cooccurrence: float = 0.8, qa_per_image: int = 2) -> Path:
+                  max_objects: int = 3, cooccurrence: float = 0.8, qa_per_image: int = 2,
+                  anchor_rate: float = 0.0) -> Path:
     """Write images/*.png, records.json (LLaVA format) and truth.jsonl (structured truth)."""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     records, truths = [], []
-    for sample in generate(num_images, seed, image_size, max_objects, cooccurrence, qa_per_image):
+    for sample in generate(num_images, seed, image_size, max_objects, cooccurrence, qa_per_image, anchor_rate):
         buf = io.BytesIO()
         sample.image.save(buf, format="PNG", optimize=False)
         (out / "images" / f"{sample.image_id}.png").write_bytes(buf.getvalue())

@@ -21,6 +21,7 @@ from bpo_ray.data.synthetic import corpus
 
 ARCHS = ("llava", "qwen2_vl", "llm")
 HEAD_DIM = 32
+LLAVA_VISION_WIDTH = 64
 
 # Everyday words beyond the shapes vocabulary, so prompts a user types do not fall apart into bytes.
 GENERAL_TEXT = [
@@ -110,10 +111,10 @@ def build_llava(tokenizer):
         LlavaProcessor,
     )
 
-    image_size, patch = 64, 8
-    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                              num_attention_heads=64 // HEAD_DIM, image_size=image_size, patch_size=patch,
-                              projection_dim=64)
+    image_size, patch, width = 64, 8, LLAVA_VISION_WIDTH
+    vision = CLIPVisionConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+                              num_attention_heads=width // HEAD_DIM, image_size=image_size, patch_size=patch,
+                              projection_dim=width)
     text = LlamaConfig(**_llama_text_kwargs(tokenizer))
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token_id,
