@@ -14,7 +14,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.bpo-installed
 
-.PHONY: install demo test test-vllm bench lint format clean
+.PHONY: install demo effect test test-vllm bench lint format clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python jobs/bpo.py --config configs/tiny.yaml
+
+# Does BPO work? The demo over 3 seeds with ablations (injection only, weakening only, beta); ~1 hour on 2 CPUs.
+effect: $(STAMP)
+	$(BIN)/python jobs/effect.py --config configs/tiny.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
@@ -44,9 +48,19 @@ test-vllm: $(VLLM_STAMP)
 	BPO_TEST_RAY_CPUS=8 $(VLLM_VENV)/bin/python -m pytest -m vllm tests/test_vllm.py
 
 # Benchmarks run on purpose, not in CI: each prints a table and writes benchmarks/results/<name>.{json,md}.
-bench: $(STAMP)
+# TRL (the training baseline) is installed for benchmarks only, beside the venv.
+BENCH_SITE := .cache/bench-site
+$(BENCH_SITE)/.installed: constraints.txt
+	$(BIN)/python -m pip install -q --no-deps --target $(BENCH_SITE) "trl==1.16.0"
+	touch $@
+
+bench: $(STAMP) $(BENCH_SITE)/.installed
 	$(BIN)/python benchmarks/bench_negatives.py
 	$(BIN)/python benchmarks/bench_serve.py
+	$(BIN)/python benchmarks/bench_train.py
+	$(BIN)/python -c "import torch; exit(0 if torch.cuda.is_available() else 1)" \
+		&& PYTHONPATH=$(BENCH_SITE) $(BIN)/python benchmarks/bench_dpo_gpu.py \
+		|| echo "bench_dpo_gpu.py: no GPU here, skipped (see benchmarks/README.md for the last GPU run)"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
