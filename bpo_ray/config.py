@@ -259,6 +259,8 @@ class ServeConfig(Section):
 # ----------------------------------------------------------------------------------------------- eval
 class EvalConfig(Section):
     enabled: bool = True
+    # Serve and score the base beside the aligned model (a sweep over one base scores it once).
+    base: bool = True
     pope_splits: list[Literal["random", "popular", "adversarial"]] = Field(
         default_factory=lambda: ["random", "popular", "adversarial"]
     )

@@ -153,7 +153,8 @@ def summary(manifests: dict[str, dict]) -> str:
                      f"{final.get('loss', float('nan')):.4f}, reward margin {final.get('reward_margin', float('nan')):.4f}, "
                      f"accuracy {final.get('reward_accuracy', float('nan')):.2f}; model: {train.get('model_dir')}")
     if ev := manifests.get("eval"):
-        lines.append(f"eval: {ev.get('skipped') or str(ev.get('requests')) + ' requests to base and aligned'}; "
+        served = " and ".join(ev.get("models", {})) or "the models"
+        lines.append(f"eval: {ev.get('skipped') or str(ev.get('requests')) + ' requests to ' + served}; "
                      f"failed {ev.get('errors_by_reason') or '{}'}")
     return "\n".join(lines)
 

@@ -116,6 +116,8 @@ def run_eval(cfg: RunConfig, run: RunDir) -> dict:
     dataset = heldout_dir(cfg)
     models = {"base": (policy_path(cfg, run), f"{cfg.serve.model_id}-base"),
               "aligned": (run.path("model"), cfg.serve.model_id)}
+    if not cfg.eval.base:
+        del models["base"]
     urls = deploy(models, cfg.serve)
     results, rows = {}, []
     try:
