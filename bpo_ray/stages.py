@@ -58,7 +58,11 @@ def policy_path(cfg: RunConfig, run: RunDir) -> str:
     from bpo_ray.models.loader import resolve_model_path
 
     if cfg.sft.enabled:
-        return run.path("sft", "model")
+        trained = run.path("sft", "model")
+        if not storage.exists(storage.join(trained, "config.json")):
+            raise RuntimeError(f"sft.enabled is true but {trained} does not exist yet: run the sft stage first "
+                               "(bpo sft / jobs/bpo.py run it), or set sft.enabled=false to align model.name_or_path")
+        return trained
     return resolve_model_path(cfg.model.name_or_path, cfg.cache_dir)
 
 

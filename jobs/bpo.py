@@ -31,10 +31,11 @@ except ImportError:  # submitted with --working-dir and not installed on the clu
 from bpo_ray.config import ConfigError, load_config
 from bpo_ray.data.stage import run_data
 from bpo_ray.eval.run import run_eval
+from bpo_ray.models.loader import resolve_model_path
 from bpo_ray.negatives.stage import run_negatives
 from bpo_ray.report import format_table, headline, run_report
 from bpo_ray.runtime import init_ray, setup_logging
-from bpo_ray.stages import Pipeline, RunDir, policy_path, summary
+from bpo_ray.stages import Pipeline, RunDir, summary
 from bpo_ray.train.sft import run_sft
 from bpo_ray.train.stage import run_reference, run_train
 
@@ -82,7 +83,8 @@ def main(argv: list[str] | None = None, stages: list | None = None) -> int:
 
     init_ray(cfg.resources)
     # Tiny models (tiny://...) are built once into cache_dir; real ones resolve to their hub id or path.
-    log.info("policy model: %s", policy_path(cfg, run))
+    base = resolve_model_path(cfg.model.name_or_path, cfg.cache_dir)
+    log.info("policy model: %s%s", base, f" (fine-tuned into {run.path('sft', 'model')} first)" if cfg.sft.enabled else "")
 
     pipeline = Pipeline(cfg, run, order=[name for name, _, _ in stages], from_stage=args.from_stage,
                         only_stage=args.only_stage, force=args.force)

@@ -10,6 +10,7 @@ import shutil
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from bpo_ray.data.stage import run_data
 from bpo_ray.models.generate import Sampling, generate
 from bpo_ray.negatives.stage import run_negatives
 from bpo_ray.stages import Pipeline, RunDir
-from bpo_ray.train.stage import read_metrics, run_reference, run_train
+from bpo_ray.train.stage import latest_checkpoint, read_metrics, run_reference, run_train
 from conftest import REPO
 
 PREP = [("data", run_data, ("data",)), ("negatives", run_negatives, ("model", "negatives")),
@@ -29,7 +30,8 @@ PREP = [("data", run_data, ("data",)), ("negatives", run_negatives, ("model", "n
 
 def _cfg(root, model, *extra):
     return load_config(REPO / "configs" / "tiny.yaml", [
-        f"storage_path={root}", f"cache_dir={root / 'cache'}", f"model.name_or_path={model}",
+        f"storage_path={root}", f"cache_dir={root / 'cache'}", f"model.name_or_path={model}", "sft.enabled=false",
+        "train.sft_weight=0",
         "data.synthetic.num_images=6", "negatives.weakening.enabled=false", "train.num_workers=2",
         "train.per_device_batch_size=2", "train.lr=1e-2", "train.warmup_ratio=0", "train.checkpoint_every=2",
         "train.epochs=20",
@@ -110,12 +112,17 @@ def test_full_finetune_zero3_qwen2_vl(tmp_path, tiny_models, ray_local):
     assert isinstance(_answers(tmp_path / "bpo-tiny" / "model")[0], str)
 
 
+def _recorded_checkpoint(run) -> bool:
+    """Ray Train has recorded a checkpoint of this run (a checkpoint it has not recorded is not resumable)."""
+    return any(latest_checkpoint(str(d)) for d in Path(run.path("checkpoints")).glob("train-*"))
+
+
 def _kill_rank_after(pid_dir, run, step: int, rank: int = 1):
-    """Kill one training worker process once ``step`` is logged."""
+    """Kill one training worker process once ``step`` is logged and a checkpoint is recorded."""
     def watch():
         deadline = time.time() + 300
         while time.time() < deadline:
-            if any(m["step"] >= step for m in read_metrics(run)):
+            if any(m["step"] >= step for m in read_metrics(run)) and _recorded_checkpoint(run):
                 pid = int((pid_dir / f"rank{rank}.pid").read_text())
                 os.kill(pid, signal.SIGKILL)
                 return
@@ -125,7 +132,7 @@ def _kill_rank_after(pid_dir, run, step: int, rank: int = 1):
     return thread
 
 
-STEPS = 10
+STEPS = 30  # long enough that a worker is killed mid-run: a checkpoint is recorded up to 2 s after it is made
 
 
 @pytest.fixture(scope="module")
@@ -141,8 +148,8 @@ def _same_trajectory(run, root, uninterrupted, base_dir):
     losses, weights = uninterrupted
     resumed = _losses(run)
     assert sorted(resumed) == list(range(1, STEPS + 1))
-    for step in range(1, STEPS + 1):
-        assert resumed[step] == pytest.approx(losses[step], abs=1e-4), step
+    for step in range(1, STEPS + 1):  # float noise after a restore: 1.6e-4 by step 14 at lr 1e-2 (a restart: ~0.1)
+        assert resumed[step] == pytest.approx(losses[step], rel=5e-3, abs=1e-3), step
     # Weights: the restarted run must land where the uninterrupted one did, relative to how far training
     # moved them (Adam turns float-level noise on near-zero gradients into lr-sized steps, so not bit-exact).
     exported = load_file(str(root / "bpo-tiny" / "model" / "model.safetensors"))
