@@ -133,12 +133,15 @@ def _kill_rank_after(pid_dir, run, step: int, rank: int = 1):
 
 
 STEPS = 30  # long enough that a worker is killed mid-run: a checkpoint is recorded up to 2 s after it is made
+# A gentler step than the other tests: at lr 1e-2 float noise after a restore grows chaotically over 30 steps
+# (1.6e-4 by step 14, 1.8e-3 by step 20), which would hide whether the trajectory really continued.
+TRAJECTORY = [f"train.max_steps={STEPS}", "train.lr=2e-3"]
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(prepared, tmp_path_factory, tiny_models, ray_local):
     root = _copy(prepared, tmp_path_factory.mktemp("uninterrupted"))
-    cfg = _cfg(root, tiny_models["llava"], f"train.max_steps={STEPS}")
+    cfg = _cfg(root, tiny_models["llava"], *TRAJECTORY)
     run = RunDir.for_config(cfg)
     run_train(cfg, run)
     return _losses(run), load_file(str(root / "bpo-tiny" / "model" / "model.safetensors"))
@@ -148,7 +151,7 @@ def _same_trajectory(run, root, uninterrupted, base_dir):
     losses, weights = uninterrupted
     resumed = _losses(run)
     assert sorted(resumed) == list(range(1, STEPS + 1))
-    for step in range(1, STEPS + 1):  # float noise after a restore: 1.6e-4 by step 14 at lr 1e-2 (a restart: ~0.1)
+    for step in range(1, STEPS + 1):  # a restart from scratch would differ by ~0.1
         assert resumed[step] == pytest.approx(losses[step], rel=5e-3, abs=1e-3), step
     # Weights: the restarted run must land where the uninterrupted one did, relative to how far training
     # moved them (Adam turns float-level noise on near-zero gradients into lr-sized steps, so not bit-exact).
@@ -162,7 +165,7 @@ def _same_trajectory(run, root, uninterrupted, base_dir):
 def test_killed_worker_is_restarted_and_continues_the_same_trajectory(prepared, tmp_path, tiny_models, ray_local,
                                                                       uninterrupted):
     root = _copy(prepared, tmp_path)
-    cfg = _cfg(root, tiny_models["llava"], f"train.max_steps={STEPS}", "train.max_failures=1")
+    cfg = _cfg(root, tiny_models["llava"], *TRAJECTORY, "train.max_failures=1")
     run = RunDir.for_config(cfg)
     pids = tmp_path / "pids"
     pids.mkdir()
@@ -176,7 +179,7 @@ def test_killed_worker_is_restarted_and_continues_the_same_trajectory(prepared, 
 
 def test_rerun_with_same_run_name_resumes_from_checkpoint(prepared, tmp_path, tiny_models, ray_local, uninterrupted):
     root = _copy(prepared, tmp_path)
-    cfg = _cfg(root, tiny_models["llava"], f"train.max_steps={STEPS}", "train.max_failures=0")
+    cfg = _cfg(root, tiny_models["llava"], *TRAJECTORY, "train.max_failures=0")
     run = RunDir.for_config(cfg)
     pids = tmp_path / "pids"
     pids.mkdir()
@@ -207,4 +210,4 @@ def test_live_reference_modes_train(prepared, tmp_path, tiny_models, ray_local, 
     run_train(cfg, run)
     losses = _losses(run)
     assert losses[1] == pytest.approx(math.log(2), abs=1e-4)
-    assert losses[6] < losses[1] - 0.02
+    assert losses[6] < losses[1] - 0.005  # a wrong reference (= the policy) keeps every loss at exactly ln 2
