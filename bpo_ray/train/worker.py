@@ -42,47 +42,53 @@ def _load_policy(path: str, cfg: RunConfig, ds_config: dict):
     return prepare_model(model, cfg.train), processor
 
 
-def _batches(shard, batch_size: int, processor, cfg: RunConfig):
-    """Encoded micro-batches of pairs with their reference log-probs, forever (epochs repeat the shard)."""
+def _forever(shard, batch_size: int, encode, what: str):
+    """``encode(rows)`` over the shard's batches, epoch after epoch; skips batches it returns None for, and
+    fails when a whole epoch yields nothing."""
     while True:
         produced = False
         for rows in shard.iter_batches(batch_size=batch_size, batch_format="pandas"):
-            pairs, ref_c, ref_r = [], [], []
-            for row in rows.to_dict("records"):
-                try:
-                    pairs.append(encode_pair(processor, row, cfg.model.max_length, cfg.model.min_response_tokens))
-                except SampleTooLong:  # the reference stage recorded and dropped these; a guard only
-                    continue
-                # Unscored (live reference modes) columns are all-null in parquet: None → NaN.
-                ref_c.append(float("nan") if row["ref_chosen_logp"] is None else row["ref_chosen_logp"])
-                ref_r.append(float("nan") if row["ref_rejected_logp"] is None else row["ref_rejected_logp"])
-            if pairs:
+            item = encode(rows.to_dict("records"))
+            if item is not None:
                 produced = True
-                yield collate(pairs, pad_id(processor)), torch.tensor(ref_c), torch.tensor(ref_r)
+                yield item
         if not produced:
-            raise ValueError("this worker's shard holds no pair that fits model.max_length")
+            raise ValueError(f"this worker's shard holds no {what} that fits model.max_length")
+
+
+def _batches(shard, batch_size: int, processor, cfg: RunConfig):
+    """Encoded micro-batches of pairs with their reference log-probs, forever (epochs repeat the shard)."""
+    def encode(rows):
+        pairs, ref_c, ref_r = [], [], []
+        for row in rows:
+            try:
+                pairs.append(encode_pair(processor, row, cfg.model.max_length, cfg.model.min_response_tokens))
+            except SampleTooLong:  # the reference stage recorded and dropped these; a guard only
+                continue
+            # Unscored (live reference modes) columns are all-null in parquet: None → NaN.
+            ref_c.append(float("nan") if row["ref_chosen_logp"] is None else row["ref_chosen_logp"])
+            ref_r.append(float("nan") if row["ref_rejected_logp"] is None else row["ref_rejected_logp"])
+        return (collate(pairs, pad_id(processor)), torch.tensor(ref_c), torch.tensor(ref_r)) if pairs else None
+    return _forever(shard, batch_size, encode, "pair")
 
 
 def _sft_batches(shard, batch_size: int, processor, cfg: RunConfig):
     """Encoded micro-batches of samples (prompt + annotated answer), forever, with the count of samples
     skipped as too long so far (the data stage checks records, not token lengths)."""
     skipped = 0
-    while True:
-        produced = False
-        for rows in shard.iter_batches(batch_size=batch_size, batch_format="pandas"):
-            encoded = []
-            for row in rows.to_dict("records"):
-                try:
-                    encoded.append(encode_prompt_response(
-                        processor, json.loads(row["messages"]), decode_image(row["image"]), row["answer"],
-                        cfg.model.max_length, cfg.model.min_response_tokens))
-                except SampleTooLong:
-                    skipped += 1
-            if encoded:
-                produced = True
-                yield collate_rows(encoded, pad_id(processor)), len(encoded), skipped
-        if not produced:
-            raise ValueError("this worker's shard holds no sample that fits model.max_length")
+
+    def encode(rows):
+        nonlocal skipped
+        encoded = []
+        for row in rows:
+            try:
+                encoded.append(encode_prompt_response(
+                    processor, json.loads(row["messages"]), decode_image(row["image"]), row["answer"],
+                    cfg.model.max_length, cfg.model.min_response_tokens))
+            except SampleTooLong:
+                skipped += 1
+        return (collate_rows(encoded, pad_id(processor)), len(encoded), skipped) if encoded else None
+    return _forever(shard, batch_size, encode, "sample")
 
 
 def train_loop_per_worker(config: dict) -> None:
