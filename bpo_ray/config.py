@@ -321,6 +321,10 @@ class RunConfig(Section):
     def section_hash(self, *sections: str) -> str:
         """Stable hash of some sections: a stage's outputs are reusable while its inputs hash the same."""
         payload = {name: _dump(getattr(self, name)) for name in sections}
+        if "model" in sections and self.model.name_or_path.startswith("tiny://"):
+            from bpo_ray.models import TINY_VERSION  # a rebuilt tiny model is a different model
+
+            payload["tiny_version"] = TINY_VERSION
         blob = json.dumps(payload, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

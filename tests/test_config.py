@@ -120,6 +120,17 @@ def test_section_hash_tracks_only_its_sections():
     assert a.section_hash("train") != b.section_hash("train")
 
 
+def test_section_hash_changes_with_the_tiny_builder(monkeypatch):
+    """Stages built on a tiny model are not reused once its builder changes; a real checkpoint's are."""
+    import bpo_ray.models
+
+    tiny, real = RunConfig(), load_config(None, ["model.name_or_path=/ckpt/llava"])
+    before = tiny.section_hash("model"), real.section_hash("model"), tiny.section_hash("data")
+    monkeypatch.setattr(bpo_ray.models, "TINY_VERSION", bpo_ray.models.TINY_VERSION + 1)
+    assert tiny.section_hash("model") != before[0]
+    assert (real.section_hash("model"), tiny.section_hash("data")) == before[1:]
+
+
 def test_resolved_config_round_trips():
     cfg = load_config(REPO / "configs" / "llava-1.5-7b.yaml")
     assert RunConfig.model_validate(yaml.safe_load(cfg.to_yaml())) == cfg

@@ -43,7 +43,7 @@ def test_job_runs_the_embedded_default_and_resumes(tmp_path):
     manifest = json.loads((run_dir / "data" / "manifest.json").read_text())
     assert manifest["finished"] and manifest["records_in"] == 16 and manifest["records_rejected"] == 0
     assert pq.read_table(run_dir / "data" / "samples").num_rows == manifest["samples"] == 8 * 3
-    assert (tmp_path / "cache" / "models" / "tiny-llava" / "model.safetensors").is_file()
+    assert (tmp_path / "cache" / "models" / "tiny-llava-v2" / "model.safetensors").is_file()
     train = json.loads((run_dir / "train" / "manifest.json").read_text())
     assert train["finished"] and train["steps"] == 3 and train["workers"] == 2
     assert (run_dir / "model" / "model.safetensors").is_file() and "train: 3 steps on 2 workers" in first.stdout

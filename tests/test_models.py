@@ -16,8 +16,8 @@ from conftest import run_cli
 
 IMAGE = next(shapes(1, seed=0)).image
 QUESTION = [{"role": "user", "content": "Describe the image in detail."}]
-# Image placeholder tokens per 64×64 image: LLaVA 8×8 patches (CLS dropped); Qwen2-VL 4×4 patches merged 2×2.
-IMAGE_TOKENS = {"llava": 64, "qwen2_vl": 4}
+# Image placeholder tokens per 64×64 image: LLaVA resizes to 48 px, 3×3 patches (CLS dropped); Qwen2-VL 4×4 patches merged 2×2.
+IMAGE_TOKENS = {"llava": 9, "qwen2_vl": 4}
 
 
 @pytest.mark.parametrize("arch", ["llava", "qwen2_vl", "llm"])
@@ -87,10 +87,14 @@ def test_prompt_uses_the_processor_chat_template(tiny_models):
 
 
 def test_tiny_scheme_builds_once_into_cache(tmp_path):
+    from bpo_ray.models import TINY_VERSION
+
     first = resolve_model_path("tiny://llm", tmp_path)
-    stamp = (tmp_path / "models" / "tiny-llm" / "config.json").stat().st_mtime_ns
+    built = tmp_path / "models" / f"tiny-llm-v{TINY_VERSION}" / "config.json"  # versioned: a new builder rebuilds
+    assert first == str(built.parent)
+    stamp = built.stat().st_mtime_ns
     assert resolve_model_path("tiny://llm", tmp_path) == first
-    assert (tmp_path / "models" / "tiny-llm" / "config.json").stat().st_mtime_ns == stamp
+    assert built.stat().st_mtime_ns == stamp
     assert resolve_model_path("org/some-model", tmp_path) == "org/some-model"
 
 

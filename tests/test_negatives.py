@@ -133,7 +133,7 @@ def test_bpo_generate_without_config(tmp_path, shapes_dir):
     manifest = json.loads((out / "negatives" / "manifest.json").read_text())
     assert set(manifest["by_type"]) == {IMAGE_WEAKENING, ERROR_INJECTION}
     assert "negatives:" in first.stdout and "samples/s" in first.stdout
-    assert (tmp_path / ".cache" / "bpo-ray" / "models" / "tiny-llava").is_dir()  # embedded tiny model
+    assert (tmp_path / ".cache" / "bpo-ray" / "models" / "tiny-llava-v2").is_dir()  # embedded tiny model
 
     again = run_cli(*args, cwd=tmp_path)  # complete for the same inputs: nothing runs, Ray not even started
     assert again.returncode == 0 and "finished earlier for the same inputs, skipped" in again.stderr

@@ -107,7 +107,7 @@ def test_reference_scorer_records_too_long_pairs(tiny_models, score):
     scorer = ReferenceScorer(str(tiny_models["llava"]), {"max_length": 120}, average=False, score=score)
     out = scorer(pd.DataFrame([PAIRS[0], long_prompt]))
     assert out["kind"].tolist() == ["pair", "error"] and out["reason"].tolist() == ["", "prompt_too_long"]
-    assert "64 image tokens" in out["detail"][1]
+    assert "9 image tokens" in out["detail"][1]
     assert (out["ref_chosen_logp"][0] < 0) == score  # scored only when precomputed
 
 

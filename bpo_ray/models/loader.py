@@ -24,11 +24,12 @@ def resolve_model_path(name_or_path: str, cache_dir: str | Path) -> str:
     on one node may all ask at once). Anything else is returned as is (a hub id or a path)."""
     if not name_or_path.startswith(TINY_SCHEME):
         return name_or_path
+    from bpo_ray.models import TINY_VERSION
     from bpo_ray.models.tiny import make_tiny
 
     arch = name_or_path[len(TINY_SCHEME):]
     root = Path(cache_dir).absolute() / "models"
-    target = root / f"tiny-{arch}"
+    target = root / f"tiny-{arch}-v{TINY_VERSION}"  # a changed builder never reuses an old build
     if (target / "config.json").exists():
         return str(target)
     root.mkdir(parents=True, exist_ok=True)
