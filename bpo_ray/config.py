@@ -267,6 +267,9 @@ class EvalConfig(Section):
     # Held-out synthetic images: the training generator's settings with this seed (never the data seed).
     num_images: int = Field(50, ge=1)
     seed: int = 1234
+    # Companion rate of the held-out images (None: the training data's). Lower than in training, more
+    # images show an anchor without its companion: the case that tells a grounded model from its prior.
+    cooccurrence: float | None = Field(None, ge=0.0, le=1.0)
     concurrency: int = Field(16, ge=1)
     # Optional COCO-format annotation file for POPE on real images.
     coco_annotations: str | None = None

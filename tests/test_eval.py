@@ -132,3 +132,19 @@ def test_report_table_marks_which_model_is_better():
     assert rows["pope adversarial yes_ratio"]["better"] is None
     assert "| pope adversarial f1 | 0.600 | 0.700 | +0.100 ✓ |" in format_table(list(rows.values()))
     assert not math.isnan(rows["exact captions"]["delta"])
+
+
+def test_heldout_images_take_the_eval_companion_rate(tmp_path):
+    """eval.cooccurrence changes only the held-out set's companion rate; unset, it follows the data."""
+    from bpo_ray.config import load_config
+    from bpo_ray.eval.run import heldout_dir
+
+    def companions(overrides):
+        cfg = load_config(None, [f"cache_dir={tmp_path}", "data.synthetic.anchor_rate=1.0", "eval.num_images=40",
+                                 *overrides])
+        truth = [json.loads(line) for line in (heldout_dir(cfg) / "truth.jsonl").read_text().splitlines()]
+        assert len(truth) == 40
+        return sum(o["faint"] for t in truth for o in t["objects"])
+
+    assert companions(["eval.cooccurrence=0.0"]) == 0
+    assert companions(["eval.cooccurrence=1.0"]) > companions([]) > 0  # the data's default rate is 0.8

@@ -99,10 +99,13 @@ def evaluate(endpoint: Endpoint, cfg: RunConfig, dataset_dir: str | Path) -> tup
 
 
 def heldout_dir(cfg: RunConfig) -> Path:
-    """Held-out shapes: the training generator's settings with the eval seed and size."""
+    """Held-out shapes: the training generator's settings with the eval seed and size (and companion rate,
+    when the eval section sets one)."""
     from bpo_ray.data.stage import synthetic_dir
 
     settings = cfg.data.synthetic.model_dump() | {"num_images": cfg.eval.num_images, "seed": cfg.eval.seed}
+    if cfg.eval.cooccurrence is not None:
+        settings["cooccurrence"] = cfg.eval.cooccurrence
     return synthetic_dir(SyntheticDataConfig(**settings), cfg.cache_dir)
 
 
