@@ -3,7 +3,12 @@
 - the raw batched engine in one process (no Ray): what the pipeline could reach at best;
 - the real negatives stage (Ray Data: weakening → HF actor pool → pairs), with 1 and with 2 workers.
 
-    python benchmarks/bench_negatives.py [--images 32] [--models tiny,small] [--max-new-tokens 32]
+The stage has a fixed cost (actor start, model load, Ray Data planning, the pairs/errors writes) that a
+small run measures more than throughput. So it runs at two sizes, N and ``--scale``·N samples, and reports
+both the end-to-end rate at N and the steady-state rate, (scale·N − N) / (T(scale·N) − T(N)), which the
+fixed cost cancels out of. The baselines have no such cost (their warm-up is excluded), so they run at N.
+
+    python benchmarks/bench_negatives.py [--images 64] [--scale 4] [--models tiny,small] [--max-new-tokens 32]
 """
 
 from __future__ import annotations
@@ -55,8 +60,8 @@ def in_process(model: Path, rows: list[dict], cfg, batch_size: int) -> float:
     return len(rows) / (time.perf_counter() - start)
 
 
-def pipeline(cfg, workers: int) -> float:
-    """samples/s the real stage reports (its own clock, Ray already up)."""
+def pipeline(cfg, workers: int) -> tuple[int, float]:
+    """(samples, seconds) of the real stage on the config's data (Ray already up)."""
     from bpo_ray import storage
     from bpo_ray.config import validate_config
     from bpo_ray.negatives.stage import run_negatives
@@ -69,12 +74,25 @@ def pipeline(cfg, workers: int) -> float:
     storage.remove_dir(run.path("negatives"))
     start = time.perf_counter()
     manifest = run_negatives(run_cfg, run)
-    return manifest["samples_in"] / (time.perf_counter() - start)
+    return manifest["samples_in"], time.perf_counter() - start
+
+
+def data_config(base: list[str], name: str, images: int):
+    """The benchmark config at a data size, with its samples written (one run directory per size)."""
+    from bpo_ray.config import load_config
+    from bpo_ray.data.stage import run_data
+    from bpo_ray.stages import RunDir
+
+    cfg = load_config(None, [*base, f"data.synthetic.num_images={images}", f"run_name=bench-{name}-{images}"])
+    run = RunDir.for_config(cfg)
+    run_data(cfg, run)
+    return cfg, run
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--scale", type=int, default=4, help="the steady-state run has scale × images")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--models", default="tiny,small")
@@ -82,36 +100,40 @@ def main() -> None:
 
     import ray
 
-    from bpo_ray.config import load_config
-    from bpo_ray.data.stage import run_data
-    from bpo_ray.stages import RunDir
-
     root = Path(tempfile.mkdtemp(prefix="bpo-bench-neg-"))
     paths = models(root)
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     rows, results = [], {}
     for name in args.models.split(","):
-        cfg = load_config(None, [
-            f"storage_path={root / 'runs'}", f"run_name=bench-{name}", f"cache_dir={root / 'cache'}",
-            f"model.name_or_path={paths[name]}", f"data.synthetic.num_images={args.images}",
-            "data.synthetic.qa_per_image=0", "negatives.injection.enabled=false",
-            f"negatives.weakening.sampling.max_new_tokens={args.max_new_tokens}",
-            f"negatives.weakening.pool.batch_size={args.batch_size}"])
-        run = RunDir.for_config(cfg)
-        run_data(cfg, run)
-        data = samples(run.root)
-        one = in_process(paths[name], data, cfg, batch_size=1)
-        batched = in_process(paths[name], data, cfg, batch_size=args.batch_size)
-        ray1, ray2 = pipeline(cfg, 1), pipeline(cfg, 2)
-        results[name] = {"parameters": parameters(paths[name]), "samples": len(data), "one_at_a_time": one,
-                         "batched_in_process": batched, "pipeline_1_worker": ray1, "pipeline_2_workers": ray2}
-        rows.append([name, len(data), one, batched, ray1, ray2, ray2 / one, ray1 / batched, ray2 / ray1])
+        base = [f"storage_path={root / 'runs'}", f"cache_dir={root / 'cache'}",
+                f"model.name_or_path={paths[name]}", "data.synthetic.qa_per_image=0",
+                "negatives.injection.enabled=false",
+                f"negatives.weakening.sampling.max_new_tokens={args.max_new_tokens}",
+                f"negatives.weakening.pool.batch_size={args.batch_size}"]
+        small_cfg, small_run = data_config(base, name, args.images)
+        large_cfg, _ = data_config(base, name, args.images * args.scale)
+        data = samples(small_run.root)
+        one = in_process(paths[name], data, small_cfg, batch_size=1)
+        batched = in_process(paths[name], data, small_cfg, batch_size=args.batch_size)
+        result = {"parameters": parameters(paths[name]), "samples": len(data), "one_at_a_time": one,
+                  "batched_in_process": batched}
+        for workers in (1, 2):
+            (n_small, t_small), (n_large, t_large) = pipeline(small_cfg, workers), pipeline(large_cfg, workers)
+            result[f"pipeline_{workers}"] = {"samples": [n_small, n_large], "seconds": [t_small, t_large],
+                                             "end_to_end": n_small / t_small,
+                                             "steady": (n_large - n_small) / (t_large - t_small),
+                                             "fixed_seconds": t_small - n_small * (t_large - t_small) / (n_large - n_small)}
+        results[name] = result
+        p1, p2 = result["pipeline_1"], result["pipeline_2"]
+        rows.append([name, len(data), one, batched, p1["end_to_end"], p2["end_to_end"], p1["steady"], p2["steady"],
+                     p2["steady"] / one, p1["steady"] / batched, p2["steady"] / p1["steady"], p2["fixed_seconds"]])
     ray.shutdown()
     markdown = table(
         "Negatives (image weakening + generation): samples/s on the same samples",
-        ["model", "samples", "one-at-a-time", "batched, no Ray", "Ray Data 1 worker", "Ray Data 2 workers",
-         "2 workers / one-at-a-time", "1 worker / batched (overhead)", "2 / 1 workers"], rows)
+        ["model", "N", "one-at-a-time", "batched, no Ray", "stage 1 worker, N", "stage 2 workers, N",
+         "stage 1 worker, steady", "stage 2 workers, steady", "2 workers steady / one-at-a-time",
+         "1 worker steady / batched", "2 / 1 workers steady", "fixed cost s (2 workers)"], rows)
     save("negatives", {"args": vars(args), "results": results}, markdown)
 
 
