@@ -161,6 +161,8 @@ class TrainConfig(Section):
     max_steps: int | None = Field(None, ge=1)
     per_device_batch_size: int = Field(4, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
+    # Rows each worker mixes before batching, reseeded every epoch (0: the same order every epoch).
+    shuffle_buffer: int = Field(1024, ge=0)
     warmup_ratio: float = Field(0.03, ge=0.0, le=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(1.0, gt=0.0)
@@ -196,6 +198,7 @@ class SFTConfig(Section):
     max_steps: int | None = Field(None, ge=1)
     per_device_batch_size: int = Field(16, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
+    shuffle_buffer: int = Field(1024, ge=0)
     warmup_ratio: float = Field(0.05, ge=0.0, le=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(1.0, gt=0.0)

@@ -211,3 +211,26 @@ def test_live_reference_modes_train(prepared, tmp_path, tiny_models, ray_local, 
     losses = _losses(run)
     assert losses[1] == pytest.approx(math.log(2), abs=1e-4)
     assert losses[6] < losses[1] - 0.005  # a wrong reference (= the policy) keeps every loss at exactly ln 2
+
+
+def test_epochs_reshuffle_and_a_rerun_sees_the_same_batches(ray_local):
+    """Every epoch mixes the rows anew, and the same seed gives the same batches again: what resume (skip the
+    batches already trained on) needs."""
+    import ray.data
+
+    from bpo_ray.config import TrainConfig
+    from bpo_ray.train.worker import _forever
+
+    shard = ray.data.range(64).iterator()
+
+    def epochs(train, n=3):
+        batches = _forever(shard, 8, lambda rows: [r["id"] for r in rows], "row", train)
+        flat = [i for _ in range(8 * n) for i in next(batches)]
+        return [flat[k * 64:(k + 1) * 64] for k in range(n)]
+
+    first = epochs(TrainConfig(shuffle_buffer=64))
+    assert all(sorted(e) == list(range(64)) for e in first)  # every row once an epoch
+    assert first[0] != first[1] != first[2]
+    assert epochs(TrainConfig(shuffle_buffer=64)) == first
+    assert epochs(TrainConfig(shuffle_buffer=64, seed=1)) != first
+    assert epochs(TrainConfig(shuffle_buffer=0))[0] == list(range(64))  # off: the stored order

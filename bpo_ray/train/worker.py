@@ -42,12 +42,18 @@ def _load_policy(path: str, cfg: RunConfig, ds_config: dict):
     return prepare_model(model, cfg.train), processor
 
 
-def _forever(shard, batch_size: int, encode, what: str):
+def _forever(shard, batch_size: int, encode, what: str, train):
     """``encode(rows)`` over the shard's batches, epoch after epoch; skips batches it returns None for, and
-    fails when a whole epoch yields nothing."""
+    fails when a whole epoch yields nothing. Each epoch mixes rows in a buffer seeded by (seed, epoch):
+    the same batches in the same order on a rerun (resume skips them), but not the same as last epoch
+    (with one order repeated every epoch, the tiny SFT never learned to look at the image in 3,000 steps)."""
+    epoch = 0
     while True:
         produced = False
-        for rows in shard.iter_batches(batch_size=batch_size, batch_format="pandas"):
+        shuffle = {"local_shuffle_buffer_size": train.shuffle_buffer,
+                   "local_shuffle_seed": train.seed * 100_003 + epoch} if train.shuffle_buffer else {}
+        epoch += 1
+        for rows in shard.iter_batches(batch_size=batch_size, batch_format="pandas", **shuffle):
             item = encode(rows.to_dict("records"))
             if item is not None:
                 produced = True
@@ -69,7 +75,7 @@ def _batches(shard, batch_size: int, processor, cfg: RunConfig):
             ref_c.append(float("nan") if row["ref_chosen_logp"] is None else row["ref_chosen_logp"])
             ref_r.append(float("nan") if row["ref_rejected_logp"] is None else row["ref_rejected_logp"])
         return (collate(pairs, pad_id(processor)), torch.tensor(ref_c), torch.tensor(ref_r)) if pairs else None
-    return _forever(shard, batch_size, encode, "pair")
+    return _forever(shard, batch_size, encode, "pair", cfg.train)
 
 
 def _sft_batches(shard, batch_size: int, processor, cfg: RunConfig):
@@ -88,7 +94,7 @@ def _sft_batches(shard, batch_size: int, processor, cfg: RunConfig):
             except SampleTooLong:
                 skipped += 1
         return (collate_rows(encoded, pad_id(processor)), len(encoded), skipped) if encoded else None
-    return _forever(shard, batch_size, encode, "sample")
+    return _forever(shard, batch_size, encode, "sample", cfg.train)
 
 
 def train_loop_per_worker(config: dict) -> None:
