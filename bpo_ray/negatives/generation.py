@@ -39,10 +39,10 @@ class GenerationSpec:
 class HFGenerator:
     """Ray Data actor: loads the model once, then generates a batch at a time."""
 
-    def __init__(self, model_path: str, vision: bool, sampling: dict):
+    def __init__(self, model_path: str, vision: bool, sampling: dict, threads: int = 1):
         import torch
 
-        torch.set_num_threads(1)
+        torch.set_num_threads(threads)  # the CPUs this actor reserved: more would oversubscribe the node
         self.engine = HFEngine(model_path, vision=vision)
         self.sampling = Sampling(temperature=sampling["temperature"], top_p=sampling["top_p"],
                                  max_new_tokens=sampling["max_new_tokens"])
@@ -76,7 +76,8 @@ def generate_column(ds, spec: GenerationSpec):
         return ds.map_batches(
             HFGenerator,
             fn_constructor_kwargs={"model_path": spec.model_path, "vision": spec.vision,
-                                   "sampling": spec.sampling.model_dump()},
+                                   "sampling": spec.sampling.model_dump(),
+                                   "threads": max(1, int(spec.pool.num_cpus))},
             batch_size=spec.pool.batch_size,
             compute=ray.data.ActorPoolStrategy(min_size=spec.pool.min_size, max_size=spec.pool.max_size),
             **pool_request(spec.pool),

@@ -40,10 +40,10 @@ SCORED_COLUMNS = (*PAIR_COLUMNS, "ref_chosen_logp", "ref_rejected_logp")
 class ReferenceScorer:
     """Ray Data actor: the frozen reference model scores (chosen, rejected) for a batch of pairs."""
 
-    def __init__(self, model_path: str, model_cfg: dict, average: bool, score: bool = True):
+    def __init__(self, model_path: str, model_cfg: dict, average: bool, score: bool = True, threads: int = 1):
         from bpo_ray.config import ModelConfig
 
-        torch.set_num_threads(1)
+        torch.set_num_threads(threads)  # the CPUs this actor reserved
         self.cfg = ModelConfig.model_validate(model_cfg)
         if score:
             self.model, self.processor = load_vlm(model_path, self.cfg, dtype=torch.float32)
@@ -86,7 +86,8 @@ def run_reference(cfg: RunConfig, run: RunDir) -> dict:
     rows = pairs.map_batches(
         ReferenceScorer, batch_format="pandas", batch_size=pool.batch_size,
         fn_constructor_kwargs={"model_path": policy, "model_cfg": cfg.model.model_dump(),
-                               "average": cfg.train.loss == "ipo", "score": cfg.train.reference == "precomputed"},
+                               "average": cfg.train.loss == "ipo", "score": cfg.train.reference == "precomputed",
+                               "threads": max(1, int(pool.num_cpus))},
         compute=ray.data.ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size),
         **pool_request(pool)).materialize()
     write_by_kind(rows, run.path("reference"), {"pairs": ("pair", SCORED_COLUMNS), "errors": ("error", ERROR_COLUMNS)})
