@@ -105,7 +105,7 @@ def main() -> int:
     built = models(root / "models")
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}})
-    results, rows_speed, rows_zero = {}, [], []
+    results, rows_speed, rows_zero, rows_stage = {}, [], [], []
     try:
         for name in [m.strip() for m in args.models.split(",")]:
             model = built[name]
@@ -115,6 +115,8 @@ def main() -> int:
                 "ours_2w": ours(base, run),
                 "ours_1w": ours(config(root / name, model, args.images, args.steps, "train.num_workers=1"), run),
                 "ours_2w_live": ours(config(root / name, model, args.images, args.steps, "train.reference=live"), run),
+                # ZeRO stage 0 (plain data parallel, as TRL under torchrun): what ZeRO-3's sharding costs
+                "ours_2w_zero0": ours(config(root / name, model, args.images, args.steps, "train.zero_stage=0"), run),
                 "trl_2p": trl(model, run, args.steps),
             }
             results[name] = {"params": parameters(model), **r}
@@ -124,6 +126,10 @@ def main() -> int:
                      r["ours_2w_live"]["peak_memory_gib"], trl_r.get("peak_memory_gib", float("nan"))]
             speed += [speed[1] / speed[3], speed[2] / speed[3], speed[4] / speed[6], speed[5] / speed[6]]
             rows_speed.append(speed)
+            zero0 = r["ours_2w_zero0"]
+            rows_stage.append([name, r["ours_2w"]["samples_per_second"], zero0["samples_per_second"],
+                               trl_r.get("samples_per_second", float("nan")), zero0["peak_memory_gib"],
+                               zero0["samples_per_second"] / speed[3], zero0["peak_memory_gib"] / speed[6]])
             rows_zero.append([name, r["ours_1w"]["model_state_gib"], r["ours_2w"]["model_state_gib"],
                               r["ours_2w"]["model_state_gib"] / r["ours_1w"]["model_state_gib"],
                               r["ours_1w"]["samples_per_second"], r["ours_2w"]["samples_per_second"]])
@@ -134,6 +140,9 @@ def main() -> int:
               ["model", "ours samples/s", "ours live-ref samples/s", "TRL samples/s", "ours peak GiB",
                "ours live-ref peak GiB", "TRL peak GiB", "ours / TRL speed", "live / TRL speed",
                "ours / TRL memory", "live / TRL memory"], rows_speed),
+        table("ZeRO stage: ours with ZeRO-3 vs ZeRO-0 (plain data parallel) vs TRL (DDP)",
+              ["model", "ours ZeRO-3 samples/s", "ours ZeRO-0 samples/s", "TRL samples/s", "ours ZeRO-0 peak GiB",
+               "ZeRO-0 / TRL speed", "ZeRO-0 / TRL memory"], rows_stage),
         table("ZeRO-3 model states per worker (weights + grads + AdamW moments of the local partition)",
               ["model", "1 worker GiB", "2 workers GiB", "2 / 1", "1 worker samples/s", "2 workers samples/s"],
               rows_zero)])
