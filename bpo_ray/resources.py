@@ -21,6 +21,11 @@ def _request(num_cpus: float, num_gpus: float, accelerator_type: str | None, mem
     return request
 
 
+def torch_threads(num_cpus: float) -> int:
+    """Intra-op threads for an actor that reserved ``num_cpus``: more would oversubscribe the node."""
+    return max(1, int(num_cpus))
+
+
 def pool_request(pool: ActorPoolConfig) -> dict:
     """Ray remote args of one actor in a Ray Data actor pool (generation, reference scoring)."""
     return _request(pool.num_cpus, pool.num_gpus, pool.accelerator_type, pool.memory_gb)

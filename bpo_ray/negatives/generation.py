@@ -21,7 +21,7 @@ from PIL import Image
 from bpo_ray.config import ActorPoolConfig, SamplingConfig
 from bpo_ray.data.records import decode_image
 from bpo_ray.models.generate import HFEngine, Sampling
-from bpo_ray.resources import pool_request
+from bpo_ray.resources import pool_request, torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class HFGenerator:
     def __init__(self, model_path: str, vision: bool, sampling: dict, threads: int = 1):
         import torch
 
-        torch.set_num_threads(threads)  # the CPUs this actor reserved: more would oversubscribe the node
+        torch.set_num_threads(threads)
         self.engine = HFEngine(model_path, vision=vision)
         self.sampling = Sampling(temperature=sampling["temperature"], top_p=sampling["top_p"],
                                  max_new_tokens=sampling["max_new_tokens"])
@@ -77,7 +77,7 @@ def generate_column(ds, spec: GenerationSpec):
             HFGenerator,
             fn_constructor_kwargs={"model_path": spec.model_path, "vision": spec.vision,
                                    "sampling": spec.sampling.model_dump(),
-                                   "threads": max(1, int(spec.pool.num_cpus))},
+                                   "threads": torch_threads(spec.pool.num_cpus)},
             batch_size=spec.pool.batch_size,
             compute=ray.data.ActorPoolStrategy(min_size=spec.pool.min_size, max_size=spec.pool.max_size),
             **pool_request(spec.pool),

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bpo_ray.config import ServeConfig
 from bpo_ray.data.records import ImageLimits
-from bpo_ray.resources import serve_replica_request, serve_scaling
+from bpo_ray.resources import serve_replica_request, serve_scaling, torch_threads
 from bpo_ray.serve.protocol import (
     APIError,
     ChatRequest,
@@ -84,7 +84,7 @@ class ChatServer:
         from bpo_ray.serve.engine import ChatEngine
 
         cfg = ServeConfig.model_validate(settings)
-        torch.set_num_threads(max(1, int(cfg.num_cpus_per_replica)))
+        torch.set_num_threads(torch_threads(cfg.num_cpus_per_replica))
         self.engine = ChatEngine(model_path, max_model_len=cfg.max_model_len,
                                  default_max_tokens=cfg.default_max_tokens)
         self.model_id, self.api_key, self.max_body = model_id, cfg.api_key, cfg.max_request_bytes

@@ -27,7 +27,7 @@ from bpo_ray.models.loader import load_processor, load_vlm
 from bpo_ray.models.prompts import SampleTooLong
 from bpo_ray.negatives.stage import ERROR_COLUMNS, PAIR_COLUMNS
 from bpo_ray.raydata import count_by, write_by_kind
-from bpo_ray.resources import pool_request, train_worker_request
+from bpo_ray.resources import pool_request, torch_threads, train_worker_request
 from bpo_ray.stages import RunDir, policy_path
 from bpo_ray.train.batch import collate, encode_pair, pad_id, pair_logps
 from bpo_ray.train.setup import optimizer_steps
@@ -43,7 +43,7 @@ class ReferenceScorer:
     def __init__(self, model_path: str, model_cfg: dict, average: bool, score: bool = True, threads: int = 1):
         from bpo_ray.config import ModelConfig
 
-        torch.set_num_threads(threads)  # the CPUs this actor reserved
+        torch.set_num_threads(threads)
         self.cfg = ModelConfig.model_validate(model_cfg)
         if score:
             self.model, self.processor = load_vlm(model_path, self.cfg, dtype=torch.float32)
@@ -87,7 +87,7 @@ def run_reference(cfg: RunConfig, run: RunDir) -> dict:
         ReferenceScorer, batch_format="pandas", batch_size=pool.batch_size,
         fn_constructor_kwargs={"model_path": policy, "model_cfg": cfg.model.model_dump(),
                                "average": cfg.train.loss == "ipo", "score": cfg.train.reference == "precomputed",
-                               "threads": max(1, int(pool.num_cpus))},
+                               "threads": torch_threads(pool.num_cpus)},
         compute=ray.data.ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size),
         **pool_request(pool)).materialize()
     write_by_kind(rows, run.path("reference"), {"pairs": ("pair", SCORED_COLUMNS), "errors": ("error", ERROR_COLUMNS)})
