@@ -7,7 +7,8 @@ that loads back through ``models.loader`` exactly like a real checkpoint. Archit
   1.7× the time a step);
 - ``qwen2_vl``: Qwen2-VL (its own ViT with 2×2 patch merging, M-RoPE) on ~56×56 px inputs;
 - ``llm``: a text-only Llama for error injection.
-Every attention head is 32 wide: vLLM on CPU rejects head_dim 16.
+Every attention head is 32 wide: vLLM on CPU rejects head_dim 16. Changing a builder? Bump
+``bpo_ray.models.TINY_VERSION``: cached builds and finished stages are keyed by it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from bpo_ray.data.synthetic import corpus
-from bpo_ray.models import TINY_VERSION  # noqa: F401 - re-exported beside the builders it versions
 
 ARCHS = ("llava", "qwen2_vl", "llm")
 HEAD_DIM = 32
