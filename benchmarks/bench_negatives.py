@@ -123,10 +123,10 @@ def main() -> None:
         for key, workers, cpus in (("pipeline_1", 1, 1), ("pipeline_2", 2, 1), ("pipeline_1x2cpu", 1, 2)):
             (n_small, t_small), (n_large, t_large) = (pipeline(small_cfg, workers, cpus),
                                                       pipeline(large_cfg, workers, cpus))
+            per_sample = (t_large - t_small) / (n_large - n_small)  # steady-state seconds a sample
             result[key] = {"samples": [n_small, n_large], "seconds": [t_small, t_large],
-                                             "end_to_end": n_small / t_small,
-                                             "steady": (n_large - n_small) / (t_large - t_small),
-                                             "fixed_seconds": t_small - n_small * (t_large - t_small) / (n_large - n_small)}
+                           "end_to_end": n_small / t_small, "steady": 1 / per_sample,
+                           "fixed_seconds": t_small - n_small * per_sample}
         results[name] = result
         p1, p2, p12 = result["pipeline_1"], result["pipeline_2"], result["pipeline_1x2cpu"]
         best = max(p1["steady"], p2["steady"], p12["steady"])

@@ -25,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))  # jobs/bpo.py: the stages a run has
 
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -47,14 +48,13 @@ def config(root: Path, model: Path, images: int, steps: int, *extra: str):
 
 
 def prepare(cfg):
-    from bpo_ray.data.stage import run_data
-    from bpo_ray.negatives.stage import run_negatives
+    """The job's own stages up to the scored pairs (jobs/bpo.py), so the benchmark trains on what a run would."""
+    import bpo as job
+
     from bpo_ray.stages import Pipeline, RunDir
-    from bpo_ray.train.stage import run_reference
 
     run = RunDir.for_config(cfg)
-    stages = [("data", run_data, ("data",)), ("negatives", run_negatives, ("model", "negatives")),
-              ("reference", run_reference, ("model", "train"))]
+    stages = [s for s in job.STAGES if s[0] in ("data", "negatives", "reference")]
     pipeline = Pipeline(cfg, run, order=[n for n, _, _ in stages])
     for name, fn, sections in stages:
         pipeline.stage(name, fn, sections)
