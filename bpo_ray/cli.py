@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-objects", type=int, default=3)
     p.add_argument("--cooccurrence", type=float, default=0.8, help="how often an anchor brings its companion")
     p.add_argument("--anchor-rate", type=float, default=0.0, help="how often an image is built around an anchor")
+    p.add_argument("--caption-prior", type=float, default=0.0,
+                   help="how often an anchor without its companion is annotated as if it were there")
     p.add_argument("--qa-per-image", type=int, default=2)
 
     p = sub.add_parser("config", help="validate a config and print it resolved (with overrides)")
@@ -223,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
 
         out = write_dataset(args.out, num_images=args.num_images, seed=args.seed, image_size=args.image_size,
                             max_objects=args.max_objects, cooccurrence=args.cooccurrence, anchor_rate=args.anchor_rate,
-                            qa_per_image=args.qa_per_image)
+                            caption_prior=args.caption_prior, qa_per_image=args.qa_per_image)
         print(out)
         return 0
     if args.command == "config":

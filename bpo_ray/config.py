@@ -55,6 +55,9 @@ class SyntheticDataConfig(Section):
     cooccurrence: float = Field(0.8, ge=0.0, le=1.0)
     # How often an image is built around an anchor object (0: anchors are as common as any other object).
     anchor_rate: float = Field(0.0, ge=0.0, le=1.0)
+    # How often an anchor shown without its companion is annotated as if the companion were there (web-caption
+    # noise that follows the prior). For SFT data that should teach the prior; keep 0 for BPO data and eval.
+    caption_prior: float = Field(0.0, ge=0.0, le=1.0)
     qa_per_image: int = Field(2, ge=0, le=8)
 
 

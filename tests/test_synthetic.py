@@ -109,6 +109,28 @@ def test_cooccurrence_prior(cooccurrence):
         assert companions >= 0.8 * anchors
 
 
+def test_caption_prior_annotates_absent_companions_and_leaves_the_truth(tmp_path):
+    clean = list(synthetic.generate(300, seed=2, max_objects=2, anchor_rate=0.5))
+    noisy = list(synthetic.generate(300, seed=2, max_objects=2, anchor_rate=0.5, caption_prior=1.0))
+    phantoms = 0
+    for a, b in zip(clean, noisy, strict=True):
+        # the same images and truth: only the annotations change
+        assert a.objects == b.objects and a.image.tobytes() == b.image.tobytes()
+        drawn = {(o.color, o.shape) for o in b.objects}
+        caption = b.records[0]["conversations"][1]["value"]
+        for anchor, (color, shape) in synthetic.COMPANIONS.items():
+            if anchor in drawn and (color, shape) not in drawn:
+                assert f"small {color} {shape}" in caption
+                phantoms += 1
+        if caption != a.records[0]["conversations"][1]["value"]:
+            assert any(k in drawn and v not in drawn for k, v in synthetic.COMPANIONS.items())
+    assert phantoms > 10
+    # the annotator draws from its own stream: a prior that annotates nothing changes no byte of the data
+    never = synthetic.write_dataset(tmp_path / "never", num_images=30, seed=7, anchor_rate=0.5, caption_prior=1e-12)
+    off = synthetic.write_dataset(tmp_path / "off", num_images=30, seed=7, anchor_rate=0.5)
+    assert _tree(never) == _tree(off)
+
+
 def test_make_data_cli(tmp_path):
     result = run_cli("make-data", "--out", str(tmp_path / "d"), "--num-images", "3", "--seed", "5")
     assert result.returncode == 0, result.stderr

@@ -4,7 +4,10 @@ Each image holds a few coloured shapes in the cells of a 3×3 grid. Ground truth
 (shape, colour, size, cell, bounding box); captions and QA are rendered from it in LLaVA conversation
 format. A *language prior* is built in the way web data has one: some anchor objects are usually
 accompanied by a fixed companion (e.g. a red circle by a blue square), drawn small and faint — weak visual
-evidence plus a strong prior is what makes a model name the companion when it is absent.
+evidence plus a strong prior is what makes a model name the companion when it is absent. With
+``caption_prior`` the annotations also carry the prior the way web captions do: an image that shows an anchor
+without its companion is sometimes annotated as if the companion were there (its truth file keeps what is
+drawn). A model fine-tuned on such data names the companion whether it can see or not.
 
 Everything is a pure function of the seed: the same seed writes byte-identical files.
 """
@@ -149,6 +152,27 @@ def qa_pairs(objects: list[ShapeObject], rng: np.random.Generator, count: int) -
 DESCRIBE_PROMPT = "Describe the image in detail."
 
 
+def annotated_objects(objects: list[ShapeObject], rng: np.random.Generator, caption_prior: float,
+                      image_size: int) -> list[ShapeObject]:
+    """What the annotator wrote down: the drawn objects, plus (with probability ``caption_prior``) the missing
+    companion of an anchor, small, in the next free cell after the anchor in reading order: a plausible but
+    absent object, like a web caption's. One place, not any free cell: spread over seven cells, the prior
+    would be too weak at each for a greedy decoder to ever follow it."""
+    taken = {o.cell for o in objects}
+    names = {(o.color, o.shape) for o in objects}
+    anchor = next((o for o in objects if (o.color, o.shape) in COMPANIONS
+                   and COMPANIONS[(o.color, o.shape)] not in names), None)
+    if anchor is None or len(taken) == len(CELLS) or rng.random() >= caption_prior:
+        return objects
+    color, shape = COMPANIONS[(anchor.color, anchor.shape)]
+    cell = next(c % len(CELLS) for c in range(anchor.cell + 1, anchor.cell + len(CELLS)) if c % len(CELLS) not in taken)
+    row, col = divmod(cell, 3)
+    cell_px, half = image_size / 3, image_size / 3 * 0.45 / 2
+    cx, cy = (col + 0.5) * cell_px, (row + 0.5) * cell_px
+    bbox = tuple(int(round(v)) for v in (cx - half, cy - half, cx + half, cy + half))
+    return [*objects, ShapeObject(shape, color, "small", cell, bbox, faint=True)]
+
+
 @dataclass
 class SyntheticSample:
     image_id: str
@@ -158,24 +182,31 @@ class SyntheticSample:
 
 
 def generate(num_images: int, seed: int = 0, image_size: int = 64, max_objects: int = 3,
-             cooccurrence: float = 0.8, qa_per_image: int = 2, anchor_rate: float = 0.0):
+             cooccurrence: float = 0.8, qa_per_image: int = 2, anchor_rate: float = 0.0,
+             caption_prior: float = 0.0):
     """Yield SyntheticSample, deterministically for a seed."""
     rng = np.random.default_rng(seed)
+    # Its own stream, so that caption_prior=0 leaves every other draw (and so the files) as they were.
+    annotator = np.random.default_rng([seed, 1])
     for index in range(num_images):
         image_id = f"shapes-{seed}-{index:05d}"
         objects = sample_objects(rng, image_size, max_objects, cooccurrence, anchor_rate)
+        annotated = annotated_objects(objects, annotator, caption_prior, image_size) if caption_prior else objects
         file_name = f"images/{image_id}.png"
         records = [{
             "id": f"{image_id}-desc",
             "image": file_name,
             "conversations": [
                 {"from": "human", "value": f"<image>\n{DESCRIBE_PROMPT}"},
-                {"from": "gpt", "value": describe(objects)},
+                {"from": "gpt", "value": describe(annotated)},
             ],
         }]
         if qa_per_image:
+            qa = qa_pairs(objects, rng, qa_per_image)
+            if annotated is not objects:  # asked of what was annotated; drawn from the annotator's stream, as above
+                qa = qa_pairs(annotated, annotator, qa_per_image)
             turns = []
-            for turn, (question, answer) in enumerate(qa_pairs(objects, rng, qa_per_image)):
+            for turn, (question, answer) in enumerate(qa):
                 turns.append({"from": "human", "value": f"<image>\n{question}" if turn == 0 else question})
                 turns.append({"from": "gpt", "value": answer})
             records.append({"id": f"{image_id}-qa", "image": file_name, "conversations": turns})
@@ -192,12 +223,13 @@ def truth_row(sample: SyntheticSample) -> dict:
 
 def write_dataset(out_dir: str | Path, num_images: int = 64, seed: int = 0, image_size: int = 64,
                   max_objects: int = 3, cooccurrence: float = 0.8, qa_per_image: int = 2,
-                  anchor_rate: float = 0.0) -> Path:
+                  anchor_rate: float = 0.0, caption_prior: float = 0.0) -> Path:
     """Write images/*.png, records.json (LLaVA format) and truth.jsonl (structured truth)."""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     records, truths = [], []
-    for sample in generate(num_images, seed, image_size, max_objects, cooccurrence, qa_per_image, anchor_rate):
+    for sample in generate(num_images, seed, image_size, max_objects, cooccurrence, qa_per_image, anchor_rate,
+                           caption_prior):
         buf = io.BytesIO()
         sample.image.save(buf, format="PNG", optimize=False)
         (out / "images" / f"{sample.image_id}.png").write_bytes(buf.getvalue())
