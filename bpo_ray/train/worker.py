@@ -144,6 +144,10 @@ def train_loop_per_worker(config: dict) -> None:
     writer = _tensorboard(config["tb_dir"]) if rank == 0 else None
     window, started = [], time.time()
     average = train.loss == "ipo"
+    # DeepSpeed's fp32 ZeRO-0 path clips gradients but keeps no norm (get_global_grad_norm() stays None):
+    # there the loop measures it itself, on the averaged gradients, before step() clears them.
+    own_grad_norm = engine.zero_optimization_stage() == 0 and not (engine.bfloat16_enabled() or engine.fp16_enabled())
+    grad_norm = None
     while micro_done < total_micro:
         engine.train()
         if sft:
@@ -162,13 +166,16 @@ def train_loop_per_worker(config: dict) -> None:
             step_metrics, weight = out.metrics(), batch.num_pairs
         engine.backward(loss)
         lr = float(scheduler.get_last_lr()[0])  # the rate this step uses (step() moves the schedule on)
+        if own_grad_norm and engine.is_gradient_accumulation_boundary():
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in engine.module.parameters() if p.grad is not None])
         engine.step()
         micro_done += 1
         window.append((step_metrics, weight))
         if micro_done % accumulation:
             continue
         step = micro_done // accumulation
-        metrics = _step_metrics(window, step, lr, engine, started, world)
+        metrics = _step_metrics(window, step, lr, grad_norm if own_grad_norm else engine.get_global_grad_norm(),
+                                engine, started, world)
         if sft:  # samples over model.max_length, summed over workers: the sft manifest reports them
             total_skipped = torch.tensor([float(skipped)])
             torch.distributed.all_reduce(total_skipped)
@@ -222,10 +229,9 @@ def _reference_scorer(cfg: RunConfig, policy_path: str, ds_config: dict, engine)
     return score
 
 
-def _step_metrics(window, step, lr, engine, started, world) -> dict:
+def _step_metrics(window, step, lr, grad_norm, engine, started, world) -> dict:
     pairs = sum(n for _, n in window)
     metrics = {k: sum(m[k] * n for m, n in window) / pairs for k in window[0][0]}
-    grad_norm = engine.get_global_grad_norm()
     metrics.update(step=step, lr=lr,
                    grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
                    samples_per_second=pairs * world / max(time.time() - started, 1e-9),
