@@ -124,7 +124,9 @@ def fit(cfg: RunConfig, run: RunDir, rows, objective: str, name: str, base: str,
     from ray.train.torch import TorchTrainer
 
     train, res = cfg.train, cfg.resources
-    rows = rows.random_shuffle(seed=train.seed)  # one fixed order for these files: resumed runs see the same batches
+    # One fixed order for these files (resumed runs see the same batches), shuffled once and held in the object
+    # store: left lazy, every epoch re-ran the read and the all-to-all shuffle while the workers waited.
+    rows = rows.random_shuffle(seed=train.seed).materialize()
     num_rows = rows.count()
     if num_rows < train.num_workers:
         raise ValueError(f"{objective}: {num_rows} rows cannot feed {train.num_workers} workers")
