@@ -152,8 +152,7 @@ def qa_pairs(objects: list[ShapeObject], rng: np.random.Generator, count: int) -
 DESCRIBE_PROMPT = "Describe the image in detail."
 
 
-def annotated_objects(objects: list[ShapeObject], rng: np.random.Generator, caption_prior: float,
-                      image_size: int) -> list[ShapeObject]:
+def annotated_objects(objects: list[ShapeObject], rng: np.random.Generator, caption_prior: float) -> list[ShapeObject]:
     """What the annotator wrote down: the drawn objects, plus (with probability ``caption_prior``) the missing
     companion of an anchor, small, in the next free cell after the anchor in reading order: a plausible but
     absent object, like a web caption's. One place, not any free cell: spread over seven cells, the prior
@@ -166,11 +165,7 @@ def annotated_objects(objects: list[ShapeObject], rng: np.random.Generator, capt
         return objects
     color, shape = COMPANIONS[(anchor.color, anchor.shape)]
     cell = next(c % len(CELLS) for c in range(anchor.cell + 1, anchor.cell + len(CELLS)) if c % len(CELLS) not in taken)
-    row, col = divmod(cell, 3)
-    cell_px, half = image_size / 3, image_size / 3 * 0.45 / 2
-    cx, cy = (col + 0.5) * cell_px, (row + 0.5) * cell_px
-    bbox = tuple(int(round(v)) for v in (cx - half, cy - half, cx + half, cy + half))
-    return [*objects, ShapeObject(shape, color, "small", cell, bbox, faint=True)]
+    return [*objects, ShapeObject(shape, color, "small", cell, bbox=(0, 0, 0, 0), faint=True)]  # text only, never drawn
 
 
 @dataclass
@@ -191,7 +186,7 @@ def generate(num_images: int, seed: int = 0, image_size: int = 64, max_objects: 
     for index in range(num_images):
         image_id = f"shapes-{seed}-{index:05d}"
         objects = sample_objects(rng, image_size, max_objects, cooccurrence, anchor_rate)
-        annotated = annotated_objects(objects, annotator, caption_prior, image_size) if caption_prior else objects
+        annotated = annotated_objects(objects, annotator, caption_prior) if caption_prior else objects
         file_name = f"images/{image_id}.png"
         records = [{
             "id": f"{image_id}-desc",
