@@ -173,7 +173,7 @@ class ChatServer:
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)  # both reset from the config in __init__
     async def _generate(self, jobs: list) -> list:
         try:
             return await asyncio.to_thread(self.engine.run, jobs)
