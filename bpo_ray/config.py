@@ -239,7 +239,7 @@ class ServeConfig(Section):
     retry_after_s: float = Field(1.0, ge=0.0)
     # Dynamic batching (hf engine): up to this many requests per generate call; 1 disables it. The wait must
     # outlast a client's round trip: with 20 ms, 16 closed-loop clients split into two cohorts that never
-    # shared a batch (2.5x unbatched on the 77M model; 50 ms: 4.9x, the engine's ceiling). At low load a
+    # shared a batch (2.5x unbatched on the 77M model; 50 ms: 5.6x, at the engine's ceiling). At low load a
     # request waits up to this long.
     max_batch_size: int = Field(8, ge=1)
     batch_wait_timeout_s: float = Field(0.05, ge=0.0)
