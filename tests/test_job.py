@@ -7,6 +7,7 @@ not tolerate a second Ray instance on the machine while it trains.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -93,13 +94,36 @@ def head_node():
     try:
         yield f"http://127.0.0.1:{dashboard}", env
     finally:
-        procs = _processes_of(temp_dir)
+        _stop_processes_of(temp_dir)
+        assert not _running(_processes_of(temp_dir))
+
+
+def _running(procs: list[psutil.Process]) -> list[psutil.Process]:
+    alive = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def _stop_processes_of(temp_dir: str, rounds: int = 3) -> None:
+    """SIGTERM, then SIGKILL what is left, and wait for it to be gone: a kill is asynchronous (CI once saw
+    gcs_server still running right after it), and a dying raylet may start a worker meanwhile, so rescan."""
+    for _ in range(rounds):
+        procs = _running(_processes_of(temp_dir))
+        if not procs:
+            return
         for p in procs:
-            p.send_signal(signal.SIGTERM)
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.send_signal(signal.SIGTERM)
         _, alive = psutil.wait_procs(procs, timeout=8)
         for p in alive:
-            p.kill()
-        assert not [p for p in _processes_of(temp_dir) if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        psutil.wait_procs(alive, timeout=10)
 
 
 def _job(address: str, env: dict, *args: str, timeout: int = 60) -> subprocess.CompletedProcess:

@@ -306,8 +306,14 @@ def _replica_pids(app: str) -> list[int]:
     import psutil
 
     title = f"ray::ServeReplica:{app}:ChatServer"
-    return [p.pid for p in psutil.Process().children(recursive=True)
-            if p.status() != psutil.STATUS_ZOMBIE and " ".join(p.cmdline()).startswith(title)]
+    pids = []
+    for p in psutil.Process().children(recursive=True):
+        try:  # a worker may exit between the listing and this look at it
+            if p.status() != psutil.STATUS_ZOMBIE and " ".join(p.cmdline()).startswith(title):
+                pids.append(p.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return pids
 
 
 def test_a_killed_replica_is_restarted_by_serve(endpoints):
