@@ -1,7 +1,10 @@
-"""Small Ray Data helpers shared by the stages: split rows by kind into tables, count without a shuffle."""
+"""Small Ray Data helpers shared by the stages: split rows by kind into tables, count without a shuffle, and
+give each training worker a fixed, seeded part of the rows."""
 
 from __future__ import annotations
 
+import hashlib
+import math
 from collections import Counter
 
 from bpo_ray import storage
@@ -33,3 +36,26 @@ def count_by(ds, columns: list[str]) -> Counter:
     for row in partial.iter_rows():
         totals[tuple(row[c] for c in columns)] += int(row["n"])
     return totals
+
+
+ORDER_COLUMN = "__order"
+
+
+def _order_keys(batch, columns: list[str], seed: int):
+    keys = batch[columns].astype(str).agg("\x1f".join, axis=1)
+    batch[ORDER_COLUMN] = [hashlib.blake2b(f"{seed}\x1f{k}".encode(), digest_size=8).hexdigest() for k in keys]
+    return batch
+
+
+def worker_parts(rows, num_workers: int, order_by: list[str], seed: int, rows_per_block: int = 512) -> list:
+    """``rows`` as ``num_workers`` equal, materialized parts, in a seeded order that depends only on the rows.
+
+    Stages write their tables in parallel, so the same rows come back in a different order and in different
+    files run to run; Ray Train's default ``streaming_split`` then hands blocks to whichever worker asks first.
+    Either way two runs of one config trained on different batches, and a resumed run skipped micro-batches
+    other than the ones it had trained on. Here a hash of (seed, ``order_by`` columns) orders the rows, fixed-size
+    blocks hold them (the workers' shuffle buffer fills block by block), and the driver splits them."""
+    ordered = (rows.map_batches(_order_keys, batch_format="pandas", fn_kwargs={"columns": order_by, "seed": seed})
+               .sort(ORDER_COLUMN).drop_columns([ORDER_COLUMN]).materialize())
+    blocks = max(num_workers, math.ceil(ordered.count() / rows_per_block))
+    return ordered.repartition(blocks).materialize().split(num_workers, equal=True)

@@ -26,7 +26,7 @@ from bpo_ray.config import RunConfig
 from bpo_ray.models.loader import load_processor, load_vlm
 from bpo_ray.models.prompts import SampleTooLong
 from bpo_ray.negatives.stage import ERROR_COLUMNS, PAIR_COLUMNS
-from bpo_ray.raydata import count_by, write_by_kind
+from bpo_ray.raydata import count_by, worker_parts, write_by_kind
 from bpo_ray.resources import pool_request, torch_threads, train_worker_request
 from bpo_ray.stages import RunDir, policy_path
 from bpo_ray.train.batch import collate, encode_pair, pad_id, pair_logps
@@ -113,6 +113,14 @@ def run_train(cfg: RunConfig, run: RunDir, pid_dir: str | None = None) -> dict:
                export_dir=run.path("model"), out_dir=run.path("train"), pid_dir=pid_dir)
 
 
+# What identifies a row of each objective's table (for its seeded order).
+ORDER_BY = {"sft": ("sample_id",), "dpo": ("sample_id", "negative_type", "distortion", "seed", "rejected")}
+
+
+def worker_dataset(rank: int) -> str:
+    return f"train_{rank}"
+
+
 def fit(cfg: RunConfig, run: RunDir, rows, objective: str, name: str, base: str, export_dir: str, out_dir: str,
         pid_dir: str | None = None) -> dict:
     """Train ``base`` on ``rows`` with ``cfg.train``, one DeepSpeed engine per Ray Train worker; export it.
@@ -124,12 +132,12 @@ def fit(cfg: RunConfig, run: RunDir, rows, objective: str, name: str, base: str,
     from ray.train.torch import TorchTrainer
 
     train, res = cfg.train, cfg.resources
-    # One fixed order for these files (resumed runs see the same batches), shuffled once and held in the object
-    # store: left lazy, every epoch re-ran the read and the all-to-all shuffle while the workers waited.
-    rows = rows.random_shuffle(seed=train.seed).materialize()
     num_rows = rows.count()
     if num_rows < train.num_workers:
         raise ValueError(f"{objective}: {num_rows} rows cannot feed {train.num_workers} workers")
+    # Each worker's rows, in a seeded order that does not depend on how the files were written: the same
+    # batches on a rerun and after a resume. Held in the object store: left lazy, every epoch re-ran the read.
+    parts = worker_parts(rows, train.num_workers, list(ORDER_BY[objective]), train.seed)
     micro_per_epoch, total_steps = optimizer_steps(num_rows, train, train.num_workers)
     storage.make_dir(out_dir)
     loop_config = {
@@ -157,8 +165,8 @@ def fit(cfg: RunConfig, run: RunDir, rows, objective: str, name: str, base: str,
         scaling_config=ray.train.ScalingConfig(num_workers=train.num_workers, use_gpu=res.use_gpu,
                                                resources_per_worker=resources,
                                                accelerator_type=res.accelerator_type),
-        datasets={"train": rows},
-        dataset_config=ray.train.DataConfig(execution_options=execution),
+        datasets={worker_dataset(rank): part for rank, part in enumerate(parts)},
+        dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=execution),
         run_config=ray.train.RunConfig(
             name=name, storage_path=run.path("checkpoints"),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train.keep_checkpoints),

@@ -136,7 +136,9 @@ def train_loop_per_worker(config: dict) -> None:
 
     accumulation = train.gradient_accumulation_steps
     total_micro = config["total_steps"] * accumulation
-    shard = ray.train.get_dataset_shard("train")
+    from bpo_ray.train.stage import worker_dataset
+
+    shard = ray.train.get_dataset_shard(worker_dataset(rank))  # this rank's fixed part (stage.fit)
     batches = (_sft_batches if sft else _batches)(shard, train.per_device_batch_size, processor, cfg)
     for _ in range(micro_done):  # same order as before the interruption: skip what was already trained on
         next(batches)
