@@ -33,16 +33,27 @@ def _get(tree: dict, path: tuple) -> float | None:
     return tree if isinstance(tree, (int, float)) else None
 
 
+def _metric_rows(scored: dict) -> list[tuple[str, tuple, bool | None]]:
+    """(label, path into one model's metrics, lower is better) for the headline and every POPE split scored."""
+    rows = list(HEADLINE)
+    for task in ("pope", "coco_pope"):
+        for split in scored.get(task, {}):
+            for field in POPE_FIELDS:
+                rows.append((f"{task} {split} {field}", (task, split, field), None if field == "yes_ratio" else False))
+    return rows
+
+
+def aligned_only(eval_metrics: dict) -> list[tuple[str, float]]:
+    """(metric, value) for the aligned model, when the base was not scored in this run (``eval.base: false``)."""
+    aligned = eval_metrics.get("aligned", {})
+    return [(label, v) for label, path, _ in _metric_rows(aligned) if (v := _get(aligned, path)) is not None]
+
+
 def comparison(eval_metrics: dict) -> list[dict]:
     """Rows of (metric, base, aligned, delta, better) over everything both models were scored on."""
     base, aligned = eval_metrics.get("base", {}), eval_metrics.get("aligned", {})
-    rows = [(label, path, lower) for label, path, lower in HEADLINE]
-    for task in ("pope", "coco_pope"):
-        for split in aligned.get(task, {}):
-            for field in POPE_FIELDS:
-                rows.append((f"{task} {split} {field}", (task, split, field), None if field == "yes_ratio" else False))
     out = []
-    for label, path, lower in rows:
+    for label, path, lower in _metric_rows(aligned):
         b, a = _get(base, path), _get(aligned, path)
         if b is None or a is None:
             continue
@@ -177,6 +188,11 @@ def render_markdown(cfg: RunConfig, report: dict, plots: list[str]) -> str:
                   format_table(report["comparison"]), ""]
         if "plots/eval.png" in plots:
             lines += ["![base vs aligned](plots/eval.png)", ""]
+    elif scores := aligned_only(report["eval"]):
+        n = report["eval"]["aligned"].get("images")
+        lines += [f"Only the aligned model was evaluated here (`eval.base: false`). Held-out synthetic images: {n} "
+                  f"(`{images}`); greedy decoding.", "", "| metric | aligned |", "|---|---:|",
+                  *[f"| {label} | {value:.3f} |" for label, value in scores], ""]
     else:
         lines += ["Evaluation was not run (eval.enabled is false).", ""]
     return "\n".join(lines)

@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+from bpo_ray.config import load_config
 from bpo_ray.data.synthetic import COLORS, COMPANIONS, SHAPES
 from bpo_ray.eval.metrics import (
     chair_caption,
@@ -17,7 +18,8 @@ from bpo_ray.eval.metrics import (
     pope_metrics,
 )
 from bpo_ray.eval.probes import LabeledImage, build_probes, coco_images, synthetic_images
-from bpo_ray.report import comparison, format_table
+from bpo_ray.report import comparison, format_table, render_markdown
+from conftest import REPO
 
 
 @pytest.mark.parametrize(("answer", "yes", "understood"), [
@@ -132,6 +134,21 @@ def test_report_table_marks_which_model_is_better():
     assert rows["pope adversarial yes_ratio"]["better"] is None
     assert "| pope adversarial f1 | 0.600 | 0.700 | +0.100 ✓ |" in format_table(list(rows.values()))
     assert not math.isnan(rows["exact captions"]["delta"])
+
+
+def test_report_of_a_run_that_scored_only_the_aligned_model(tmp_path):
+    """A sweep scores the base once (jobs/effect.py): its other runs report the aligned model's numbers
+    instead of claiming that no evaluation ran."""
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"storage_path={tmp_path}", "eval.base=false"])
+    aligned = {"images": 100, "chair": {"chair_s": 0.25, "exact_caption": 0.3},
+               "pope": {"adversarial": {"f1": 0.7, "accuracy": 0.7, "precision": 0.7, "recall": 0.7, "yes_ratio": 0.5}}}
+    report = {"run_dir": str(tmp_path), "stages": {}, "training": {"first": None, "final": None},
+              "eval": {"aligned": aligned}, "comparison": comparison({"aligned": aligned})}
+    markdown = render_markdown(cfg, report, [])
+    assert "Only the aligned model was evaluated" in markdown and "not run" not in markdown
+    assert "| CHAIR_s (captions with a hallucination) | 0.250 |" in markdown and "| pope adversarial f1 | 0.700 |" in markdown
+    report["eval"] = {}
+    assert "Evaluation was not run" in render_markdown(cfg, report, [])
 
 
 def test_heldout_images_take_the_eval_companion_rate(tmp_path):
