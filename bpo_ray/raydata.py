@@ -52,10 +52,10 @@ def worker_parts(rows, num_workers: int, order_by: list[str], seed: int, rows_pe
 
     Stages write their tables in parallel, so the same rows come back in a different order and in different
     files run to run; Ray Train's default ``streaming_split`` then hands blocks to whichever worker asks first.
-    Either way two runs of one config trained on different batches, and a resumed run skipped micro-batches
+    Either way two runs of one config trained on different batches, and a resumed run could skip micro-batches
     other than the ones it had trained on. Here a hash of (seed, ``order_by`` columns) orders the rows, fixed-size
     blocks hold them (the workers' shuffle buffer fills block by block), and the driver splits them."""
-    ordered = (rows.map_batches(_order_keys, batch_format="pandas", fn_kwargs={"columns": order_by, "seed": seed})
-               .sort(ORDER_COLUMN).drop_columns([ORDER_COLUMN]).materialize())
-    blocks = max(num_workers, math.ceil(ordered.count() / rows_per_block))
-    return ordered.repartition(blocks).materialize().split(num_workers, equal=True)
+    blocks = max(num_workers, math.ceil(rows.count() / rows_per_block))
+    return (rows.map_batches(_order_keys, batch_format="pandas", fn_kwargs={"columns": order_by, "seed": seed})
+            .sort(ORDER_COLUMN).drop_columns([ORDER_COLUMN]).repartition(blocks)
+            .materialize().split(num_workers, equal=True))
