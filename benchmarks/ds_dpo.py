@@ -35,7 +35,7 @@ def main() -> int:
 
     from bpo_ray.config import RunConfig
     from bpo_ray.train.batch import collate, encode_pair, pad_id, pair_logps
-    from bpo_ray.train.losses import dpo_loss, sft_loss
+    from bpo_ray.train.losses import training_objective
     from bpo_ray.train.setup import deepspeed_config
     from bpo_ray.train.worker import _load_policy, peak_memory_gib
 
@@ -56,10 +56,9 @@ def main() -> int:
         # Encoded in the loop, as the Ray worker does: that cost is part of the step on both sides.
         chunk = [rows[(step * size + i) % len(rows)] for i in range(size)]
         batch = collate([encode_pair(processor, r, cfg.model.max_length) for r in chunk], pad_id(processor))
-        logps = pair_logps(engine, batch)
-        out = dpo_loss(logps.chosen, logps.rejected, torch.tensor([r["ref_chosen_logp"] for r in chunk]),
-                       torch.tensor([r["ref_rejected_logp"] for r in chunk]), train.beta, train.loss)
-        loss = out.loss + train.sft_weight * sft_loss(logps.chosen_token_sum, logps.chosen_tokens)
+        loss, _ = training_objective(pair_logps(engine, batch, average=train.loss == "ipo"),
+                                     torch.tensor([r["ref_chosen_logp"] for r in chunk]),
+                                     torch.tensor([r["ref_rejected_logp"] for r in chunk]), train)
         engine.backward(loss)
         engine.step()
         ends.append(time.perf_counter())

@@ -56,3 +56,15 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
 def sft_loss(chosen_token_logps_sum: torch.Tensor, chosen_token_counts: torch.Tensor) -> torch.Tensor:
     """Negative log-likelihood per token of the chosen answers (the optional SFT term)."""
     return -(chosen_token_logps_sum.sum() / chosen_token_counts.sum().clamp(min=1))
+
+
+def training_objective(logps, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, train) -> tuple[torch.Tensor, DPOOutput]:
+    """What a DPO step minimises: the ``train.loss`` DPO loss plus ``train.sft_weight`` × the SFT term on the
+    chosen answers. ``logps``: the policy's ``PairLogps``; ``train``: the train config (beta, loss,
+    label_smoothing, sft_weight)."""
+    out = dpo_loss(logps.chosen, logps.rejected, ref_chosen, ref_rejected, train.beta, train.loss,
+                   train.label_smoothing)
+    loss = out.loss
+    if train.sft_weight:
+        loss = loss + train.sft_weight * sft_loss(logps.chosen_token_sum, logps.chosen_tokens)
+    return loss, out

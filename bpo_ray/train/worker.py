@@ -21,7 +21,7 @@ from bpo_ray.data.records import decode_image
 from bpo_ray.models.loader import load_vlm
 from bpo_ray.models.prompts import SampleTooLong, encode_prompt_response
 from bpo_ray.train.batch import collate, collate_rows, encode_pair, pad_id, pair_logps, response_nll
-from bpo_ray.train.losses import dpo_loss, sft_loss
+from bpo_ray.train.losses import training_objective
 from bpo_ray.train.setup import deepspeed_config, prepare_model, trainable_parameters
 
 log = logging.getLogger("bpo_ray.train")
@@ -160,11 +160,7 @@ def train_loop_per_worker(config: dict) -> None:
             batch, ref_c, ref_r = next(batches)
             if reference is not None:
                 ref_c, ref_r = reference(batch, average)
-            logps = pair_logps(engine, batch, average=average)
-            out = dpo_loss(logps.chosen, logps.rejected, ref_c, ref_r, train.beta, train.loss, train.label_smoothing)
-            loss = out.loss
-            if train.sft_weight:
-                loss = loss + train.sft_weight * sft_loss(logps.chosen_token_sum, logps.chosen_tokens)
+            loss, out = training_objective(pair_logps(engine, batch, average=average), ref_c, ref_r, train)
             step_metrics, weight = out.metrics(), batch.num_pairs
         engine.backward(loss)
         lr = float(scheduler.get_last_lr()[0])  # the rate this step uses (step() moves the schedule on)
