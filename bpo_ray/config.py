@@ -160,6 +160,9 @@ class TrainConfig(Section):
     # live: a frozen reference model on every worker; adapter_disabled: the LoRA policy without adapters.
     reference: Literal["precomputed", "live", "adapter_disabled"] = "precomputed"
     lr: float = Field(2e-6, gt=0.0)
+    # Learning rate of the vision tower and projector, where they train (None: lr), like LLaVA's
+    # mm_vision_tower_lr / mm_projector_lr.
+    vision_lr: float | None = Field(None, gt=0.0)
     epochs: float = Field(2.0, gt=0.0)
     max_steps: int | None = Field(None, ge=1)
     per_device_batch_size: int = Field(4, ge=1)
@@ -175,7 +178,9 @@ class TrainConfig(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool = True
     freeze_vision_tower: bool = True
-    freeze_projector: bool = False
+    # None: trained in full fine-tuning, frozen under LoRA (only the adapter trains). False with LoRA: trained
+    # in full beside the adapter, as LLaVA's LoRA recipe trains its projector.
+    freeze_projector: bool | None = None
     lora: LoraConfig = LoraConfig()
     # The Ray Data pass that scores reference log-probs once, before training (reference: precomputed).
     reference_pool: ActorPoolConfig = ActorPoolConfig(batch_size=4)
@@ -197,6 +202,7 @@ class SFTConfig(Section):
     # What to fine-tune on: any data source the data stage reads (the demo: a larger shapes set).
     data: DataConfig = DataConfig(synthetic=SyntheticDataConfig(num_images=1500, seed=7))
     lr: float = Field(2e-3, gt=0.0)
+    vision_lr: float | None = Field(None, gt=0.0)  # as train.vision_lr
     epochs: float = Field(3.0, gt=0.0)
     max_steps: int | None = Field(None, ge=1)
     per_device_batch_size: int = Field(16, ge=1)
@@ -379,6 +385,10 @@ def _impossible_combinations(cfg: RunConfig):
     if cfg.sft.enabled and cfg.sft.data.format == "synthetic" and cfg.eval.enabled \
             and cfg.sft.data.synthetic.seed == cfg.eval.seed:
         yield "sft.data.synthetic.seed equals eval.seed: the base would be fine-tuned on the evaluation images"
+    if train.vision_lr is not None and train.freeze_vision_tower and (
+            train.freeze_projector or (train.freeze_projector is None and train.lora.enabled)):
+        yield ("train.vision_lr is set, but the vision tower and projector are frozen (set "
+               "train.freeze_vision_tower=false or train.freeze_projector=false)")
     if train.offload_params and train.zero_stage != 3:
         yield "train.offload_params needs train.zero_stage=3 (parameter offload is a ZeRO-3 feature)"
     if train.offload_optimizer and train.zero_stage == 0:

@@ -15,7 +15,7 @@ from bpo_ray.data.synthetic import generate as shapes
 from bpo_ray.models.loader import load_vlm
 from bpo_ray.train.batch import collate, collate_rows, encode_pair, pad_id, pair_logps, response_nll
 from bpo_ray.train.losses import dpo_loss
-from bpo_ray.train.setup import deepspeed_config, optimizer_steps, prepare_model
+from bpo_ray.train.setup import deepspeed_config, optimizer_steps, param_groups, prepare_model
 
 
 def _png(image) -> bytes:
@@ -121,7 +121,38 @@ def test_freezing_and_lora_targets(tiny_models):
     model, _ = load_vlm(str(tiny_models["llava"]))
     lora = prepare_model(model, TrainConfig(lora={"enabled": True, "r": 4, "alpha": 8}))
     names = [n for n, p in lora.named_parameters() if p.requires_grad]
-    assert names and all("lora_" in n and "language_model" in n for n in names)
+    assert names and all("lora_" in n and "language_model" in n for n in names)  # default: the adapter only
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2_vl"])
+def test_lora_trains_the_vision_parts_the_config_leaves_unfrozen(tiny_models, arch):
+    """peft freezes all but its adapters: an unfrozen projector (or tower) must train anyway, be switched off
+    with the adapter (the adapter_disabled reference is the base) and be merged on export."""
+    model, _ = load_vlm(str(tiny_models[arch]))
+    lora = prepare_model(model, TrainConfig(lora={"enabled": True, "r": 4, "alpha": 8}, freeze_projector=False,
+                                            gradient_checkpointing=False))
+    projector = "multi_modal_projector" if arch == "llava" else "merger"
+    trained = [n for n, p in lora.named_parameters() if p.requires_grad and "lora_" not in n]
+    assert trained and all(f"{projector}.modules_to_save." in n for n in trained)
+    assert not any(".visual.blocks." in n or "vision_tower" in n for n in trained)
+    with torch.no_grad():
+        for p in lora.parameters():
+            if p.requires_grad:
+                p.add_(0.5)  # a training step's worth of change, in every trained part
+    base_state = {k: v.clone() for k, v in load_vlm(str(tiny_models[arch]))[0].state_dict().items()}
+    with lora.disable_adapter():
+        off = {n.split("base_model.model.", 1)[-1].replace(".original_module", ""): p for n, p in
+               lora.named_parameters() if "lora_" not in n and ".modules_to_save." not in n}
+    assert all(torch.equal(off[k], v) for k, v in base_state.items() if k in off)
+    merged = lora.merge_and_unload().state_dict()
+    changed = [k for k, v in merged.items() if not torch.equal(v, base_state[k])]
+    assert any(projector in k for k in changed) and all(projector in k or "language_model" in k for k in changed)
+
+    model, _ = load_vlm(str(tiny_models[arch]))  # an unfrozen tower goes in full, its projector with it
+    both = prepare_model(model, TrainConfig(lora={"enabled": True}, freeze_projector=False, freeze_vision_tower=False,
+                                            gradient_checkpointing=False))
+    tower = [n for n, p in both.named_parameters() if p.requires_grad and "lora_" not in n]
+    assert any(projector in n for n in tower) and any(".blocks." in n or "vision_tower" in n for n in tower)
 
 
 def test_deepspeed_config_and_steps():
@@ -135,3 +166,35 @@ def test_deepspeed_config_and_steps():
     assert not ds["bf16"]["enabled"] and deepspeed_config(train, 2, True, total)["bf16"]["enabled"]
     assert ds["scheduler"]["params"]["warmup_num_steps"] == 1
     assert optimizer_steps(100, TrainConfig(max_steps=3), 2)[1] == 3
+
+
+def test_vision_lr_puts_the_vision_side_in_its_own_group_and_the_schedule_keeps_it(tiny_models):
+    from deepspeed.runtime.lr_schedules import WarmupCosineLR
+
+    model, _ = load_vlm(str(tiny_models["llava"]))
+    full = prepare_model(model, TrainConfig(lora={"enabled": False}, freeze_vision_tower=False, lr=2e-3,
+                                            vision_lr=5e-4, gradient_checkpointing=False))
+    groups = param_groups(full, TrainConfig(lora={"enabled": False}, lr=2e-3, vision_lr=5e-4))
+    names = {id(p): n for n, p in full.named_parameters()}
+    language, vision = ({names[id(p)] for p in g["params"]} for g in groups)
+    assert "lr" not in groups[0] and groups[1]["lr"] == 5e-4
+    assert all("language_model" in n or "lm_head" in n for n in language)
+    assert any("vision_tower" in n for n in vision) and any("multi_modal_projector" in n for n in vision)
+    assert len(language) + len(vision) == sum(p.requires_grad for p in full.parameters())
+    assert len(param_groups(full, TrainConfig(lora={"enabled": False}))) == 1  # no vision_lr: one group
+    # the generated DeepSpeed config's optimizer and schedule (WarmupCosineLR scales each group's own rate)
+    optimizer = torch.optim.AdamW(groups, lr=2e-3)
+    schedule = WarmupCosineLR(optimizer, total_num_steps=10, warmup_num_steps=2, warmup_type="linear")
+    for _ in range(4):
+        optimizer.step()
+        schedule.step()
+    rates = schedule.get_last_lr()
+    assert 0 < rates[1] < 5e-4 and rates[0] == pytest.approx(4 * rates[1])
+
+
+def test_vision_lr_with_nothing_on_the_vision_side_to_train_is_a_config_error():
+    from bpo_ray.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="train.vision_lr is set, but the vision tower and projector are frozen"):
+        load_config(None, ["train.vision_lr=1e-5"])  # LoRA: only the adapter trains
+    assert load_config(None, ["train.vision_lr=1e-5", "train.freeze_projector=false"]).train.vision_lr == 1e-5

@@ -228,9 +228,11 @@ def test_live_reference_modes_train(prepared, tmp_path, tiny_models, ray_local, 
     """The reference scored inside the step (LoRA adapters off, or a frozen ZeRO-3 copy of the base) is the
     base model: the first loss is exactly ln 2 (policy = reference at init), then the loss falls. A wrong
     reference (say, the adapters left on) would keep it at ln 2. Their agreement with the precomputed
-    reference, number for number, is test_pair_batch.py::test_reference_modes_agree."""
+    reference, number for number, is test_pair_batch.py::test_reference_modes_agree. With adapters off, the
+    projector trains too (in full, at its own rate): turning the adapter off must turn that off as well."""
     root = _copy(prepared, tmp_path)
-    cfg = _cfg(root, tiny_models["llava"], "train.max_steps=6", f"train.reference={mode}")
+    projector = ["train.freeze_projector=false", "train.vision_lr=5e-3"] if mode == "adapter_disabled" else []
+    cfg = _cfg(root, tiny_models["llava"], "train.max_steps=6", f"train.reference={mode}", *projector)
     run = RunDir.for_config(cfg)
     manifest = run_reference(cfg, run)  # length checks only in these modes
     assert manifest["mode"] == mode and manifest["scored"] == manifest["pairs_in"]
@@ -238,6 +240,10 @@ def test_live_reference_modes_train(prepared, tmp_path, tiny_models, ray_local, 
     losses = _losses(run)
     assert losses[1] == pytest.approx(math.log(2), abs=1e-4)
     assert losses[6] < losses[1] - 0.005  # a wrong reference (= the policy) keeps every loss at exactly ln 2
+    exported = load_file(str(root / "bpo-tiny" / "model" / "model.safetensors"))
+    base = load_file(str(tiny_models["llava"] / "model.safetensors"))
+    changed = {k.split(".")[0] for k in base if not torch.equal(base[k], exported[k])}
+    assert changed == ({"language_model", "multi_modal_projector"} if projector else {"language_model"})
 
 
 def test_epochs_reshuffle_and_a_rerun_sees_the_same_batches(ray_local):

@@ -22,29 +22,58 @@ def _modules(model, names):
     return [module for name, module in model.named_modules() if name.rsplit(".", 1)[-1] in names]
 
 
+def full_copies(model, train: TrainConfig, freeze_projector: bool) -> list[str] | None:
+    """The vision parts a LoRA run trains in full. peft freezes everything but its adapters; a part listed
+    here trains as a copy that the adapter saves and ``disable_adapter`` switches off (so the
+    adapter_disabled reference stays the base model). A projector inside a trained tower goes with it."""
+    towers = [] if train.freeze_vision_tower else [n for n, _ in model.named_modules()
+                                                   if n.rsplit(".", 1)[-1] in VISION_NAMES]
+    projectors = [] if freeze_projector else [n for n, _ in model.named_modules()
+                                              if n.rsplit(".", 1)[-1] in PROJECTOR_NAMES
+                                              and not any(n.startswith(t + ".") for t in towers)]
+    return [n.rsplit(".", 1)[-1] for n in towers + projectors] or None
+
+
 def prepare_model(model, train: TrainConfig):
     """Freeze what the config freezes, add LoRA to the language model, enable gradient checkpointing.
 
     Reentrant checkpointing + input embeddings that require grad: the combination that works with a frozen
     vision tower and with a LoRA base under ZeRO-3 (non-reentrant raises CheckpointError there).
     """
+    lora = train.lora.enabled
+    freeze_projector = lora if train.freeze_projector is None else train.freeze_projector
     if train.freeze_vision_tower:
         for module in _modules(model, VISION_NAMES):
             module.requires_grad_(False)
     projectors = _modules(model, PROJECTOR_NAMES)
     for module in projectors:  # Qwen's merger sits inside the vision tower: decide it explicitly
-        module.requires_grad_(not train.freeze_projector)
-    if train.lora.enabled:
+        module.requires_grad_(not freeze_projector)
+    if lora:
         from peft import LoraConfig, get_peft_model
 
         targets = LM_LINEAR if train.lora.target_modules == "all-linear" else train.lora.target_modules
         model = get_peft_model(model, LoraConfig(r=train.lora.r, lora_alpha=train.lora.alpha,
-                                                 lora_dropout=train.lora.dropout, target_modules=targets))
+                                                 lora_dropout=train.lora.dropout, target_modules=targets,
+                                                 modules_to_save=full_copies(model, train, freeze_projector)))
     if train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
         model.enable_input_require_grads()
     model.config.use_cache = False
     return model
+
+
+def param_groups(model, train: TrainConfig) -> list[dict]:
+    """The optimizer's parameter groups: what trains, the vision tower and projector at ``train.vision_lr``
+    when set. The language model's group comes first: its rate is the one the metrics log. (DeepSpeed's
+    WarmupCosineLR scales each group's own rate.)"""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if train.vision_lr is None:
+        return [{"params": [p for _, p in named]}]
+    vision = set(VISION_NAMES + PROJECTOR_NAMES)
+    on_vision = [not vision.isdisjoint(n.split(".")) for n, _ in named]
+    groups = [{"params": [p for (_, p), v in zip(named, on_vision, strict=True) if not v]},
+              {"params": [p for (_, p), v in zip(named, on_vision, strict=True) if v], "lr": train.vision_lr}]
+    return [g for g in groups if g["params"]]
 
 
 def trainable_parameters(model) -> tuple[int, int]:

@@ -22,7 +22,7 @@ from bpo_ray.models.loader import load_vlm
 from bpo_ray.models.prompts import SampleTooLong, encode_prompt_response
 from bpo_ray.train.batch import collate, collate_rows, encode_pair, pad_id, pair_logps, response_nll
 from bpo_ray.train.losses import training_objective
-from bpo_ray.train.setup import deepspeed_config, prepare_model, trainable_parameters
+from bpo_ray.train.setup import deepspeed_config, param_groups, prepare_model, trainable_parameters
 
 log = logging.getLogger("bpo_ray.train")
 STATE_FILE = "state.json"
@@ -120,7 +120,7 @@ def train_loop_per_worker(config: dict) -> None:
     model, processor = _load_policy(config["policy_path"], cfg, ds_config)
     trainable, total = trainable_parameters(model)
     engine, _, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config)
+        model=model, model_parameters=param_groups(model, train), config=ds_config)
 
     sft = config.get("objective", "dpo") == "sft"
     reference = None if sft else _reference_scorer(cfg, config["policy_path"], ds_config, engine)
