@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--anchor-rate", type=float, default=0.0, help="how often an image is built around an anchor")
     p.add_argument("--caption-prior", type=float, default=0.0,
                    help="how often an anchor without its companion is annotated as if it were there")
+    p.add_argument("--companion-questions", type=float, default=0.0,
+                   help="how often an anchor without its companion is asked about both (yes, no)")
     p.add_argument("--qa-per-image", type=int, default=2)
 
     p = sub.add_parser("config", help="validate a config and print it resolved (with overrides)")
@@ -225,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
 
         out = write_dataset(args.out, num_images=args.num_images, seed=args.seed, image_size=args.image_size,
                             max_objects=args.max_objects, cooccurrence=args.cooccurrence, anchor_rate=args.anchor_rate,
-                            caption_prior=args.caption_prior, qa_per_image=args.qa_per_image)
+                            caption_prior=args.caption_prior, companion_questions=args.companion_questions,
+                            qa_per_image=args.qa_per_image)
         print(out)
         return 0
     if args.command == "config":

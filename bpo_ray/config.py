@@ -58,6 +58,9 @@ class SyntheticDataConfig(Section):
     # How often an anchor shown without its companion is annotated as if the companion were there (web-caption
     # noise that follows the prior). For SFT data that should teach the prior; keep 0 for BPO data and eval.
     caption_prior: float = Field(0.0, ge=0.0, le=1.0)
+    # How often an image with an anchor but not its companion is also asked about both (yes, then no), as
+    # negative instructions ask about plausible absent objects. For BPO data: pairs where the prior says yes.
+    companion_questions: float = Field(0.0, ge=0.0, le=1.0)
     qa_per_image: int = Field(2, ge=0, le=8)
 
 

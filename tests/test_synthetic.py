@@ -135,3 +135,41 @@ def test_make_data_cli(tmp_path):
     result = run_cli("make-data", "--out", str(tmp_path / "d"), "--num-images", "3", "--seed", "5")
     assert result.returncode == 0, result.stderr
     assert len(list((tmp_path / "d" / "images").glob("*.png"))) == 3
+
+
+def test_companion_questions_ask_about_anchor_and_missing_companion_and_change_nothing_else(tmp_path):
+    plain = list(synthetic.generate(300, seed=3, max_objects=2, anchor_rate=0.5, cooccurrence=0.5))
+    asked = list(synthetic.generate(300, seed=3, max_objects=2, anchor_rate=0.5, cooccurrence=0.5,
+                                    companion_questions=1.0))
+    yes = no = 0
+    for a, b in zip(plain, asked, strict=True):
+        assert a.objects == b.objects and a.image.tobytes() == b.image.tobytes()
+        assert a.records[0] == b.records[0]  # the caption
+        before = a.records[1]["conversations"]
+        after = b.records[1]["conversations"]
+        assert after[: len(before)] == before  # the other questions, as they were
+        extra = [(q["value"], r["value"]) for q, r in zip(after[len(before)::2], after[len(before) + 1::2], strict=True)]
+        expected = []
+        for anchor, companion in synthetic.missing_companions(a.objects):
+            assert anchor in {o.name for o in a.objects} and companion not in {o.name for o in a.objects}
+            expected += [(f"Is there a {anchor} in the image?", f"Yes, there is a {anchor}."),
+                         (f"Is there a {companion} in the image?", f"No, there is no {companion}.")]
+        already = {t["value"].removeprefix("<image>\n") for t in before[::2]}
+        assert extra == [(q, r) for q, r in expected if q not in already]  # each asked once
+        yes += sum(r.startswith("Yes") for _, r in extra)
+        no += sum(r.startswith("No") for _, r in extra)
+    assert yes > 30 and no > 30
+    # with a prior-following annotator, the companion it annotated is not then denied
+    noisy = synthetic.generate(300, seed=3, max_objects=2, anchor_rate=0.5, cooccurrence=0.5, caption_prior=1.0,
+                               companion_questions=1.0)
+    for sample in noisy:
+        caption = sample.records[0]["conversations"][1]["value"]
+        answers = " ".join(t["value"] for t in sample.records[1]["conversations"][1::2])
+        for color, shape in synthetic.COMPANIONS.values():
+            if f"small {color} {shape}" in caption:
+                assert f"no {color} {shape}" not in answers
+    # off by default, and a rate that asks nothing changes no byte of the data
+    never = synthetic.write_dataset(tmp_path / "never", num_images=30, seed=7, anchor_rate=0.5,
+                                    companion_questions=1e-12)
+    off = synthetic.write_dataset(tmp_path / "off", num_images=30, seed=7, anchor_rate=0.5)
+    assert _tree(never) == _tree(off)

@@ -7,7 +7,10 @@ accompanied by a fixed companion (e.g. a red circle by a blue square), drawn sma
 evidence plus a strong prior is what makes a model name the companion when it is absent. With
 ``caption_prior`` the annotations also carry the prior the way web captions do: an image that shows an anchor
 without its companion is sometimes annotated as if the companion were there (its truth file keeps what is
-drawn). A model fine-tuned on such data names the companion whether it can see or not.
+drawn). A model fine-tuned on such data names the companion whether it can see or not. With
+``companion_questions`` an image that shows an anchor without its companion is also asked about both (answers:
+yes, no), the way negative instructions ask about plausible absent objects: preference data that should teach a
+model to say no where its prior says yes needs such questions.
 
 Everything is a pure function of the seed: the same seed writes byte-identical files.
 """
@@ -168,6 +171,13 @@ def annotated_objects(objects: list[ShapeObject], rng: np.random.Generator, capt
     return [*objects, ShapeObject(shape, color, "small", cell, bbox=(0, 0, 0, 0), faint=True)]  # text only, never drawn
 
 
+def missing_companions(objects: list[ShapeObject]) -> list[tuple[str, str]]:
+    """(anchor, companion) names for each anchor here whose usual companion is not."""
+    names = {(o.color, o.shape) for o in objects}
+    return [(" ".join(anchor), " ".join(companion)) for anchor, companion in COMPANIONS.items()
+            if anchor in names and companion not in names]
+
+
 @dataclass
 class SyntheticSample:
     image_id: str
@@ -178,11 +188,13 @@ class SyntheticSample:
 
 def generate(num_images: int, seed: int = 0, image_size: int = 64, max_objects: int = 3,
              cooccurrence: float = 0.8, qa_per_image: int = 2, anchor_rate: float = 0.0,
-             caption_prior: float = 0.0):
+             caption_prior: float = 0.0, companion_questions: float = 0.0):
     """Yield SyntheticSample, deterministically for a seed."""
     rng = np.random.default_rng(seed)
-    # Its own stream, so that caption_prior=0 leaves every other draw (and so the files) as they were.
+    # Their own streams, so that caption_prior=0 and companion_questions=0 leave every other draw (and so the
+    # files) as they were.
     annotator = np.random.default_rng([seed, 1])
+    asker = np.random.default_rng([seed, 2])
     for index in range(num_images):
         image_id = f"shapes-{seed}-{index:05d}"
         objects = sample_objects(rng, image_size, max_objects, cooccurrence, anchor_rate)
@@ -200,6 +212,20 @@ def generate(num_images: int, seed: int = 0, image_size: int = 64, max_objects: 
             qa = qa_pairs(objects, rng, qa_per_image)
             if annotated is not objects:  # asked of what was annotated; drawn from the annotator's stream, as above
                 qa = qa_pairs(annotated, annotator, qa_per_image)
+        else:
+            qa = []
+        if companion_questions:  # asked of what was annotated, like the rest: no "no" after an annotated "yes"
+            asked = {question for question, _ in qa}
+            for anchor, companion in missing_companions(annotated):
+                if asker.random() >= companion_questions:
+                    continue
+                # Both: the anchor that is there (yes) and its companion that is not (no). Denials alone
+                # would teach "no" to every existence question.
+                for name, there in ((anchor, True), (companion, False)):
+                    question = f"Is there a {name} in the image?"
+                    if question not in asked:
+                        qa.append((question, f"Yes, there is a {name}." if there else f"No, there is no {name}."))
+        if qa:
             turns = []
             for turn, (question, answer) in enumerate(qa):
                 turns.append({"from": "human", "value": f"<image>\n{question}" if turn == 0 else question})
@@ -218,13 +244,13 @@ def truth_row(sample: SyntheticSample) -> dict:
 
 def write_dataset(out_dir: str | Path, num_images: int = 64, seed: int = 0, image_size: int = 64,
                   max_objects: int = 3, cooccurrence: float = 0.8, qa_per_image: int = 2,
-                  anchor_rate: float = 0.0, caption_prior: float = 0.0) -> Path:
+                  anchor_rate: float = 0.0, caption_prior: float = 0.0, companion_questions: float = 0.0) -> Path:
     """Write images/*.png, records.json (LLaVA format) and truth.jsonl (structured truth)."""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     records, truths = [], []
     for sample in generate(num_images, seed, image_size, max_objects, cooccurrence, qa_per_image, anchor_rate,
-                           caption_prior):
+                           caption_prior, companion_questions):
         buf = io.BytesIO()
         sample.image.save(buf, format="PNG", optimize=False)
         (out / "images" / f"{sample.image_id}.png").write_bytes(buf.getvalue())
