@@ -173,3 +173,16 @@ def test_companion_questions_ask_about_anchor_and_missing_companion_and_change_n
                                     companion_questions=1e-12)
     off = synthetic.write_dataset(tmp_path / "off", num_images=30, seed=7, anchor_rate=0.5)
     assert _tree(never) == _tree(off)
+
+
+def test_the_dataset_cache_is_keyed_by_the_settings_and_the_generator_version(tmp_path, monkeypatch):
+    from bpo_ray.config import SyntheticDataConfig
+    from bpo_ray.data.stage import synthetic_dir
+
+    cfg = SyntheticDataConfig(num_images=2)
+    first = synthetic_dir(cfg, str(tmp_path))
+    assert (first / "records.json").is_file() and synthetic_dir(cfg, str(tmp_path)) == first
+    assert synthetic_dir(cfg.model_copy(update={"companion_questions": 0.5}), str(tmp_path)) != first
+    # a generator that changed what it writes must not be served a dataset its old version wrote
+    monkeypatch.setattr(synthetic, "VERSION", synthetic.VERSION + 1)
+    assert synthetic_dir(cfg, str(tmp_path)) != first

@@ -31,9 +31,10 @@ _EMPTY_SAMPLE = {"sample_id": "", "record_id": "", "source_index": -1, "turn": -
 
 def synthetic_dir(cfg: SyntheticDataConfig, cache_dir: str) -> Path:
     """The bundled dataset for these settings, written once into the cache."""
-    from bpo_ray.data.synthetic import write_dataset
+    from bpo_ray.data.synthetic import VERSION, write_dataset
 
-    key = hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+    settings = {**cfg.model_dump(mode="json"), "version": VERSION}
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     target = Path(cache_dir).absolute() / "data" / f"shapes-{key}"
     if not (target / "records.json").exists():
         write_dataset(target, **cfg.model_dump())

@@ -43,6 +43,8 @@ CELLS = (
 COMPANIONS = {("red", "circle"): ("blue", "square"), ("green", "triangle"): ("yellow", "circle")}
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 BACKGROUND = (245, 245, 245)
+# Bump when the files some setting writes change: cached datasets are keyed by it, with the settings.
+VERSION = 1
 
 
 @dataclass(frozen=True)
