@@ -163,8 +163,8 @@ class TrainConfig(Section):
     # live: a frozen reference model on every worker; adapter_disabled: the LoRA policy without adapters.
     reference: Literal["precomputed", "live", "adapter_disabled"] = "precomputed"
     lr: float = Field(2e-6, gt=0.0)
-    # Learning rate of the vision tower and projector, where they train (None: lr), like LLaVA's
-    # mm_vision_tower_lr / mm_projector_lr.
+    # Learning rate of the vision tower where it trains (None: lr), like LLaVA's mm_vision_tower_lr. The
+    # projector trains at lr.
     vision_lr: float | None = Field(None, gt=0.0)
     epochs: float = Field(2.0, gt=0.0)
     max_steps: int | None = Field(None, ge=1)
@@ -388,10 +388,8 @@ def _impossible_combinations(cfg: RunConfig):
     if cfg.sft.enabled and cfg.sft.data.format == "synthetic" and cfg.eval.enabled \
             and cfg.sft.data.synthetic.seed == cfg.eval.seed:
         yield "sft.data.synthetic.seed equals eval.seed: the base would be fine-tuned on the evaluation images"
-    if train.vision_lr is not None and train.freeze_vision_tower and (
-            train.freeze_projector or (train.freeze_projector is None and train.lora.enabled)):
-        yield ("train.vision_lr is set, but the vision tower and projector are frozen (set "
-               "train.freeze_vision_tower=false or train.freeze_projector=false)")
+    if train.vision_lr is not None and train.freeze_vision_tower:
+        yield "train.vision_lr is set, but the vision tower is frozen (set train.freeze_vision_tower=false)"
     if train.offload_params and train.zero_stage != 3:
         yield "train.offload_params needs train.zero_stage=3 (parameter offload is a ZeRO-3 feature)"
     if train.offload_optimizer and train.zero_stage == 0:

@@ -168,7 +168,7 @@ def test_deepspeed_config_and_steps():
     assert optimizer_steps(100, TrainConfig(max_steps=3), 2)[1] == 3
 
 
-def test_vision_lr_puts_the_vision_side_in_its_own_group_and_the_schedule_keeps_it(tiny_models):
+def test_vision_lr_puts_the_tower_in_its_own_group_and_the_schedule_keeps_it(tiny_models):
     from deepspeed.runtime.lr_schedules import WarmupCosineLR
 
     model, _ = load_vlm(str(tiny_models["llava"]))
@@ -178,10 +178,17 @@ def test_vision_lr_puts_the_vision_side_in_its_own_group_and_the_schedule_keeps_
     names = {id(p): n for n, p in full.named_parameters()}
     language, vision = ({names[id(p)] for p in g["params"]} for g in groups)
     assert "lr" not in groups[0] and groups[1]["lr"] == 5e-4
-    assert all("language_model" in n or "lm_head" in n for n in language)
-    assert any("vision_tower" in n for n in vision) and any("multi_modal_projector" in n for n in vision)
+    assert any("multi_modal_projector" in n for n in language)  # the projector learns at lr
+    assert all("language_model" in n or "lm_head" in n or "multi_modal_projector" in n for n in language)
+    assert vision and all("vision_tower" in n for n in vision)
     assert len(language) + len(vision) == sum(p.requires_grad for p in full.parameters())
     assert len(param_groups(full, TrainConfig(lora={"enabled": False}))) == 1  # no vision_lr: one group
+    qwen, _ = load_vlm(str(tiny_models["qwen2_vl"]))  # Qwen's merger sits inside its tower, and learns at lr
+    qwen = prepare_model(qwen, TrainConfig(lora={"enabled": False}, freeze_vision_tower=False, vision_lr=5e-4,
+                                           gradient_checkpointing=False))
+    names = {id(p): n for n, p in qwen.named_parameters()}
+    language, vision = ({names[id(p)] for p in g["params"]} for g in param_groups(qwen, TrainConfig(vision_lr=5e-4)))
+    assert any(".merger." in n for n in language) and vision and all(".visual.blocks." in n or ".visual.patch_embed." in n for n in vision)
     # the generated DeepSpeed config's optimizer and schedule (WarmupCosineLR scales each group's own rate)
     optimizer = torch.optim.AdamW(groups, lr=2e-3)
     schedule = WarmupCosineLR(optimizer, total_num_steps=10, warmup_num_steps=2, warmup_type="linear")
@@ -192,9 +199,9 @@ def test_vision_lr_puts_the_vision_side_in_its_own_group_and_the_schedule_keeps_
     assert 0 < rates[1] < 5e-4 and rates[0] == pytest.approx(4 * rates[1])
 
 
-def test_vision_lr_with_nothing_on_the_vision_side_to_train_is_a_config_error():
+def test_vision_lr_with_a_frozen_tower_is_a_config_error():
     from bpo_ray.config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match="train.vision_lr is set, but the vision tower and projector are frozen"):
-        load_config(None, ["train.vision_lr=1e-5"])  # LoRA: only the adapter trains
-    assert load_config(None, ["train.vision_lr=1e-5", "train.freeze_projector=false"]).train.vision_lr == 1e-5
+    with pytest.raises(ConfigError, match="train.vision_lr is set, but the vision tower is frozen"):
+        load_config(None, ["train.vision_lr=1e-5"])
+    assert load_config(None, ["train.vision_lr=1e-5", "train.freeze_vision_tower=false"]).train.vision_lr == 1e-5

@@ -63,14 +63,14 @@ def prepare_model(model, train: TrainConfig):
 
 
 def param_groups(model, train: TrainConfig) -> list[dict]:
-    """The optimizer's parameter groups: what trains, the vision tower and projector at ``train.vision_lr``
-    when set. The language model's group comes first: its rate is the one the metrics log. (DeepSpeed's
-    WarmupCosineLR scales each group's own rate.)"""
+    """The optimizer's parameter groups: what trains, the vision tower at ``train.vision_lr`` when set (its
+    projector, Qwen's merger included, stays at ``lr``). The first group's rate is the one the metrics log.
+    (DeepSpeed's WarmupCosineLR scales each group's own rate.)"""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if train.vision_lr is None:
         return [{"params": [p for _, p in named]}]
-    vision = set(VISION_NAMES + PROJECTOR_NAMES)
-    on_vision = [not vision.isdisjoint(n.split(".")) for n, _ in named]
+    on_vision = [not set(VISION_NAMES).isdisjoint(n.split(".")) and set(PROJECTOR_NAMES).isdisjoint(n.split("."))
+                 for n, _ in named]
     groups = [{"params": [p for (_, p), v in zip(named, on_vision, strict=True) if not v]},
               {"params": [p for (_, p), v in zip(named, on_vision, strict=True) if v], "lr": train.vision_lr}]
     return [g for g in groups if g["params"]]
