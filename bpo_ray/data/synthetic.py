@@ -44,7 +44,7 @@ COMPANIONS = {("red", "circle"): ("blue", "square"), ("green", "triangle"): ("ye
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 BACKGROUND = (245, 245, 245)
 # Bump when the files some setting writes change: cached datasets are keyed by it, with the settings.
-VERSION = 1
+VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -214,25 +214,22 @@ def generate(num_images: int, seed: int = 0, image_size: int = 64, max_objects: 
             qa = qa_pairs(objects, rng, qa_per_image)
             if annotated is not objects:  # asked of what was annotated; drawn from the annotator's stream, as above
                 qa = qa_pairs(annotated, annotator, qa_per_image)
-        else:
-            qa = []
-        if companion_questions:  # asked of what was annotated, like the rest: no "no" after an annotated "yes"
-            asked = {question for question, _ in qa}
-            for anchor, companion in missing_companions(annotated):
-                if asker.random() >= companion_questions:
-                    continue
-                # Both: the anchor that is there (yes) and its companion that is not (no). Denials alone
-                # would teach "no" to every existence question.
-                for name, there in ((anchor, True), (companion, False)):
-                    question = f"Is there a {name} in the image?"
-                    if question not in asked:
-                        qa.append((question, f"Yes, there is a {name}." if there else f"No, there is no {name}."))
-        if qa:
             turns = []
             for turn, (question, answer) in enumerate(qa):
                 turns.append({"from": "human", "value": f"<image>\n{question}" if turn == 0 else question})
                 turns.append({"from": "gpt", "value": answer})
             records.append({"id": f"{image_id}-qa", "image": file_name, "conversations": turns})
+        if companion_questions:  # asked of what was annotated, like the rest: no "no" after an annotated "yes"
+            for anchor, companion in missing_companions(annotated):
+                if asker.random() >= companion_questions:
+                    continue
+                # Both: the anchor that is there (yes) and its companion that is not (no); denials alone
+                # would teach "no" to every existence question. Each a conversation of its own, as the
+                # question comes first in use (a later turn is asked with other answers in view).
+                for name, answer in ((anchor, f"Yes, there is a {anchor}."), (companion, f"No, there is no {companion}.")):
+                    records.append({"id": f"{image_id}-ask-{name.replace(' ', '-')}", "image": file_name,
+                                    "conversations": [{"from": "human", "value": f"<image>\nIs there a {name} in the image?"},
+                                                      {"from": "gpt", "value": answer}]})
         yield SyntheticSample(image_id, render(objects, image_size), objects, records)
 
 
