@@ -35,6 +35,7 @@ VARIANTS = {
     "weakening": ["negatives.injection.enabled=false"],
     "beta0.05": ["train.beta=0.05"],
     "beta0.5": ["train.beta=0.5"],
+    "companion-q": ["data.synthetic.companion_questions=1.0"],
 }
 # (label, path into one model's eval metrics, lower is better)
 METRICS = [
