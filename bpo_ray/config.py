@@ -388,8 +388,9 @@ def _impossible_combinations(cfg: RunConfig):
     if cfg.sft.enabled and cfg.sft.data.format == "synthetic" and cfg.eval.enabled \
             and cfg.sft.data.synthetic.seed == cfg.eval.seed:
         yield "sft.data.synthetic.seed equals eval.seed: the base would be fine-tuned on the evaluation images"
-    if train.vision_lr is not None and train.freeze_vision_tower:
-        yield "train.vision_lr is set, but the vision tower is frozen (set train.freeze_vision_tower=false)"
+    for name, section in (("train", train), ("sft", cfg.sft)):
+        if section.vision_lr is not None and section.freeze_vision_tower and (name == "train" or cfg.sft.enabled):
+            yield f"{name}.vision_lr is set, but the vision tower is frozen (set {name}.freeze_vision_tower=false)"
     if train.offload_params and train.zero_stage != 3:
         yield "train.offload_params needs train.zero_stage=3 (parameter offload is a ZeRO-3 feature)"
     if train.offload_optimizer and train.zero_stage == 0:

@@ -16,6 +16,7 @@ from bpo_ray.models.loader import load_vlm
 from bpo_ray.train.batch import collate, collate_rows, encode_pair, pad_id, pair_logps, response_nll
 from bpo_ray.train.losses import dpo_loss
 from bpo_ray.train.setup import deepspeed_config, optimizer_steps, param_groups, prepare_model
+from conftest import REPO
 
 
 def _png(image) -> bytes:
@@ -205,3 +206,6 @@ def test_vision_lr_with_a_frozen_tower_is_a_config_error():
     with pytest.raises(ConfigError, match="train.vision_lr is set, but the vision tower is frozen"):
         load_config(None, ["train.vision_lr=1e-5"])
     assert load_config(None, ["train.vision_lr=1e-5", "train.freeze_vision_tower=false"]).train.vision_lr == 1e-5
+    with pytest.raises(ConfigError, match="sft.vision_lr is set, but the vision tower is frozen"):
+        load_config(REPO / "configs" / "tiny.yaml", ["sft.freeze_vision_tower=true"])  # tiny.yaml sets sft.vision_lr
+    assert load_config(REPO / "configs" / "tiny.yaml").sft.vision_lr == 5e-4

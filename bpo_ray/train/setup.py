@@ -18,19 +18,22 @@ def precision(train: TrainConfig, use_gpu: bool) -> str:
     return train.precision
 
 
+def _named_modules(model, names) -> list[tuple[str, object]]:
+    """(full name, module) for every module whose own name is one of ``names``."""
+    return [(name, module) for name, module in model.named_modules() if name.rsplit(".", 1)[-1] in names]
+
+
 def _modules(model, names):
-    return [module for name, module in model.named_modules() if name.rsplit(".", 1)[-1] in names]
+    return [module for _, module in _named_modules(model, names)]
 
 
 def full_copies(model, train: TrainConfig, freeze_projector: bool) -> list[str] | None:
     """The vision parts a LoRA run trains in full. peft freezes everything but its adapters; a part listed
     here trains as a copy that the adapter saves and ``disable_adapter`` switches off (so the
     adapter_disabled reference stays the base model). A projector inside a trained tower goes with it."""
-    towers = [] if train.freeze_vision_tower else [n for n, _ in model.named_modules()
-                                                   if n.rsplit(".", 1)[-1] in VISION_NAMES]
-    projectors = [] if freeze_projector else [n for n, _ in model.named_modules()
-                                              if n.rsplit(".", 1)[-1] in PROJECTOR_NAMES
-                                              and not any(n.startswith(t + ".") for t in towers)]
+    towers = [] if train.freeze_vision_tower else [n for n, _ in _named_modules(model, VISION_NAMES)]
+    projectors = [] if freeze_projector else [n for n, _ in _named_modules(model, PROJECTOR_NAMES)
+                                              if not any(n.startswith(t + ".") for t in towers)]
     return [n.rsplit(".", 1)[-1] for n in towers + projectors] or None
 
 
@@ -66,13 +69,15 @@ def param_groups(model, train: TrainConfig) -> list[dict]:
     """The optimizer's parameter groups: what trains, the vision tower at ``train.vision_lr`` when set (its
     projector, Qwen's merger included, stays at ``lr``). The first group's rate is the one the metrics log.
     (DeepSpeed's WarmupCosineLR scales each group's own rate.)"""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if train.vision_lr is None:
-        return [{"params": [p for _, p in named]}]
-    on_vision = [not set(VISION_NAMES).isdisjoint(n.split(".")) and set(PROJECTOR_NAMES).isdisjoint(n.split("."))
-                 for n, _ in named]
-    groups = [{"params": [p for (_, p), v in zip(named, on_vision, strict=True) if not v]},
-              {"params": [p for (_, p), v in zip(named, on_vision, strict=True) if v], "lr": train.vision_lr}]
+        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    language, tower = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            parts = set(name.split("."))
+            on_tower = not parts.isdisjoint(VISION_NAMES) and parts.isdisjoint(PROJECTOR_NAMES)
+            (tower if on_tower else language).append(param)
+    groups = [{"params": language}, {"params": tower, "lr": train.vision_lr}]
     return [g for g in groups if g["params"]]
 
 
