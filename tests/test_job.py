@@ -17,14 +17,18 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from ray.dashboard.modules.job.common import JobErrorType
+from ray.job_submission import JobDetails, JobStatus, JobSubmissionClient, JobType
 
 from conftest import REPO, free_ports, run_cli
+from ray_jobs import JobFailed, SubmittedJob, died_before_entrypoint
 
 RAY = str(Path(sys.executable).parent / "ray")
 # The embedded default trains its SFT base first: a few steps on a few images here.
@@ -74,28 +78,55 @@ def _processes_of(temp_dir: str) -> list[psutil.Process]:
     return found
 
 
-@pytest.fixture
+@dataclass
+class Head:
+    client: JobSubmissionClient  # typed reads of job state
+    env: dict  # what the `ray` CLI needs to reach this head (its auth settings)
+
+    def submit(self, *args: str) -> SubmittedJob:
+        return SubmittedJob(self.client, RAY, self.env, REPO, list(args))
+
+
+@pytest.fixture(scope="module")
 def head_node():
     """A Ray head started with ``ray start`` in its own temp dir; stopped by killing exactly its processes
     (``ray stop`` would stop every Ray cluster on the machine)."""
     temp_dir = tempfile.mkdtemp(prefix="bpo-head-", dir="/tmp")  # short: Ray's socket paths have a length limit
     gcs, dashboard, client, manager, store = free_ports(5)
     env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
+    headers = None
     if env["RAY_AUTH_MODE"] == "token":  # this head's own token: independent of ~/.ray and of test order
         token = Path(temp_dir) / "auth_token"
         token.write_text(secrets.token_hex(32))
         env["RAY_AUTH_TOKEN_PATH"] = str(token)
+        headers = {"Authorization": f"Bearer {token.read_text()}"}
     started = subprocess.run(
         [RAY, "start", "--head", f"--port={gcs}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
          "--include-dashboard=true", f"--ray-client-server-port={client}", f"--node-manager-port={manager}",
          f"--object-manager-port={store}", "--num-cpus=4", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-        capture_output=True, text=True, env=env, timeout=180)
+        capture_output=True, text=True, env=env, timeout=300)
     assert started.returncode == 0, started.stdout + started.stderr
     try:
-        yield f"http://127.0.0.1:{dashboard}", env
+        head = Head(JobSubmissionClient(f"http://127.0.0.1:{dashboard}", headers=headers), env)
+        _wait_accepting_jobs(head.client)
+        yield head
     finally:
         _stop_processes_of(temp_dir)
         assert not _running(_processes_of(temp_dir))
+
+
+def _wait_accepting_jobs(client: JobSubmissionClient, timeout: float = 120) -> None:
+    """The job server answers before its agent on the head has registered (it refuses submissions until
+    then): submit a no-op job until one is accepted."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client.submit_job(entrypoint="python -c pass", submission_id=f"ready-{secrets.token_hex(4)}")
+            return
+        except RuntimeError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
 
 
 def _running(procs: list[psutil.Process]) -> list[psutil.Process]:
@@ -126,37 +157,31 @@ def _stop_processes_of(temp_dir: str, rounds: int = 3) -> None:
         psutil.wait_procs(alive, timeout=10)
 
 
-def _job(address: str, env: dict, *args: str, timeout: int = 60) -> subprocess.CompletedProcess:
-    command, rest = args[0], list(args[1:])
-    return subprocess.run([RAY, "job", command, f"--address={address}", *rest], capture_output=True, text=True,
-                          env=env, cwd=REPO, timeout=timeout)
+def _details(status: JobStatus, **fields) -> JobDetails:
+    return JobDetails(type=JobType.SUBMISSION, entrypoint="python jobs/bpo.py", status=status, **fields)
 
 
-def _submit(address: str, env: dict, *args: str) -> str:
-    """Submit and return the job id; retries while the head's job agent is still starting."""
-    deadline = time.monotonic() + 120
-    while True:
-        done = _job(address, env, "submit", *args)
-        if done.returncode == 0 or "No available agent" not in done.stderr + done.stdout or time.monotonic() > deadline:
-            break
-        time.sleep(2)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return re.search(r"raysubmit_\w+", done.stdout).group(0)
+def test_only_a_supervisor_death_before_our_entrypoint_is_retried():
+    died = JobErrorType.JOB_SUPERVISOR_ACTOR_DIED
+    # The crash seen here: the supervisor died while the runtime env was set up (the job never ran).
+    assert died_before_entrypoint(_details(JobStatus.FAILED, error_type=died))
+    # Died after launching our entrypoint (Ray moved the job to RUNNING first): our code ran; not retried.
+    assert not died_before_entrypoint(_details(JobStatus.FAILED, error_type=died,
+                                               driver_agent_http_address="http://127.0.0.1:52365"))
+    # Our entrypoint failed.
+    assert not died_before_entrypoint(_details(JobStatus.FAILED, driver_exit_code=1,
+                                               error_type=JobErrorType.JOB_ENTRYPOINT_COMMAND_ERROR))
+    assert not died_before_entrypoint(_details(JobStatus.STOPPED))
+    assert not died_before_entrypoint(_details(JobStatus.FAILED, error_type=JobErrorType.RUNTIME_ENV_SETUP_FAILURE))
 
 
-def _status(address: str, env: dict, job_id: str) -> str | None:
-    found = re.findall(r"PENDING|RUNNING|STOPPED|SUCCEEDED|FAILED", _job(address, env, "status", job_id).stdout.upper())
-    return found[-1] if found else None
-
-
-def _wait_status(address: str, env: dict, job_id: str, done: set[str], timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = _status(address, env, job_id)
-        if status in done:
-            return status
-        time.sleep(2)
-    raise TimeoutError(f"job {job_id} not in {done} after {timeout}s")
+def test_a_failing_job_fails_fast_with_its_logs(head_node):
+    """A job of ours that fails is reported within seconds, with its output, and is not resubmitted."""
+    started = time.monotonic()
+    job = head_node.submit("--", sys.executable, "-c", "import sys; print('config is wrong'); sys.exit(3)")
+    with pytest.raises(JobFailed, match=r"(?s)JOB_ENTRYPOINT_COMMAND_ERROR, exit code 3.*config is wrong"):
+        job.wait({JobStatus.SUCCEEDED}, timeout=300)
+    assert time.monotonic() - started < 60 and len(job.attempts) == 1
 
 
 def _registered_checkpoint(run_dir: Path) -> tuple[str, int] | None:
@@ -169,7 +194,6 @@ def _registered_checkpoint(run_dir: Path) -> tuple[str, int] | None:
 
 
 def test_ray_job_submit_runs_the_whole_job_and_resumes_after_a_stop(head_node, tmp_path):
-    address, env = head_node
     runs, cache = tmp_path / "runs", tmp_path / "cache"
     entry = [sys.executable, "jobs/bpo.py", "--config", "configs/tiny.yaml", f"storage_path={runs}",
              f"cache_dir={cache}", "data.synthetic.num_images=8", "negatives.weakening.sampling.max_new_tokens=8",
@@ -178,28 +202,27 @@ def test_ray_job_submit_runs_the_whole_job_and_resumes_after_a_stop(head_node, t
     runtime_env = json.dumps({"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
                                            "TORCH_EXTENSIONS_DIR": os.environ.get(
                                                "TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))}})
-    submit = ["--no-wait", "--working-dir", ".", "--runtime-env-json", runtime_env, "--"]
+    submit = ["--working-dir", ".", "--runtime-env-json", runtime_env, "--"]
 
-    first_id = _submit(address, env, *submit, *entry)
+    first = head_node.submit(*submit, *entry)
     # Stop it once Ray Train has registered a checkpoint (mid-training: 10 steps, checkpoints every 2). A
     # checkpoint folder appears before Ray Train records it; only a recorded one is resumed from.
     run_dir = runs / "bpo-tiny"
     deadline, next_status = time.monotonic() + 600, 0.0
     while (found := _registered_checkpoint(run_dir)) is None and time.monotonic() < deadline:
-        if time.monotonic() > next_status:  # the CLI is slow: ask only now and then
-            assert _status(address, env, first_id) in ("PENDING", "RUNNING"), _job(address, env, "logs", first_id).stdout[-3000:]
-            next_status = time.monotonic() + 5
+        if time.monotonic() > next_status:  # fails at once if the job failed or ended early
+            assert first.info().status in (JobStatus.PENDING, JobStatus.RUNNING), first.logs()[-3000:]
+            next_status = time.monotonic() + 2
         time.sleep(0.2)
-    assert found, _job(address, env, "logs", first_id).stdout[-3000:]
-    assert _job(address, env, "stop", first_id, timeout=120).returncode == 0
-    assert _wait_status(address, env, first_id, {"STOPPED", "FAILED", "SUCCEEDED"}, 120) == "STOPPED"
+    assert found, first.logs()[-3000:]
+    assert head_node.client.stop_job(first.id)
+    first.wait({JobStatus.STOPPED}, timeout=120)
     assert not (run_dir / "train" / "manifest.json").exists()
     stopped_at = _registered_checkpoint(run_dir)[1]
 
-    second_id = _submit(address, env, *submit, *entry)
-    status = _wait_status(address, env, second_id, {"STOPPED", "FAILED", "SUCCEEDED"}, 900)
-    logs = _job(address, env, "logs", second_id).stdout
-    assert status == "SUCCEEDED", logs[-4000:]
+    second = head_node.submit(*submit, *entry)
+    second.wait({JobStatus.SUCCEEDED}, timeout=900)
+    logs = second.logs()
     for stage in ("sft", "data", "negatives", "reference"):
         assert f"stage {stage}: finished earlier for the same inputs, skipped" in logs
     assert re.search(rf"train: resuming from checkpoint \S*checkpoint_\S+ \(micro-step {stopped_at} of 10\)", logs), \
