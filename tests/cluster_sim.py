@@ -26,16 +26,36 @@ class _Where:
         return batch
 
 
-def main(cluster_yaml: str, run_config: str) -> dict:
-    spec = yaml.safe_load(Path(cluster_yaml).read_text())
-    # Node types scaled down 8× in CPUs so they fit a laptop; GPUs and accelerator labels as declared.
+def start_cluster(spec: dict) -> tuple[Cluster, dict[str, str]]:
+    """Node types scaled down 8× in CPUs so they fit a laptop; GPUs and accelerator labels as declared.
+    Returns the cluster and node id → node type."""
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"node:type:head": 1}})
     node_type_of = {cluster.head_node.node_id: "head"}
-    for name in ("cpu", "gpu_l4", "gpu_a100"):
-        res = dict(spec["available_node_types"][name]["resources"])
-        cpus, gpus = res.pop("CPU"), res.pop("GPU", 0)
-        node = cluster.add_node(num_cpus=max(2, cpus // 8), num_gpus=gpus, resources=res)
-        node_type_of[node.node_id] = name
+    try:
+        for name in ("cpu", "gpu_l4", "gpu_a100"):
+            res = dict(spec["available_node_types"][name]["resources"])
+            cpus, gpus = res.pop("CPU"), res.pop("GPU", 0)
+            node = cluster.add_node(num_cpus=max(2, cpus // 8), num_gpus=gpus, resources=res)
+            node_type_of[node.node_id] = name
+    except BaseException:
+        cluster.shutdown()
+        raise
+    return cluster, node_type_of
+
+
+def start_cluster_retrying_once(spec: dict) -> tuple[Cluster, dict[str, str]]:
+    """Start-up on a busy machine can outlast Ray's fixed waits (a raylet has 30 s to register; the GCS wait
+    is raised by RAY_gcs_server_port_wait_time_s): one more try, said on stderr, before failing."""
+    try:
+        return start_cluster(spec)
+    except Exception as err:  # Ray raises plain Exceptions for start-up timeouts
+        print(f"cluster start failed, retrying once: {err.__class__.__name__}: {err}", file=sys.stderr, flush=True)
+        return start_cluster(spec)
+
+
+def main(cluster_yaml: str, run_config: str) -> dict:
+    spec = yaml.safe_load(Path(cluster_yaml).read_text())
+    cluster, node_type_of = start_cluster_retrying_once(spec)
     ray.init(address=cluster.address)
     cfg = load_config(run_config, ["train.num_workers=2", "resources.cpus_per_worker=2",
                                    *[f"{p}.num_cpus=1" for p in ("negatives.weakening.pool",
