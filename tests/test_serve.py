@@ -348,7 +348,14 @@ def test_bpo_serve_starts_answers_and_stops_cleanly(tiny_models, tmp_path):
     threading.Thread(target=lambda: output.extend(process.stdout), daemon=True).start()
     try:
         url = f"http://127.0.0.1:{port}/v1"
-        wait_healthy(url, timeout_s=180, api_key=API_KEY)
+        deadline = time.monotonic() + 180
+        while True:  # healthy, or fail as soon as the process has exited
+            assert process.poll() is None, f"bpo serve exited {process.returncode}:\n" + "".join(output[-40:])
+            try:
+                wait_healthy(url, timeout_s=2, api_key=API_KEY)
+                break
+            except TimeoutError:
+                assert time.monotonic() < deadline, "".join(output[-40:])
         deadline = time.monotonic() + 10
         while not any("serving" in line for line in output) and time.monotonic() < deadline:
             time.sleep(0.2)
