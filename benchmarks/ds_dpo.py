@@ -36,7 +36,7 @@ def main() -> int:
     from bpo_ray.config import RunConfig
     from bpo_ray.train.batch import collate, encode_pair, pad_id, pair_logps
     from bpo_ray.train.losses import training_objective
-    from bpo_ray.train.setup import deepspeed_config
+    from bpo_ray.train.setup import deepspeed_config, disable_dropout
     from bpo_ray.train.worker import _load_policy, peak_memory_gib
 
     cfg = RunConfig.model_validate(json.loads(Path(args.config).read_text()))
@@ -47,6 +47,7 @@ def main() -> int:
     total = args.steps + args.warmup
     ds_config = deepspeed_config(train, world, False, total)
     model, processor = _load_policy(cfg.model.name_or_path, cfg, ds_config)
+    disable_dropout(model)  # as the Ray worker does for DPO
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                       config=ds_config)
     rows = pq.read_table(args.pairs).to_pylist()[rank::world]

@@ -16,6 +16,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+# Fields marked so change how a stage runs, not what it computes: they stay out of ``section_hash``, so
+# setting them never invalidates finished stages or checkpoints.
+NOT_KEYED = {"stage_key": False}
+
 # ``tiny://<arch>`` names a tiny random model that the project builds itself (bpo make-tiny) on first use.
 TINY_SCHEME = "tiny://"
 TINY_ARCHS = ("llava", "qwen2_vl", "llm")
@@ -37,6 +41,9 @@ class ModelConfig(Section):
     revision: str | None = None
     trust_remote_code: bool = False
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # The attention kernel every loader asks transformers for: "sdpa", "flash_attention_2" (where flash-attn
+    # is installed), "eager". How attention is computed, not what: outside the stage keys (NOT_KEYED).
+    attn_implementation: str = Field("sdpa", json_schema_extra=NOT_KEYED)
     # Prompt + response tokens; image placeholder tokens count, and are never truncated.
     max_length: int = Field(2048, ge=16)
     # An over-long sample keeps at least this many response tokens, else it is skipped with a reason.
@@ -142,6 +149,10 @@ class NegativesConfig(Section):
     injection: InjectionConfig = InjectionConfig()
     # Samples with any response longer than this (words) are dropped, as in the paper.
     max_words: int = Field(350, ge=1)
+    # A generated negative cut at max_new_tokens (it never ended): "drop" records it in errors/ (reason
+    # "truncated"); "keep" pairs it without an end-of-sequence token. Never with one: "half an answer, then
+    # stop" would be an easy rejected answer for DPO to learn from.
+    truncated: Literal["drop", "keep"] = "drop"
     seed: int = 0
 
 
@@ -351,7 +362,10 @@ class RunConfig(Section):
 
 
 def _dump(value: Any) -> Any:
-    return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+    if not isinstance(value, BaseModel):
+        return value
+    unkeyed = {name for name, field in type(value).model_fields.items() if field.json_schema_extra == NOT_KEYED}
+    return value.model_dump(mode="json", exclude=unkeyed)
 
 
 def _impossible_combinations(cfg: RunConfig):

@@ -120,6 +120,15 @@ def test_section_hash_tracks_only_its_sections():
     assert a.section_hash("train") != b.section_hash("train")
 
 
+def test_how_a_stage_runs_is_not_part_of_its_key():
+    """The attention kernel changes how a model computes, not what: setting it keeps finished stages."""
+    base = RunConfig()
+    flash = load_config(None, ["model.attn_implementation=flash_attention_2"])
+    assert flash.model.attn_implementation == "flash_attention_2"
+    assert flash.section_hash("model", "train") == base.section_hash("model", "train")
+    assert load_config(None, ["model.dtype=bfloat16"]).section_hash("model") != base.section_hash("model")
+
+
 def test_section_hash_changes_with_the_tiny_builder(monkeypatch):
     """Stages built on a tiny model are not reused once its builder changes; a real checkpoint's are."""
     import bpo_ray.models

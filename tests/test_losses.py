@@ -66,3 +66,14 @@ def test_token_logps_match_log_softmax_and_mask():
 
 def test_sft_loss_is_per_token_nll():
     assert sft_loss(torch.tensor([-4.0, -2.0]), torch.tensor([2, 4])).item() == pytest.approx(1.0)
+
+
+def test_a_nan_at_a_masked_position_does_not_poison_the_row():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 7)
+    labels = torch.tensor([[IGNORE, 1, 2, 3], [IGNORE, IGNORE, 5, 6]])
+    clean, _ = sequence_logps(logits, labels)
+    logits[0, 0] = float("nan")  # e.g. a padded position's logits
+    logits[1, 1, 2] = float("inf")
+    poisoned, _ = sequence_logps(logits, labels)
+    assert torch.equal(poisoned, clean)

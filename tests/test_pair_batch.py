@@ -71,7 +71,7 @@ def test_reference_modes_agree(tiny_models):
 
     from bpo_ray.train.stage import ReferenceScorer
 
-    scorer = ReferenceScorer(str(tiny_models["llava"]), {}, average=False)
+    scorer = ReferenceScorer(str(tiny_models["llava"]), {}, average=False, precision="fp32")
     scored = scorer(pd.DataFrame(PAIRS))
     base, processor = load_vlm(str(tiny_models["llava"]))
     policy = prepare_model(base, TrainConfig(lora={"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0},
@@ -105,7 +105,8 @@ def test_reference_scorer_records_too_long_pairs(tiny_models, score):
     from bpo_ray.train.stage import ReferenceScorer
 
     long_prompt = {**PAIRS[0], "messages": json.dumps([{"role": "user", "content": "Describe it. " * 40}])}
-    scorer = ReferenceScorer(str(tiny_models["llava"]), {"max_length": 120}, average=False, score=score)
+    scorer = ReferenceScorer(str(tiny_models["llava"]), {"max_length": 120}, average=False, precision="fp32",
+                             score=score)
     out = scorer(pd.DataFrame([PAIRS[0], long_prompt]))
     assert out["kind"].tolist() == ["pair", "error"] and out["reason"].tolist() == ["", "prompt_too_long"]
     assert "9 image tokens" in out["detail"][1]

@@ -13,11 +13,9 @@ from pathlib import Path
 import torch
 
 from bpo_ray.config import TINY_SCHEME, ModelConfig
+from bpo_ray.models.device import resolve_dtype
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def resolve_model_path(name_or_path: str, cache_dir: str | Path) -> str:
     """``tiny://llava`` → a directory in the cache, built on first use (one builder at a time: Ray actors
@@ -55,31 +53,39 @@ def load_processor(path: str, cfg: ModelConfig | None = None):
     return AutoProcessor.from_pretrained(path, **_common_kwargs(cfg or ModelConfig()))
 
 
-def load_vlm(path: str, cfg: ModelConfig | None = None, dtype: torch.dtype | None = None):
-    """Image-text-to-text model (LLaVA, Qwen2-VL, …) and its processor."""
+def _placement(cfg: ModelConfig, dtype: torch.dtype | None, device: torch.device | None) -> dict:
+    """from_pretrained arguments: the dtype (``model.dtype`` resolved for the device unless given), the
+    attention kernel, and, for an accelerator, loading straight onto it (a 7B model never sits in host
+    memory in full)."""
+    kwargs = {"dtype": dtype or resolve_dtype(cfg.dtype, device or torch.device("cpu")),
+              "attn_implementation": cfg.attn_implementation}
+    if device is not None and device.type != "cpu":
+        kwargs["device_map"] = str(device)
+    return kwargs
+
+
+def load_vlm(path: str, cfg: ModelConfig | None = None, dtype: torch.dtype | None = None,
+             device: torch.device | None = None):
+    """Image-text-to-text model (LLaVA, Qwen2-VL, …) and its processor. ``device``: where the model goes
+    (None: the CPU, as a training worker loads it for DeepSpeed to place)."""
     from transformers import AutoModelForImageTextToText
 
     cfg = cfg or ModelConfig()
     model = AutoModelForImageTextToText.from_pretrained(
-        path, dtype=dtype or _dtype(cfg), use_safetensors=True, **_common_kwargs(cfg))
+        path, use_safetensors=True, **_placement(cfg, dtype, device), **_common_kwargs(cfg))
     return model, load_processor(path, cfg)
 
 
-def load_llm(path: str, cfg: ModelConfig | None = None, dtype: torch.dtype | None = None):
+def load_llm(path: str, cfg: ModelConfig | None = None, dtype: torch.dtype | None = None,
+             device: torch.device | None = None):
     """Text-only causal LM (the error-injection rewriter) and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cfg = cfg or ModelConfig()
     kwargs = _common_kwargs(cfg)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or _dtype(cfg), use_safetensors=True, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **_placement(cfg, dtype, device),
+                                                 **kwargs)
     return model, AutoTokenizer.from_pretrained(path, **kwargs)
-
-
-def _dtype(cfg: ModelConfig):
-    if cfg.dtype == "auto":
-        # bf16 where the hardware has it; fp32 on CPU (our CPU path must be exact and fast enough).
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return DTYPES[cfg.dtype]
 
 
 def save_model(model, processor, out_dir: str | Path) -> Path:

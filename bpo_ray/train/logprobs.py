@@ -19,7 +19,7 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     safe = labels.masked_fill(~mask, 0)
     picked = logits.gather(-1, safe.unsqueeze(-1)).squeeze(-1).float()
     logps = picked - torch.logsumexp(logits.float(), dim=-1)
-    return logps * mask
+    return torch.where(mask, logps, 0.0)  # not ``* mask``: a NaN or inf at a padded position would poison the row
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool = False):

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from bpo_ray.models.device import on_device
+
 
 @dataclass
 class DPOOutput:
@@ -22,15 +24,25 @@ class DPOOutput:
     chosen_rewards: torch.Tensor
     rejected_rewards: torch.Tensor
 
-    def metrics(self) -> dict[str, float]:
+    def terms(self) -> dict[str, torch.Tensor]:
+        """The step's metrics as detached scalars on the loss's device (``to_floats`` reads them)."""
         margin = self.chosen_rewards - self.rejected_rewards
         return {
-            "loss": float(self.loss.detach()),
-            "reward_chosen": float(self.chosen_rewards.mean()),
-            "reward_rejected": float(self.rejected_rewards.mean()),
-            "reward_margin": float(margin.mean()),
-            "reward_accuracy": float((margin > 0).float().mean()),
+            "loss": self.loss.detach(),
+            "reward_chosen": self.chosen_rewards.mean(),
+            "reward_rejected": self.rejected_rewards.mean(),
+            "reward_margin": margin.mean(),
+            "reward_accuracy": (margin > 0).float().mean(),
         }
+
+    def metrics(self) -> dict[str, float]:
+        return to_floats(self.terms())
+
+
+def to_floats(terms: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Scalar tensors → floats, in one device-to-host copy."""
+    values = torch.stack([t.float() for t in terms.values()]).tolist()
+    return dict(zip(terms, values, strict=True))
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -58,13 +70,21 @@ def sft_loss(chosen_token_logps_sum: torch.Tensor, chosen_token_counts: torch.Te
     return -(chosen_token_logps_sum.sum() / chosen_token_counts.sum().clamp(min=1))
 
 
-def training_objective(logps, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, train) -> tuple[torch.Tensor, DPOOutput]:
+def training_objective(logps, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
+                       train) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """What a DPO step minimises: the ``train.loss`` DPO loss plus ``train.sft_weight`` × the SFT term on the
-    chosen answers. ``logps``: the policy's ``PairLogps``; ``train``: the train config (beta, loss,
-    label_smoothing, sft_weight)."""
+    chosen answers, and its metric terms (``loss`` is the whole objective; ``dpo_loss`` and ``sft_loss`` its
+    parts; ``to_floats`` reads them). ``logps``: the policy's ``PairLogps``; reference log-probs (precomputed
+    ones come from a table, on the CPU) enter on the policy's device. ``train``: the train config (beta,
+    loss, label_smoothing, sft_weight)."""
+    ref_chosen, ref_rejected = on_device(ref_chosen, logps.chosen), on_device(ref_rejected, logps.rejected)
     out = dpo_loss(logps.chosen, logps.rejected, ref_chosen, ref_rejected, train.beta, train.loss,
                    train.label_smoothing)
-    loss = out.loss
+    loss, terms = out.loss, out.terms()
+    terms["dpo_loss"] = terms["loss"]
     if train.sft_weight:
-        loss = loss + train.sft_weight * sft_loss(logps.chosen_token_sum, logps.chosen_tokens)
-    return loss, out
+        sft = sft_loss(logps.chosen_token_sum, logps.chosen_tokens)
+        loss = loss + train.sft_weight * sft
+        terms["sft_loss"] = sft.detach()
+    terms["loss"] = loss.detach()
+    return loss, terms

@@ -65,6 +65,16 @@ def prepare_model(model, train: TrainConfig):
     return model
 
 
+def disable_dropout(model) -> None:
+    """Every dropout off (LoRA's included), as TRL does for DPO: log-probs the loss compares with the
+    reference's must not carry random masks."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
 def param_groups(model, train: TrainConfig) -> list[dict]:
     """The optimizer's parameter groups: what trains, the vision tower at ``train.vision_lr`` when set (its
     projector, Qwen's merger included, stays at ``lr``). The first group's rate is the one the metrics log.

@@ -23,6 +23,7 @@ import torch
 
 from bpo_ray import storage
 from bpo_ray.config import RunConfig
+from bpo_ray.models.device import DTYPES, actor_device
 from bpo_ray.models.loader import load_processor, load_vlm
 from bpo_ray.models.prompts import SampleTooLong
 from bpo_ray.negatives.stage import ERROR_COLUMNS, PAIR_COLUMNS
@@ -30,7 +31,7 @@ from bpo_ray.raydata import count_by, worker_parts, write_by_kind
 from bpo_ray.resources import pool_request, torch_threads, train_worker_request
 from bpo_ray.stages import RunDir, policy_path
 from bpo_ray.train.batch import collate, encode_pair, pad_id, pair_logps
-from bpo_ray.train.setup import optimizer_steps
+from bpo_ray.train.setup import optimizer_steps, precision
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +41,15 @@ SCORED_COLUMNS = (*PAIR_COLUMNS, "ref_chosen_logp", "ref_rejected_logp")
 class ReferenceScorer:
     """Ray Data actor: the frozen reference model scores (chosen, rejected) for a batch of pairs."""
 
-    def __init__(self, model_path: str, model_cfg: dict, average: bool, score: bool = True, threads: int = 1):
+    def __init__(self, model_path: str, model_cfg: dict, average: bool, precision: str, score: bool = True,
+                 threads: int = 1):
         from bpo_ray.config import ModelConfig
 
         torch.set_num_threads(threads)
         self.cfg = ModelConfig.model_validate(model_cfg)
-        if score:
-            self.model, self.processor = load_vlm(model_path, self.cfg, dtype=torch.float32)
+        if score:  # in the policy's training precision: another dtype offsets every pair's margin
+            self.model, self.processor = load_vlm(model_path, self.cfg, dtype=DTYPES[precision],
+                                                  device=actor_device())
             self.model.eval()
         else:  # length checks only: the reference is scored live during training
             self.model, self.processor = None, load_processor(model_path, self.cfg)
@@ -87,6 +90,7 @@ def run_reference(cfg: RunConfig, run: RunDir) -> dict:
         ReferenceScorer, batch_format="pandas", batch_size=pool.batch_size,
         fn_constructor_kwargs={"model_path": policy, "model_cfg": cfg.model.model_dump(),
                                "average": cfg.train.loss == "ipo", "score": cfg.train.reference == "precomputed",
+                               "precision": precision(cfg.train, cfg.resources.use_gpu),
                                "threads": torch_threads(pool.num_cpus)},
         compute=ray.data.ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size),
         **pool_request(pool)).materialize()

@@ -21,8 +21,14 @@ from bpo_ray.data.records import decode_image
 from bpo_ray.models.loader import load_vlm
 from bpo_ray.models.prompts import SampleTooLong, encode_prompt_response
 from bpo_ray.train.batch import collate, collate_rows, encode_pair, pad_id, pair_logps, response_nll
-from bpo_ray.train.losses import training_objective
-from bpo_ray.train.setup import deepspeed_config, param_groups, prepare_model, trainable_parameters
+from bpo_ray.train.losses import to_floats, training_objective
+from bpo_ray.train.setup import (
+    deepspeed_config,
+    disable_dropout,
+    param_groups,
+    prepare_model,
+    trainable_parameters,
+)
 
 log = logging.getLogger("bpo_ray.train")
 STATE_FILE = "state.json"
@@ -118,11 +124,13 @@ def train_loop_per_worker(config: dict) -> None:
 
     ds_config = deepspeed_config(train, world, config["use_gpu"], config["total_steps"])
     model, processor = _load_policy(config["policy_path"], cfg, ds_config)
+    sft = config.get("objective", "dpo") == "sft"
+    if not sft:  # DPO compares the policy with a reference that has none: dropout would only add noise
+        disable_dropout(model)
     trainable, total = trainable_parameters(model)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, train), config=ds_config)
 
-    sft = config.get("objective", "dpo") == "sft"
     reference = None if sft else _reference_scorer(cfg, config["policy_path"], ds_config, engine)
     micro_done = 0
     checkpoint = ray.train.get_checkpoint()
@@ -160,8 +168,8 @@ def train_loop_per_worker(config: dict) -> None:
             batch, ref_c, ref_r = next(batches)
             if reference is not None:
                 ref_c, ref_r = reference(batch, average)
-            loss, out = training_objective(pair_logps(engine, batch, average=average), ref_c, ref_r, train)
-            step_metrics, weight = out.metrics(), batch.num_pairs
+            loss, terms = training_objective(pair_logps(engine, batch, average=average), ref_c, ref_r, train)
+            step_metrics, weight = to_floats(terms), batch.num_pairs
         engine.backward(loss)
         lr = float(scheduler.get_last_lr()[0])  # the rate this step uses (step() moves the schedule on)
         if own_grad_norm and engine.is_gradient_accumulation_boundary():
@@ -175,9 +183,7 @@ def train_loop_per_worker(config: dict) -> None:
         metrics = _step_metrics(window, step, lr, grad_norm if own_grad_norm else engine.get_global_grad_norm(),
                                 engine, started, world)
         if sft:  # samples over model.max_length, summed over workers: the sft manifest reports them
-            total_skipped = torch.tensor([float(skipped)])
-            torch.distributed.all_reduce(total_skipped)
-            metrics["skipped_too_long"] = int(total_skipped.item())
+            metrics["skipped_too_long"] = int(all_reduce_sum([float(skipped)], engine.device)[0])
         window, started = [], time.time()
         last = micro_done >= total_micro
         if step % train.checkpoint_every == 0 or last:
@@ -227,9 +233,24 @@ def _reference_scorer(cfg: RunConfig, policy_path: str, ds_config: dict, engine)
     return score
 
 
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sums over every rank, in a tensor on this rank's device (NCCL takes no CPU tensors)."""
+    total = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(total)
+    return total.tolist()
+
+
+def mean_over_ranks(window: list[tuple[dict, int]], device: torch.device) -> dict[str, float]:
+    """Pair-weighted means of a step's micro-batch metrics over every rank: each rank saw other pairs, and
+    rank 0's alone are a noisy sample of the step."""
+    keys = sorted(window[0][0])
+    sums = all_reduce_sum([sum(m[k] * n for m, n in window) for k in keys] + [sum(n for _, n in window)], device)
+    return {k: sums[i] / sums[-1] for i, k in enumerate(keys)}
+
+
 def _step_metrics(window, step, lr, grad_norm, engine, started, world) -> dict:
     pairs = sum(n for _, n in window)
-    metrics = {k: sum(m[k] * n for m, n in window) / pairs for k in window[0][0]}
+    metrics = mean_over_ranks(window, engine.device)
     metrics.update(step=step, lr=lr,
                    grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
                    samples_per_second=pairs * world / max(time.time() - started, 1e-9),
