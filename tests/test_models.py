@@ -122,3 +122,33 @@ def test_make_tiny_cli_round_trip(tmp_path, arch):
     loader = load_llm if arch == "llm" else load_vlm
     model, _ = loader(str(tmp_path / arch))
     assert model.config.model_type == {"llava": "llava", "qwen2_vl": "qwen2_vl", "llm": "llama"}[arch]
+
+
+def test_a_text_llm_without_a_chat_template_gets_the_vicuna_format(tiny_models, tmp_path):
+    """lmsys/vicuna-7b-v1.5 (the LLaVA-1.5 config's rewriter) ships no chat template: the injection engine
+    wraps prompts as the authors do instead of failing on every row."""
+    import shutil
+
+    bare = shutil.copytree(tiny_models["llm"], tmp_path / "bare")
+    (bare / "chat_template.jinja").unlink()
+    config = json.loads((bare / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(config))
+    engine = HFEngine(str(bare), vision=False)
+    messages = [{"role": "user", "content": "Rewrite: a red circle."}]
+    assert build_prompt(engine.processor, messages, with_image=False) == (
+        "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+        "detailed, and polite answers to the user's questions. USER: Rewrite: a red circle. ASSISTANT:")
+    assert isinstance(engine.generate([messages], None, Sampling(max_new_tokens=4))[0], str)
+
+
+def test_each_answer_says_whether_it_ended_or_was_cut(tiny_models):
+    from bpo_ray.models.generate import generate_detailed
+
+    model, processor = load_vlm(str(tiny_models["llava"]))
+    cut = generate_detailed(model, processor, [QUESTION], [IMAGE], Sampling(max_new_tokens=1))[0]
+    first_token = processor.tokenizer(cut.text, add_special_tokens=False)["input_ids"][0]
+    assert cut.finish_reason == "length"
+    model.generation_config.eos_token_id = first_token  # the greedy answer now ends at once
+    ended = generate_detailed(model, processor, [QUESTION], [IMAGE], Sampling(max_new_tokens=4))[0]
+    assert ended.finish_reason == "stop"

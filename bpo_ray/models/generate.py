@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from bpo_ray.models.prompts import build_prompt, tokenizer_of
+from bpo_ray.models.prompts import adds_bos, build_prompt, tokenizer_of, with_chat_template
 
 
 @dataclass(frozen=True)
@@ -50,18 +50,37 @@ class PerRowSampler(LogitsProcessor):
         return out.scatter(-1, drawn.to(scores.device), 0.0)
 
 
-@torch.inference_mode()
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    finish_reason: str  # "stop": the model ended its answer; "length": cut at max_new_tokens
+
+
 def generate(model, processor, conversations: list[list[dict]], images: list | None = None,
              sampling: Sampling = Sampling(), seeds: list[int] | None = None) -> list[str]:
     """One batch: plain chat messages (+ one PIL image each, or None for text-only models) → answers."""
+    return [g.text for g in generate_detailed(model, processor, conversations, images, sampling, seeds)]
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    """Every token that ends an answer: the generation config's (one or several) and the tokenizer's."""
+    eos = model.generation_config.eos_token_id
+    return {int(e) for e in [*(eos if isinstance(eos, list) else [eos]), tokenizer.eos_token_id] if e is not None}
+
+
+@torch.inference_mode()
+def generate_detailed(model, processor, conversations: list[list[dict]], images: list | None = None,
+                      sampling: Sampling = Sampling(), seeds: list[int] | None = None) -> list[Generation]:
+    """``generate``, with each answer's finish reason."""
     tokenizer = tokenizer_of(processor)
     with_image = images is not None
     prompts = [build_prompt(processor, messages, with_image=with_image) for messages in conversations]
     tokenizer.padding_side = "left"  # generation continues from the right edge of every row
+    special = adds_bos(processor, prompts[0])  # one template: the same answer for every prompt
     if with_image:
-        inputs = processor(text=prompts, images=images, padding=True, return_tensors="pt", add_special_tokens=False)
+        inputs = processor(text=prompts, images=images, padding=True, return_tensors="pt", add_special_tokens=special)
     else:
-        inputs = tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=False)
+        inputs = tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=special)
     inputs = inputs.to(model.device)
     extra = {}
     if sampling.temperature > 0:
@@ -70,20 +89,31 @@ def generate(model, processor, conversations: list[list[dict]], images: list | N
     output = model.generate(**inputs, do_sample=False, max_new_tokens=sampling.max_new_tokens,
                             pad_token_id=tokenizer.pad_token_id, **extra)
     new_tokens = output[:, inputs["input_ids"].shape[1]:]
-    return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    stops = torch.tensor(sorted(eos_ids(model, tokenizer)), device=new_tokens.device)
+    ended = torch.isin(new_tokens, stops).any(dim=-1).tolist()
+    texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    return [Generation(text.strip(), "stop" if end else "length") for text, end in zip(texts, ended, strict=True)]
 
 
 class HFEngine:
     """A loaded model + processor; ``vision=False`` for text-only LMs (error injection)."""
 
     def __init__(self, model_path: str, vision: bool = True, model_cfg=None):
+        from bpo_ray.models.device import actor_device
         from bpo_ray.models.loader import load_llm, load_vlm
 
         self.vision = vision
-        self.model, self.processor = (load_vlm if vision else load_llm)(model_path, model_cfg)
+        self.model, self.processor = (load_vlm if vision else load_llm)(model_path, model_cfg, device=actor_device())
+        if not vision:
+            with_chat_template(self.processor, model_path)
         self.model.eval()
         self.name = model_path
 
     def generate(self, conversations: list[list[dict]], images: list | None, sampling: Sampling,
                  seeds: list[int] | None = None) -> list[str]:
-        return generate(self.model, self.processor, conversations, images if self.vision else None, sampling, seeds)
+        return [g.text for g in self.generate_detailed(conversations, images, sampling, seeds)]
+
+    def generate_detailed(self, conversations: list[list[dict]], images: list | None, sampling: Sampling,
+                          seeds: list[int] | None = None) -> list[Generation]:
+        return generate_detailed(self.model, self.processor, conversations, images if self.vision else None,
+                                 sampling, seeds)

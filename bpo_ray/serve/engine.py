@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoConfig, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from bpo_ray.models.generate import PerRowSampler
-from bpo_ray.models.prompts import TEXT_ALIGNED, tokenizer_of
+from bpo_ray.models.generate import PerRowSampler, eos_ids
+from bpo_ray.models.prompts import TEXT_ALIGNED, adds_bos, tokenizer_of
 from bpo_ray.serve.protocol import APIError, ChatRequest, Sampling
 
 
@@ -47,22 +47,20 @@ class Completion:
 class ChatEngine:
     def __init__(self, model_path: str, model_cfg=None, max_model_len: int | None = None,
                  default_max_tokens: int = 256):
+        from bpo_ray.models.device import actor_device
         from bpo_ray.models.loader import load_llm, load_vlm
 
         config = AutoConfig.from_pretrained(model_path)
         self.vision = getattr(config, "vision_config", None) is not None
-        self.model, self.processor = (load_vlm if self.vision else load_llm)(model_path, model_cfg)
-        if torch.cuda.is_available():  # a GPU replica (Serve sets CUDA_VISIBLE_DEVICES to its own)
-            self.model.to("cuda")
+        self.model, self.processor = (load_vlm if self.vision else load_llm)(model_path, model_cfg,
+                                                                               device=actor_device())
         self.model.eval()
         self.tokenizer = tokenizer_of(self.processor)
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         window = getattr(text_config, "max_position_embeddings", None) or 2048
         self.max_model_len = min(max_model_len or window, window)
         self.default_max_tokens = default_max_tokens
-        eos = self.model.generation_config.eos_token_id
-        eos = eos if isinstance(eos, list) else [eos]
-        self.eos_ids = {int(e) for e in [*eos, self.tokenizer.eos_token_id] if e is not None}
+        self.eos_ids = eos_ids(self.model, self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
 
     # ----------------------------------------------------------------------------------------- encode
@@ -75,11 +73,12 @@ class ChatEngine:
             for m in request.chat]
         try:
             prompt = self.processor.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+            special = adds_bos(self.processor, prompt)  # as training built its prompts
             if self.vision:
                 inputs = self.processor(text=[prompt], images=request.images or None, return_tensors="pt",
-                                        add_special_tokens=False)
+                                        add_special_tokens=special)
             else:
-                inputs = self.tokenizer([prompt], return_tensors="pt", add_special_tokens=False)
+                inputs = self.tokenizer([prompt], return_tensors="pt", add_special_tokens=special)
         except (ValueError, TypeError) as err:  # e.g. a template that rejects a role order
             raise APIError(400, f"the messages cannot be formatted for this model: {err}", param="messages",
                            code="invalid_value") from err
