@@ -77,3 +77,33 @@ def test_weaken_bytes_returns_a_real_image_of_the_same_size():
     with Image.open(io.BytesIO(out)) as img:
         assert img.size == (40, 30) and img.format == "PNG"
     assert distort.describe([{"kind": "diffusion", "step": 900, "strength": 0.5}]) == '[{"kind": "diffusion", "step": 900}]'
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2_vl"])
+def test_weakening_strength_does_not_depend_on_the_source_resolution(tiny_models, arch):
+    """Noise over signal in what the processor feeds the model, for one scene at its native size and at
+    1600×1200: equal when the noise is added at the model's input size; averaged away by the processor's
+    downsizing when it is added to the large source."""
+    import numpy as np
+
+    from bpo_ray.data.synthetic import generate as shapes
+    from bpo_ray.models.loader import load_processor
+    from bpo_ray.models.vision import model_input_size
+
+    processor = load_processor(str(tiny_models[arch])).image_processor
+    size = model_input_size(processor)
+    scene = next(shapes(1, seed=2, image_size=64)).image.convert("RGB")
+    step = [{"kind": "diffusion", "step": 900}]
+
+    def noise_over_signal(source: Image.Image, fitted: bool) -> float:
+        buf = io.BytesIO()
+        source.save(buf, format="PNG")
+        with Image.open(io.BytesIO(distort.weaken_bytes(buf.getvalue(), step, 1, size if fitted else None))) as weak:
+            weak_pixels = np.asarray(processor(weak.convert("RGB"))["pixel_values"], dtype=np.float64)
+        clean = np.asarray(processor(source)["pixel_values"], dtype=np.float64)
+        return float((weak_pixels - clean).std() / clean.std())
+
+    large = scene.resize((1600, 1200), Image.Resampling.BICUBIC)
+    native = noise_over_signal(scene, fitted=True)
+    assert noise_over_signal(large, fitted=True) == pytest.approx(native, rel=0.15)
+    assert noise_over_signal(large, fitted=False) < 0.6 * native  # without fitting: the old, weaker noise (0.48x)

@@ -85,6 +85,9 @@ def test_degenerate_negatives():
     assert degenerate("A red car.", "a  RED car", 10)[0] == Drop.SAME_AS_CHOSEN
     assert degenerate("A red car.", "word " * 11, 10)[0] == Drop.REJECTED_TOO_LONG
     assert degenerate("A red car.", "A blue car.", 10) is None
+    # An LLM rewrite that writes a placeholder would be tokenised as an image token with no image behind it.
+    for placeholder in ("<image>", "<|image_pad|>"):
+        assert degenerate("A red car.", f"A blue {placeholder} car.", 10)[0] == Drop.IMAGE_PLACEHOLDER
 
 
 def test_stable_seed():

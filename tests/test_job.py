@@ -37,7 +37,7 @@ TINY_SFT = ["sft.max_steps=2", "sft.data.synthetic.num_images=8", "sft.per_devic
 
 def test_job_runs_the_embedded_default_and_resumes(tmp_path):
     common = [f"storage_path={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}", "resources.ray_address=local",
-              "data.synthetic.num_images=8", "train.max_steps=3", "negatives.weakening.sampling.max_new_tokens=8", "eval.enabled=false",
+              "data.synthetic.num_images=8", "train.max_steps=3", "negatives.weakening.sampling.max_new_tokens=8", "negatives.truncated=keep", "eval.enabled=false",
               *TINY_SFT]
     first = run_cli("run", "--config", "configs/tiny.yaml", *common)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -197,6 +197,7 @@ def test_ray_job_submit_runs_the_whole_job_and_resumes_after_a_stop(head_node, t
     runs, cache = tmp_path / "runs", tmp_path / "cache"
     entry = [sys.executable, "jobs/bpo.py", "--config", "configs/tiny.yaml", f"storage_path={runs}",
              f"cache_dir={cache}", "data.synthetic.num_images=8", "negatives.weakening.sampling.max_new_tokens=8",
+             "negatives.truncated=keep",
              "train.max_steps=10", "train.checkpoint_every=2", "eval.num_images=4", f"serve.port={free_ports(1)[0]}",
              *TINY_SFT]
     runtime_env = json.dumps({"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",

@@ -34,7 +34,8 @@ def _run(overrides, force=False):
 def _base(tmp_path, tiny_models, data_path):
     return [f"storage_path={tmp_path}", f"cache_dir={tmp_path / 'cache'}", "data.format=llava_json",
             f"data.path={data_path}", f"model.name_or_path={tiny_models['llava']}",
-            "negatives.weakening.sampling.max_new_tokens=8", "negatives.weakening.pool.batch_size=4"]
+            "negatives.weakening.sampling.max_new_tokens=8", "negatives.weakening.pool.batch_size=4",
+            "negatives.truncated=keep"]  # a random tiny model rarely ends an answer in 8 tokens
 
 
 def _pairs(run):
@@ -116,6 +117,23 @@ def test_a_failing_row_is_recorded_not_fatal(tiny_models, shapes_dir):
     assert [pickle.loads(c) for c in out["carry"]] == [0, 1, 2]
 
 
+@pytest.mark.parametrize("mode", ["drop", "keep"])
+def test_a_negative_cut_at_max_new_tokens_is_dropped_or_kept_without_eos(mode, shapes_dir):
+    from bpo_ray.negatives.stage import finish_generated
+
+    image = next((shapes_dir / "images").glob("*.png")).read_bytes()
+    sample = {"sample_id": "s", "record_id": "r", "image": image, "image_ref": "", "answer": "a red circle",
+              "messages": json.dumps([{"role": "user", "content": "Describe the image."}]), "prompt": "Describe."}
+    batch = {"carry": np.array([pickle.dumps(sample)] * 2, dtype=object), "seed": np.array([1, 2]),
+             "generated_text": np.array(["a blue square", "a green triangle on the left of a"], dtype=object),
+             "finish_reason": np.array(["stop", "length"], dtype=object),
+             "generation_error": np.array(["", ""], dtype=object)}
+    out = finish_generated(batch, "image_weakening", "policy", max_words=50, distortion="", truncated=mode)
+    assert list(out["kind"]) == (["pair", "error"] if mode == "drop" else ["pair", "pair"])
+    assert list(out["reason"]) == (["", "truncated"] if mode == "drop" else ["", ""])
+    assert list(out["rejected_truncated"]) == [False, mode == "keep"]
+
+
 def _llava_file(tmp_path, shapes_dir):
     """A user's LLaVA-format file with images relative to an image root."""
     records = json.loads((shapes_dir / "records.json").read_text())[:6]
@@ -127,7 +145,7 @@ def test_bpo_generate_without_config(tmp_path, shapes_dir):
     data = _llava_file(tmp_path, shapes_dir)
     out = tmp_path / "out"
     args = ["generate", "--data", str(data), "--image-root", str(shapes_dir), "--out", str(out),
-            "resources.ray_address=local", "negatives.weakening.sampling.max_new_tokens=8"]
+            "resources.ray_address=local", "negatives.weakening.sampling.max_new_tokens=8", "negatives.truncated=keep"]
     first = run_cli(*args, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     manifest = json.loads((out / "negatives" / "manifest.json").read_text())

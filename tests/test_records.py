@@ -66,6 +66,9 @@ def test_image_tag_may_trail_the_question():
      Reason.MALFORMED_CONVERSATION),
     ({**GOOD, "conversations": conv("<image>\nq", 42)}, Reason.MALFORMED_CONVERSATION),
     ({**GOOD, "conversations": conv("<image>\n<image>\nq", "a")}, Reason.MALFORMED_CONVERSATION),
+    # Qwen-VL's placeholders are image tokens too, in an answer or beside the tag.
+    ({**GOOD, "conversations": conv("<image>\nq", "see <|image_pad|>")}, Reason.MALFORMED_CONVERSATION),
+    ({**GOOD, "conversations": conv("<image>\n<|vision_start|>q", "a")}, Reason.MALFORMED_CONVERSATION),
     ({**GOOD, "conversations": conv("What is it?", "A square.")}, Reason.NO_IMAGE_TAG),
     ({**GOOD, "conversations": conv("<image>\nq", "   ")}, Reason.EMPTY_ANSWER),
     ({**GOOD, "image": None}, Reason.MISSING_IMAGE),

@@ -28,7 +28,7 @@ def test_sft_fine_tunes_the_base_that_later_stages_align(tmp_path, tiny_models, 
         "sft.enabled=true", "sft.zero_stage=0", "sft.data.format=llava_json", f"sft.data.path={records}", "sft.max_steps=6",
         "sft.per_device_batch_size=2", "sft.lr=1e-2", "sft.warmup_ratio=0", "sft.checkpoint_every=3",
         "data.synthetic.num_images=2", "negatives.injection.enabled=false",
-        "negatives.weakening.sampling.max_new_tokens=4"])
+        "negatives.weakening.sampling.max_new_tokens=4", "negatives.truncated=keep"])
     run = RunDir.for_config(cfg)
     pipeline = Pipeline(cfg, run, order=[name for name, _, _ in STAGES])
     for name, fn, sections in STAGES:

@@ -31,6 +31,7 @@ def test_error_injection_on_vllm_through_ray_data_llm(tmp_path, ray_local):
         f"storage_path={tmp_path}", "data.synthetic.num_images=4", f"cache_dir={tmp_path / 'cache'}",
         "negatives.weakening.enabled=false", "negatives.injection.engine=vllm",
         f"negatives.injection.model={rewriter}", "negatives.injection.sampling.max_new_tokens=16",
+        "negatives.truncated=keep",
         "negatives.injection.pool.batch_size=8"])
     run = RunDir.for_config(cfg)
     pipeline = Pipeline(cfg, run, order=["data", "negatives"])

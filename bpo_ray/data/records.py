@@ -18,6 +18,14 @@ from PIL import Image
 from bpo_ray.storage import read_bytes
 
 IMAGE_TAG = "<image>"
+# Text the processors of the model families we load turn into image or video tokens: in any text but the
+# one tag marking where the image goes, it would be tokenised as a placeholder with no image behind it.
+IMAGE_PLACEHOLDERS = (IMAGE_TAG, "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+
+
+def placeholder_in(text: str) -> str | None:
+    """The first image placeholder in ``text``, if any."""
+    return next((p for p in IMAGE_PLACEHOLDERS if p in text), None)
 
 
 class Reason:
@@ -80,8 +88,10 @@ def parse_conversation(conversations) -> list[dict]:
         value = turn["value"]
         if not isinstance(value, str):
             raise RecordError(Reason.MALFORMED_CONVERSATION, f"turn {index}: value is not a string")
-        if role == "assistant" and IMAGE_TAG in value:
-            raise RecordError(Reason.MALFORMED_CONVERSATION, f"turn {index}: {IMAGE_TAG} in an answer")
+        if role == "assistant" and (found := placeholder_in(value)):
+            raise RecordError(Reason.MALFORMED_CONVERSATION, f"turn {index}: {found} in an answer")
+        if found := placeholder_in(value.replace(IMAGE_TAG, "")):
+            raise RecordError(Reason.MALFORMED_CONVERSATION, f"turn {index}: {found} in a question")
         tags += value.count(IMAGE_TAG)
         messages.append({"role": role, "content": value.replace(IMAGE_TAG, "").strip()})
     if len(messages) % 2:

@@ -2,8 +2,8 @@
 
 The paper's distortion is the diffusion forward process (as in VCD): a 1000-step sigmoid beta schedule,
 ``x_t = sqrt(ᾱ_t)·x0 + sqrt(1-ᾱ_t)·ε``, default step 900. The authors apply it to the processor-normalised
-pixel tensor; we apply it in DDPM's own [-1, 1] pixel space and return a real image, so any engine (vLLM,
-an HTTP endpoint) can take the weakened image. Gaussian noise, blur, random crop and random mask are the
+pixel tensor; we apply it in DDPM's own [-1, 1] pixel space, at the size the processor feeds the model
+(``models.vision``), and return a real image, so any engine (vLLM, an HTTP endpoint) can take it. Gaussian noise, blur, random crop and random mask are the
 other, milder weakenings; all compose, in config order, with one seeded generator per sample.
 """
 
@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from bpo_ray.models.vision import ModelInputSize, fit
 
 NUM_STEPS = 1000
 
@@ -130,10 +132,13 @@ def to_image(tensor: torch.Tensor) -> Image.Image:
     return Image.fromarray(array)
 
 
-def weaken_bytes(data: bytes, distortions: list[dict], seed: int) -> bytes:
-    """Encoded image → weakened PNG (lossless, so the weakening is exactly what the model sees)."""
+def weaken_bytes(data: bytes, distortions: list[dict], seed: int, size: ModelInputSize | None = None) -> bytes:
+    """Encoded image → weakened PNG (lossless, so the weakening is exactly what the model sees). ``size``: the
+    model's input size (``models.vision``), at which the weakening is applied, so its strength does not
+    depend on the source's resolution."""
     with Image.open(io.BytesIO(data)) as img:
-        weakened = to_image(apply(to_tensor(img), distortions, seed))
+        source = fit(img.convert("RGB"), size) if size is not None else img
+        weakened = to_image(apply(to_tensor(source), distortions, seed))
     buf = io.BytesIO()
     weakened.save(buf, format="PNG")
     return buf.getvalue()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import re
 
+from bpo_ray.data.records import placeholder_in
+
 IMAGE_WEAKENING = "image_weakening"
 ERROR_INJECTION = "error_injection"
 
@@ -16,6 +18,8 @@ class Drop:
     EMPTY_NEGATIVE = "empty_negative"
     SAME_AS_CHOSEN = "same_as_chosen"
     REJECTED_TOO_LONG = "rejected_too_long"
+    IMAGE_PLACEHOLDER = "image_placeholder"
+    TRUNCATED = "truncated"
     GENERATION_FAILED = "generation_failed"
 
 
@@ -36,6 +40,8 @@ def degenerate(chosen: str, rejected: str, max_words: int) -> tuple[str, str] | 
         return Drop.SAME_AS_CHOSEN, "the negative equals the chosen answer after normalisation"
     if word_count(rejected) > max_words:
         return Drop.REJECTED_TOO_LONG, f"{word_count(rejected)} words > {max_words}"
+    if found := placeholder_in(rejected):  # it would be tokenised as an image token with no image behind it
+        return Drop.IMAGE_PLACEHOLDER, f"the negative contains the image placeholder {found}"
     return None
 
 

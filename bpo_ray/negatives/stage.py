@@ -18,7 +18,8 @@ import time
 import numpy as np
 
 from bpo_ray.config import RunConfig
-from bpo_ray.models.loader import resolve_model_path
+from bpo_ray.models.loader import load_processor, resolve_model_path
+from bpo_ray.models.vision import model_input_size
 from bpo_ray.negatives import distort, inject
 from bpo_ray.negatives.generation import GenerationSpec, generate_column
 from bpo_ray.negatives.pairs import (
@@ -35,7 +36,7 @@ from bpo_ray.stages import RunDir, policy_path
 log = logging.getLogger(__name__)
 
 PAIR_COLUMNS = ("sample_id", "record_id", "image", "image_ref", "messages", "prompt", "chosen", "rejected",
-                "negative_type", "distortion", "edits", "generator", "seed")
+                "negative_type", "distortion", "edits", "generator", "seed", "rejected_truncated")
 ERROR_COLUMNS = ("sample_id", "record_id", "stage", "negative_type", "reason", "detail")
 # What a sample carries through generation untouched (packed, so engine columns never collide with it).
 CARRIED = ("sample_id", "record_id", "image", "image_ref", "messages", "prompt", "answer")
@@ -55,13 +56,14 @@ def _columns(rows: list[dict], names) -> dict:
 
 
 def _out(sample: dict, negative_type: str, rejected: str, *, distortion: str = "", edits: str = "",
-         generator: str = "", seed: int = 0, reason: str = "", detail: str = "") -> dict:
+         generator: str = "", seed: int = 0, truncated: bool = False, reason: str = "", detail: str = "") -> dict:
     """One output row; the same columns whether it is a pair or an error (``kind`` tells)."""
     return {"sample_id": sample["sample_id"], "record_id": sample["record_id"], "image": sample["image"],
             "image_ref": sample["image_ref"], "messages": sample["messages"], "prompt": sample["prompt"],
             "chosen": sample["answer"], "rejected": rejected, "negative_type": negative_type,
             "distortion": distortion, "edits": edits, "generator": generator, "seed": int(seed),
-            "stage": "negatives", "kind": "error" if reason else "pair", "reason": reason, "detail": detail}
+            "rejected_truncated": truncated, "stage": "negatives", "kind": "error" if reason else "pair",
+            "reason": reason, "detail": detail}
 
 
 OUT_COLUMNS = (*PAIR_COLUMNS, "stage", "kind", "reason", "detail")
@@ -90,15 +92,15 @@ def chosen_too_long_errors(batch: dict, max_words: int) -> dict:
     return _columns(rows, OUT_COLUMNS)
 
 
-def weaken_batch(batch: dict, distortions: list[dict], seed: int) -> dict:
+def weaken_batch(batch: dict, distortions: list[dict], seed: int, size=None) -> dict:
+    """``size``: the policy's ``ModelInputSize``, at which images are weakened."""
     rows = _rows(batch)
     seeds = [stable_seed(seed, IMAGE_WEAKENING, r["sample_id"]) for r in rows]
     return {
         "carry": _carry(rows),
         "gen_messages": np.array([r["messages"] for r in rows], dtype=object),
-        "gen_image": np.array([distort.weaken_bytes(r["image"], distortions, s) for r, s in zip(rows, seeds,
-                                                                                                strict=True)],
-                              dtype=object),
+        "gen_image": np.array([distort.weaken_bytes(r["image"], distortions, s, size)
+                               for r, s in zip(rows, seeds, strict=True)], dtype=object),
         "seed": np.array(seeds, dtype=np.int64),
     }
 
@@ -113,15 +115,23 @@ def injection_prompts(batch: dict, mode: str, seed: int) -> dict:
     }
 
 
-def finish_generated(batch: dict, negative_type: str, generator: str, max_words: int, distortion: str) -> dict:
+def finish_generated(batch: dict, negative_type: str, generator: str, max_words: int, distortion: str,
+                     truncated: str) -> dict:
+    """Generated answers → pairs or errors; ``truncated`` ("drop" | "keep") says what becomes of an answer
+    cut at max_new_tokens."""
     out = []
     for r in _rows(batch):
         sample = pickle.loads(r["carry"])
         text = r["generated_text"] or ""
         if negative_type == ERROR_INJECTION:
             text = inject.clean_llm_rewrite(text)
-        out.append(_finish(sample, negative_type, text, r["generation_error"], max_words,
-                           distortion=distortion, generator=generator, seed=r["seed"]))
+        meta = {"distortion": distortion, "generator": generator, "seed": r["seed"]}
+        cut = r["finish_reason"] == "length" and not r["generation_error"]
+        if cut and truncated == "drop":
+            out.append(_out(sample, negative_type, text, reason=Drop.TRUNCATED,
+                            detail="the answer reached max_new_tokens before it ended", **meta))
+        else:
+            out.append(_finish(sample, negative_type, text, r["generation_error"], max_words, truncated=cut, **meta))
     return _columns(out, OUT_COLUMNS)
 
 
@@ -156,12 +166,15 @@ def run_negatives(cfg: RunConfig, run: RunDir) -> dict:
         distortions = [d.model_dump() for d in neg.weakening.distortions]
         described = distort.describe(distortions)
         generators[IMAGE_WEAKENING] = policy
-        prepared = ok.map_batches(weaken_batch, fn_kwargs={"distortions": distortions, "seed": neg.seed})
+        size = model_input_size(load_processor(policy, cfg.model).image_processor)
+        prepared = ok.map_batches(weaken_batch, fn_kwargs={"distortions": distortions, "seed": neg.seed,
+                                                           "size": size})
         spec = GenerationSpec(neg.weakening.engine, policy, True, neg.weakening.sampling, neg.weakening.pool,
-                              cfg.model.max_length)
+                              cfg.model.max_length, model=cfg.model)
         outputs.append(generate_column(prepared, spec).map_batches(
             finish_generated, fn_kwargs={"negative_type": IMAGE_WEAKENING, "generator": policy,
-                                         "max_words": neg.max_words, "distortion": described}))
+                                         "max_words": neg.max_words, "distortion": described,
+                                         "truncated": neg.truncated}))
 
     if neg.injection.enabled:
         inj = neg.injection
@@ -175,7 +188,8 @@ def run_negatives(cfg: RunConfig, run: RunDir) -> dict:
             spec = GenerationSpec(inj.engine, rewriter, False, inj.sampling, inj.pool)
             outputs.append(generate_column(prepared, spec).map_batches(
                 finish_generated, fn_kwargs={"negative_type": ERROR_INJECTION, "generator": inj.model,
-                                             "max_words": neg.max_words, "distortion": ""}))
+                                             "max_words": neg.max_words, "distortion": "",
+                                             "truncated": neg.truncated}))
 
     rows = outputs[0].union(*outputs[1:]).materialize()
     write_by_kind(rows, run.path("negatives"), {"pairs": ("pair", PAIR_COLUMNS), "errors": ("error", ERROR_COLUMNS)})

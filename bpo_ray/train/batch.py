@@ -23,7 +23,9 @@ def encode_pair(processor, pair: dict, max_length: int, min_response_tokens: int
     messages = json.loads(pair["messages"])
     image = decode_image(pair["image"])
     chosen = encode_prompt_response(processor, messages, image, pair["chosen"], max_length, min_response_tokens)
-    rejected = encode_prompt_response(processor, messages, image, pair["rejected"], max_length, min_response_tokens)
+    cut = bool(pair.get("rejected_truncated") or False)  # a negative kept though cut at max_new_tokens
+    rejected = encode_prompt_response(processor, messages, image, pair["rejected"], max_length, min_response_tokens,
+                                      ends_turn=not cut)
     return chosen, rejected
 
 
