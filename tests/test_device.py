@@ -83,9 +83,9 @@ def test_reference_is_scored_in_the_policys_precision(tiny_models, shapes_dir):
         own = pair_logps(policy, collate([encode_pair(processor, p, 512) for p in pairs], pad_id(processor)))
 
     def first_loss(precision: str) -> float:
-        scored = ReferenceScorer(path, {}, average=False, precision=precision)(pd.DataFrame(pairs))
-        assert {p.dtype for p in ReferenceScorer(path, {}, False, precision).model.parameters()} == \
-            {resolve_dtype(precision, CPU)}
+        scorer = ReferenceScorer(path, {}, average=False, precision=precision)
+        assert {p.dtype for p in scorer.model.parameters()} == {resolve_dtype(precision, CPU)}
+        scored = scorer(pd.DataFrame(pairs))
         return dpo_loss(own.chosen, own.rejected, torch.tensor(scored["ref_chosen_logp"].tolist()),
                         torch.tensor(scored["ref_rejected_logp"].tolist())).loss.item()
 
