@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bpo_ray.train.logprobs import IGNORE, sequence_logps, token_logps
-from bpo_ray.train.losses import dpo_loss, sft_loss
+from bpo_ray.train.losses import dpo_loss, sft_loss, to_floats
 
 # One pair: policy chosen/rejected −1/−3, reference −2/−2 → logits = (−1+3) − (−2+2) = 2.
 PC, PR, RC, RR = (torch.tensor([v]) for v in (-1.0, -3.0, -2.0, -2.0))
@@ -35,7 +35,7 @@ def test_rewards_and_metrics():
                    torch.tensor([-2.0, -2.0]), beta=0.5)
     assert out.chosen_rewards.tolist() == pytest.approx([0.5, -1.5])
     assert out.rejected_rewards.tolist() == pytest.approx([-0.5, -1.0])
-    metrics = out.metrics()
+    metrics = to_floats(out.terms())
     assert metrics["reward_margin"] == pytest.approx(((0.5 + 0.5) + (-1.5 + 1.0)) / 2)
     assert metrics["reward_accuracy"] == 0.5
 

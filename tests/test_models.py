@@ -140,6 +140,16 @@ def test_a_text_llm_without_a_chat_template_gets_the_vicuna_format(tiny_models, 
         "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
         "detailed, and polite answers to the user's questions. USER: Rewrite: a red circle. ASSISTANT:")
     assert isinstance(engine.generate([messages], None, Sampling(max_new_tokens=4))[0], str)
+    # Serving loads it through the same loader, so a request is prompted the same way.
+    from bpo_ray.serve.engine import ChatEngine
+    from bpo_ray.serve.protocol import ChatRequest
+    from bpo_ray.serve.protocol import Sampling as RequestSampling
+
+    request = ChatRequest(model="m", chat=[{"role": "user", "content": [{"type": "text", "text": messages[0]["content"]}]}],
+                          images=[], stream=False, include_usage=False,
+                          sampling=RequestSampling(temperature=0.0, top_p=1.0, max_tokens=4, seed=0, stop=[]))
+    prompt = build_prompt(engine.processor, messages, with_image=False)
+    assert ChatEngine(str(bare)).encode(request).input_ids == engine.processor(prompt)["input_ids"]
 
 
 def test_each_answer_says_whether_it_ended_or_was_cut(tiny_models):

