@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pyarrow.fs as pafs
@@ -70,3 +71,47 @@ def remove_dir(path: str) -> None:
 def make_dir(path: str) -> None:
     fs, p = resolve(path)
     fs.create_dir(p, recursive=True)
+
+
+def upload_dir(local_dir: str, target: str) -> None:
+    """Copy a local directory's files to ``target`` (local path or URI), replacing files of the same name."""
+    fs, p = resolve(target)
+    fs.create_dir(p, recursive=True)
+    pafs.copy_files(local_dir, p, destination_filesystem=fs)
+
+
+def download_dir(source: str, local_dir: str) -> None:
+    fs, p = resolve(source)
+    os.makedirs(local_dir, exist_ok=True)
+    pafs.copy_files(p, local_dir, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+
+
+def local_dir(path: str, cache_root: str | None = None) -> str:
+    """A local directory holding what ``path`` holds: ``path`` itself when local; for a URI, a copy in
+    ``cache_root`` (default: the system temp dir) keyed by the objects' names, sizes and modification times,
+    so a model rewritten at the same URI is fetched again and an unchanged one only once per node.
+    ``from_pretrained`` and vLLM read local directories only."""
+    if not is_uri(path):
+        return absolute(path)
+    import fcntl
+    import hashlib
+    import tempfile
+
+    fs, p = resolve(path)
+    files = [f for f in fs.get_file_info(pafs.FileSelector(p, recursive=True)) if f.type == pafs.FileType.File]
+    if not files:
+        raise FileNotFoundError(f"{path}: nothing there")
+    listing = sorted((f.path, f.size, f.mtime_ns or 0) for f in files)
+    key = hashlib.sha256(json.dumps([path, listing]).encode()).hexdigest()[:16]
+    root = os.path.join(cache_root or tempfile.gettempdir(), "bpo-ray-objects")
+    target = os.path.join(root, key)
+    done = os.path.join(target, ".bpo-complete")
+    if os.path.exists(done):
+        return target
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, f".{key}.lock"), "w") as lock:  # one download per node
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(done):
+            download_dir(path, target)
+            open(done, "w").close()
+    return target

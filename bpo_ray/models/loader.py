@@ -12,10 +12,12 @@ from pathlib import Path
 
 import torch
 
+from bpo_ray import storage
 from bpo_ray.config import TINY_SCHEME, ModelConfig
 from bpo_ray.models.device import resolve_dtype
 
 log = logging.getLogger(__name__)
+
 
 def resolve_model_path(name_or_path: str, cache_dir: str | Path) -> str:
     """``tiny://llava`` → a directory in the cache, built on first use (one builder at a time: Ray actors
@@ -39,6 +41,12 @@ def resolve_model_path(name_or_path: str, cache_dir: str | Path) -> str:
     return str(target)
 
 
+def local_model_path(path: str) -> str:
+    """``from_pretrained`` reads hub ids and local directories: a model on cloud storage (``s3://``, ``gs://``,
+    e.g. a run's ``sft/model``) is copied to this node first, once per version (``storage.local_dir``)."""
+    return storage.local_dir(path) if storage.is_uri(path) else path
+
+
 def _common_kwargs(cfg: ModelConfig) -> dict:
     kwargs = {"trust_remote_code": cfg.trust_remote_code}
     if cfg.revision:
@@ -50,7 +58,7 @@ def load_processor(path: str, cfg: ModelConfig | None = None):
     """AutoProcessor of a vision-language model (text-only models use ``load_llm``'s tokenizer)."""
     from transformers import AutoProcessor
 
-    return AutoProcessor.from_pretrained(path, **_common_kwargs(cfg or ModelConfig()))
+    return AutoProcessor.from_pretrained(local_model_path(path), **_common_kwargs(cfg or ModelConfig()))
 
 
 def _placement(cfg: ModelConfig, dtype: torch.dtype | None, device: torch.device | None) -> dict:
@@ -71,6 +79,7 @@ def load_vlm(path: str, cfg: ModelConfig | None = None, dtype: torch.dtype | Non
     from transformers import AutoModelForImageTextToText
 
     cfg = cfg or ModelConfig()
+    path = local_model_path(path)
     model = AutoModelForImageTextToText.from_pretrained(
         path, use_safetensors=True, **_placement(cfg, dtype, device), **_common_kwargs(cfg))
     return model, load_processor(path, cfg)
@@ -83,6 +92,7 @@ def load_tokenizer(path: str, cfg: ModelConfig | None = None):
 
     from bpo_ray.models.prompts import with_chat_template
 
+    path = local_model_path(path)
     return with_chat_template(AutoTokenizer.from_pretrained(path, **_common_kwargs(cfg or ModelConfig())), path)
 
 
@@ -92,6 +102,7 @@ def load_llm(path: str, cfg: ModelConfig | None = None, dtype: torch.dtype | Non
     from transformers import AutoModelForCausalLM
 
     cfg = cfg or ModelConfig()
+    path = local_model_path(path)
     model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **_placement(cfg, dtype, device),
                                                  **_common_kwargs(cfg))
     return model, load_tokenizer(path, cfg)

