@@ -28,7 +28,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))  # jobs/bpo.py: the stages a run has
 
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -51,9 +50,8 @@ def config(root: Path, model: Path, images: int, steps: int, *extra: str):
 
 
 def prepare(cfg):
-    """The job's own stages up to the scored pairs (jobs/bpo.py), so the benchmark trains on what a run would."""
-    import bpo as job
-
+    """The job's own stages up to the scored pairs, so the benchmark trains on what a run would."""
+    from bpo_ray import pipeline as job
     from bpo_ray.stages import Pipeline, RunDir
 
     run = RunDir.for_config(cfg)

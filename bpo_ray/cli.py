@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -41,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="validate a config and print it resolved (with overrides)")
     _add_config_args(p)
 
-    p = sub.add_parser("run", help="run the whole pipeline (jobs/bpo.py) on local Ray or a cluster")
+    p = sub.add_parser("run", help="run the whole pipeline (the job jobs/bpo.py submits) on local Ray or a cluster")
     _add_config_args(p)
     p.add_argument("--from-stage")
     p.add_argument("--only-stage")
@@ -107,31 +106,12 @@ def _load(config: str | None, overrides: list[str]):
         return None
 
 
-def _job_script() -> Path:
-    for root in (Path(__file__).resolve().parents[1], Path.cwd()):
-        script = root / "jobs" / "bpo.py"
-        if script.is_file():
-            return script
-    raise FileNotFoundError("jobs/bpo.py not found next to the package or in the current directory; "
-                            "run from a checkout of bpo-ray")
+def _run_job(flags: list[str], overrides, until: str | None = None, prog: str = "bpo run") -> int:
+    """Run the pipeline's job, optionally only up to a stage."""
+    from bpo_ray.pipeline import main as job_main
+    from bpo_ray.pipeline import stages_until
 
-
-def _job():
-    """The job recipe module (jobs/bpo.py): its STAGES are the one list of stages and their inputs."""
-    spec = importlib.util.spec_from_file_location("bpo_job", _job_script())
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
-    return job
-
-
-def _stages_until(stages, until: str):
-    return stages[: [name for name, _, _ in stages].index(until) + 1]
-
-
-def _run_job(flags: list[str], overrides, until: str | None = None) -> int:
-    """Run the job recipe, optionally only up to a stage."""
-    job = _job()
-    return job.main([*flags, *overrides], stages=_stages_until(job.STAGES, until) if until else job.STAGES)
+    return job_main([*flags, *overrides], stages=stages_until(until) if until else None, prog=prog)
 
 
 def _generate(args) -> int:
@@ -153,9 +133,12 @@ def _generate(args) -> int:
     if cfg is None:
         return 2
     run = RunDir.for_config(cfg)
-    stages = _stages_until(_job().STAGES, "negatives")
+    from bpo_ray import storage
+    from bpo_ray.pipeline import stages_until
+
+    stages = stages_until("negatives")
     pipeline = Pipeline(cfg, run, order=[name for name, _, _ in stages], force=args.overwrite)
-    existing = [name for name, _, _ in stages if Path(run.path(name)).exists()]
+    existing = [name for name, _, _ in stages if storage.exists(run.path(name))]
     complete = not args.overwrite and pipeline.all_finished(stages)
     if existing and not args.overwrite and not complete:
         print(f"error: {run.root} already holds different or unfinished output ({', '.join(existing)}); "
@@ -251,9 +234,9 @@ def main(argv: list[str] | None = None) -> int:
             print("error: sft.enabled is false in this config; set it (e.g. bpo sft --config C sft.enabled=true) so "
                   "that later stages of the same run align the fine-tuned model", file=sys.stderr)
             return 2
-        return _run_job(["--config", args.config] if args.config else [], args.overrides, until="sft")
+        return _run_job(["--config", args.config] if args.config else [], args.overrides, until="sft", prog="bpo sft")
     if args.command == "train":
-        return _run_job(["--config", args.config] if args.config else [], args.overrides, until="train")
+        return _run_job(["--config", args.config] if args.config else [], args.overrides, until="train", prog="bpo train")
     if args.command == "run":
         flags = ([f"--config={args.config}"] if args.config else []) + (["--force"] if args.force else [])
         for flag in ("from_stage", "only_stage"):

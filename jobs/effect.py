@@ -21,10 +21,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bpo as job  # noqa: E402  (jobs/bpo.py: the one recipe and its stages)
-
+from bpo_ray import pipeline as job  # noqa: E402  (the one recipe and its stages)
 from bpo_ray import storage  # noqa: E402
 from bpo_ray.config import ConfigError, load_config  # noqa: E402
 
