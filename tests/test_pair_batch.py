@@ -170,6 +170,19 @@ def test_deepspeed_config_and_steps():
     assert optimizer_steps(100, TrainConfig(max_steps=3), 2)[1] == 3
 
 
+def test_gpu_training_needs_no_nvcc():
+    """On GPU workers DeepSpeed's own optimizer choice lands on torch's AdamW, not FusedAdam (a CUDA op
+    DeepSpeed compiles with nvcc at first use, which runtime images lack)."""
+    import torch
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    ds = deepspeed_config(TrainConfig(), world_size=8, use_gpu=True, total_steps=10)
+    chosen, _ = DeepSpeedEngine.get_optimizer_configuration(None, dict(ds["optimizer"]["params"]), adam_w_mode=True)
+    assert chosen is torch.optim.AdamW
+    offloaded = deepspeed_config(TrainConfig(offload_optimizer=True), world_size=8, use_gpu=True, total_steps=10)
+    assert "torch_adam" not in offloaded["optimizer"]["params"]  # DeepSpeedCPUAdam: a C++ op, no nvcc
+
+
 def test_vision_lr_puts_the_tower_in_its_own_group_and_the_schedule_keeps_it(tiny_models):
     from deepspeed.runtime.lr_schedules import WarmupCosineLR
 

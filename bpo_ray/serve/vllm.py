@@ -36,7 +36,7 @@ def llm_config(model_path: str, cfg: ServeConfig, model_id: str):
     if cfg.num_gpus_per_replica:
         bundle["GPU"] = cfg.num_gpus_per_replica
     return LLMConfig(
-        model_loading_config={"model_id": model_id, "model_source": _model_source(model_path)},
+        model_loading_config={"model_id": model_id, "model_source": model_source(model_path)},
         engine_kwargs=engine_kwargs,
         accelerator_type=cfg.accelerator_type,
         placement_group_config={"bundles": [bundle]},
@@ -50,7 +50,7 @@ def build_vllm_app(model_path: str, cfg: ServeConfig, model_id: str):
     return build_openai_app({"llm_configs": [llm_config(model_path, cfg, model_id)]})
 
 
-def _model_source(model_path: str):
+def model_source(model_path: str):
     """A local path or hub id as is; a model on cloud storage through Ray LLM's mirror (each replica
     downloads it; vLLM reads local files)."""
     return {"bucket_uri": model_path} if storage.is_uri(model_path) else str(model_path)

@@ -119,6 +119,11 @@ def deepspeed_config(train: TrainConfig, world_size: int, use_gpu: bool, total_s
     if train.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": use_gpu}
     warmup = max(1, int(round(train.warmup_ratio * total_steps)))  # DeepSpeed rejects 0
+    adamw = {"lr": train.lr, "weight_decay": train.weight_decay, "betas": [0.9, 0.999], "eps": 1e-8}
+    if use_gpu and not train.offload_optimizer:
+        # torch's AdamW on the GPU: DeepSpeed's FusedAdam is compiled with nvcc at first use, which runtime
+        # images (and most clusters) do not have; torch's multi-tensor AdamW needs no build.
+        adamw["torch_adam"] = True
     return {
         "train_micro_batch_size_per_gpu": train.per_device_batch_size,
         "gradient_accumulation_steps": train.gradient_accumulation_steps,
@@ -127,8 +132,7 @@ def deepspeed_config(train: TrainConfig, world_size: int, use_gpu: bool, total_s
         "zero_optimization": zero,
         "bf16": {"enabled": prec == "bf16"},
         "fp16": {"enabled": prec == "fp16"},
-        "optimizer": {"type": "AdamW", "params": {"lr": train.lr, "weight_decay": train.weight_decay,
-                                                  "betas": [0.9, 0.999], "eps": 1e-8}},
+        "optimizer": {"type": "AdamW", "params": adamw},
         "scheduler": {"type": "WarmupCosineLR", "params": {
             "total_num_steps": max(total_steps, warmup + 1), "warmup_num_steps": warmup,
             "warmup_min_ratio": 0.0, "cos_min_ratio": 0.0, "warmup_type": "linear"}},
