@@ -67,21 +67,28 @@ def test_job_runs_the_embedded_default_and_resumes(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- ray job submit
-def _processes_of(temp_dir: str) -> list[psutil.Process]:
-    found = []
+def _processes_of(temp_dir: str, *marks: str) -> list[psutil.Process]:
+    """Processes whose command line names ``temp_dir`` (or a mark), and all their descendants: Ray's agents
+    rename themselves (ray::DashboardAgent) and, left running after a stop, hold their ports."""
+    found: dict[int, psutil.Process] = {}
     for p in psutil.process_iter(["cmdline"]):
         try:
-            if any(temp_dir in part for part in p.info["cmdline"] or []):
-                found.append(p)
+            if any(temp_dir in part or part in marks for part in p.info["cmdline"] or []):
+                found[p.pid] = p
+                found.update((c.pid, c) for c in p.children(recursive=True))
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
-    return found
+    return list(found.values())
 
 
 @dataclass
 class Head:
     client: JobSubmissionClient  # typed reads of job state
     env: dict  # what the `ray` CLI needs to reach this head (its auth settings)
+    dashboard: str  # http://127.0.0.1:PORT: jobs API
+    gcs: str  # 127.0.0.1:PORT: where nodes join
+    temp_dir: str
+    marks: tuple[str, ...]  # what names its processes whose command line does not name temp_dir
 
     def submit(self, *args: str) -> SubmittedJob:
         return SubmittedJob(self.client, RAY, self.env, REPO, list(args))
@@ -92,7 +99,10 @@ def head_node():
     """A Ray head started with ``ray start`` in its own temp dir; stopped by killing exactly its processes
     (``ray stop`` would stop every Ray cluster on the machine)."""
     temp_dir = tempfile.mkdtemp(prefix="bpo-head-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    gcs, dashboard, client, manager, store = free_ports(5)
+    # Every port the head listens on, chosen free: Ray's defaults (52365 for the job agent, 10001 for the
+    # client server) collide with any other Ray on the machine, and a head without its agent takes no jobs.
+    gcs, dashboard, client, manager, store, agent, agent_grpc, metrics, runtime_env = free_ports(9)
+    marks = (f"--port={client}",)  # the client server: `ray start` starts it, then it is orphaned
     env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
     headers = None
     if env["RAY_AUTH_MODE"] == "token":  # this head's own token: independent of ~/.ray and of test order
@@ -103,16 +113,19 @@ def head_node():
     started = subprocess.run(
         [RAY, "start", "--head", f"--port={gcs}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
          "--include-dashboard=true", f"--ray-client-server-port={client}", f"--node-manager-port={manager}",
-         f"--object-manager-port={store}", "--num-cpus=4", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+         f"--object-manager-port={store}", f"--dashboard-agent-listen-port={agent}",
+         f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
+         f"--runtime-env-agent-port={runtime_env}", "--num-cpus=4", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
         capture_output=True, text=True, env=env, timeout=300)
     assert started.returncode == 0, started.stdout + started.stderr
     try:
-        head = Head(JobSubmissionClient(f"http://127.0.0.1:{dashboard}", headers=headers), env)
+        head = Head(JobSubmissionClient(f"http://127.0.0.1:{dashboard}", headers=headers), env,
+                    f"http://127.0.0.1:{dashboard}", f"127.0.0.1:{gcs}", temp_dir, marks)
         _wait_accepting_jobs(head.client)
         yield head
     finally:
-        _stop_processes_of(temp_dir)
-        assert not _running(_processes_of(temp_dir))
+        _stop_processes_of(temp_dir, *marks)
+        assert not _running(_processes_of(temp_dir, *marks))
 
 
 def _wait_accepting_jobs(client: JobSubmissionClient, timeout: float = 120) -> None:
@@ -140,11 +153,11 @@ def _running(procs: list[psutil.Process]) -> list[psutil.Process]:
     return alive
 
 
-def _stop_processes_of(temp_dir: str, rounds: int = 3) -> None:
+def _stop_processes_of(temp_dir: str, *marks: str, rounds: int = 3) -> None:
     """SIGTERM, then SIGKILL what is left, and wait for it to be gone: a kill is asynchronous (CI once saw
     gcs_server still running right after it), and a dying raylet may start a worker meanwhile, so rescan."""
     for _ in range(rounds):
-        procs = _running(_processes_of(temp_dir))
+        procs = _running(_processes_of(temp_dir, *marks))
         if not procs:
             return
         for p in procs:
@@ -155,6 +168,49 @@ def _stop_processes_of(temp_dir: str, rounds: int = 3) -> None:
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()
         psutil.wait_procs(alive, timeout=10)
+
+
+def test_the_head_refuses_clients_and_nodes_without_its_token(head_node, tmp_path):
+    """Token auth, for real: each request is made with the cluster's token and again without it (or with a
+    wrong one); only the token differs, and only the first is accepted."""
+    from ray.exceptions import AuthenticationError
+
+    if head_node.env.get("RAY_AUTH_MODE") != "token":
+        pytest.skip("RAY_AUTH_MODE is not token for this run")
+    with pytest.raises(AuthenticationError):
+        JobSubmissionClient(head_node.dashboard, headers={"Authorization": f"Bearer {secrets.token_hex(32)}"})
+    assert head_node.client.list_jobs() is not None
+
+    right = {**head_node.env, "HOME": str(tmp_path)}  # no ~/.ray/auth_token to fall back on
+    no_token = {k: v for k, v in right.items() if not k.startswith("RAY_AUTH_TOKEN")}
+    wrong = {**no_token, "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    job_list = [RAY, "job", "list", "--address", head_node.dashboard]
+    for env, accepted in ((right, True), (no_token, False), (wrong, False)):
+        done = subprocess.run(job_list, env=env, capture_output=True, text=True, timeout=120)
+        assert (done.returncode == 0) == accepted, done.stderr[-2000:]
+
+    # A worker node joins with the cluster's token and is refused with another one.
+    manager, store = free_ports(2)
+    join = [RAY, "start", f"--address={head_node.gcs}", "--num-cpus=0", f"--node-manager-port={manager}",
+            f"--object-manager-port={store}", "--disable-usage-stats"]
+    # Ray takes an auth error for a GCS still starting and retries it for RAY_gcs_server_port_wait_time_s.
+    refused = subprocess.run(join, env={**wrong, "RAY_gcs_server_port_wait_time_s": "10"}, capture_output=True,
+                             text=True, timeout=120)
+    assert refused.returncode != 0
+    before = {p.pid for p in _running(_processes_of(head_node.temp_dir, *head_node.marks))}
+    joined = subprocess.run(join, env=right, capture_output=True, text=True, timeout=120)
+    try:
+        assert joined.returncode == 0, joined.stderr[-2000:]
+        listed = subprocess.run([RAY, "list", "nodes", "--address", head_node.dashboard, "--format", "json"],
+                                env=right, capture_output=True, text=True, timeout=120)
+        nodes = json.loads(listed.stdout)
+        assert sorted((n["state"], n["is_head_node"]) for n in nodes) == [("ALIVE", False), ("ALIVE", True)]
+    finally:  # stop just that node's processes: the module's other tests use this head alone
+        worker = [p for p in _running(_processes_of(head_node.temp_dir, *head_node.marks)) if p.pid not in before]
+        for p in worker:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.terminate()
+        psutil.wait_procs(worker, timeout=20)
 
 
 def _details(status: JobStatus, **fields) -> JobDetails:
