@@ -12,7 +12,6 @@ import json
 import os
 import re
 import secrets
-import signal
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from ray.job_submission import JobDetails, JobStatus, JobSubmissionClient, JobTy
 
 from conftest import REPO, free_ports, run_cli
 from ray_jobs import JobFailed, SubmittedJob, died_before_entrypoint
+from ray_procs import processes_of, running, stop_processes_of
 
 RAY = str(Path(sys.executable).parent / "ray")
 # The embedded default trains its SFT base first: a few steps on a few images here.
@@ -67,20 +67,6 @@ def test_job_runs_the_embedded_default_and_resumes(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- ray job submit
-def _processes_of(temp_dir: str, *marks: str) -> list[psutil.Process]:
-    """Processes whose command line names ``temp_dir`` (or a mark), and all their descendants: Ray's agents
-    rename themselves (ray::DashboardAgent) and, left running after a stop, hold their ports."""
-    found: dict[int, psutil.Process] = {}
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if any(temp_dir in part or part in marks for part in p.info["cmdline"] or []):
-                found[p.pid] = p
-                found.update((c.pid, c) for c in p.children(recursive=True))
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return list(found.values())
-
-
 @dataclass
 class Head:
     client: JobSubmissionClient  # typed reads of job state
@@ -124,8 +110,8 @@ def head_node():
         _wait_accepting_jobs(head.client)
         yield head
     finally:
-        _stop_processes_of(temp_dir, *marks)
-        assert not _running(_processes_of(temp_dir, *marks))
+        stop_processes_of(temp_dir, *marks)
+        assert not running(processes_of(temp_dir, *marks))
 
 
 def _wait_accepting_jobs(client: JobSubmissionClient, timeout: float = 120) -> None:
@@ -140,34 +126,6 @@ def _wait_accepting_jobs(client: JobSubmissionClient, timeout: float = 120) -> N
             if time.monotonic() > deadline:
                 raise
             time.sleep(1)
-
-
-def _running(procs: list[psutil.Process]) -> list[psutil.Process]:
-    alive = []
-    for p in procs:
-        try:
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                alive.append(p)
-        except psutil.NoSuchProcess:
-            pass
-    return alive
-
-
-def _stop_processes_of(temp_dir: str, *marks: str, rounds: int = 3) -> None:
-    """SIGTERM, then SIGKILL what is left, and wait for it to be gone: a kill is asynchronous (CI once saw
-    gcs_server still running right after it), and a dying raylet may start a worker meanwhile, so rescan."""
-    for _ in range(rounds):
-        procs = _running(_processes_of(temp_dir, *marks))
-        if not procs:
-            return
-        for p in procs:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.send_signal(signal.SIGTERM)
-        _, alive = psutil.wait_procs(procs, timeout=8)
-        for p in alive:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.kill()
-        psutil.wait_procs(alive, timeout=10)
 
 
 def test_the_head_refuses_clients_and_nodes_without_its_token(head_node, tmp_path):
@@ -197,7 +155,7 @@ def test_the_head_refuses_clients_and_nodes_without_its_token(head_node, tmp_pat
     refused = subprocess.run(join, env={**wrong, "RAY_gcs_server_port_wait_time_s": "10"}, capture_output=True,
                              text=True, timeout=120)
     assert refused.returncode != 0
-    before = {p.pid for p in _running(_processes_of(head_node.temp_dir, *head_node.marks))}
+    before = {p.pid for p in running(processes_of(head_node.temp_dir, *head_node.marks))}
     joined = subprocess.run(join, env=right, capture_output=True, text=True, timeout=120)
     try:
         assert joined.returncode == 0, joined.stderr[-2000:]
@@ -206,7 +164,7 @@ def test_the_head_refuses_clients_and_nodes_without_its_token(head_node, tmp_pat
         nodes = json.loads(listed.stdout)
         assert sorted((n["state"], n["is_head_node"]) for n in nodes) == [("ALIVE", False), ("ALIVE", True)]
     finally:  # stop just that node's processes: the module's other tests use this head alone
-        worker = [p for p in _running(_processes_of(head_node.temp_dir, *head_node.marks)) if p.pid not in before]
+        worker = [p for p in running(processes_of(head_node.temp_dir, *head_node.marks)) if p.pid not in before]
         for p in worker:
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.terminate()
