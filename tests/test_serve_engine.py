@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -108,3 +109,19 @@ def test_text_only_model_refuses_images(tiny_models):
     text = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 3,
                        "temperature": 0}).encode()
     assert llm.run([llm.encode(parse_request(text, ImagePolicy()))])[0].completion_tokens <= 3
+
+
+def test_the_server_loads_its_model_with_the_runs_model_settings(tiny_models):
+    """A serve replica loads the model as every other model-holding actor does: the run's attention kernel
+    and dtype (it used transformers' defaults)."""
+    import torch
+
+    from bpo_ray.config import ModelConfig, ServeConfig
+    from bpo_ray.serve.app import ChatServer
+
+    cls = ChatServer.func_or_class  # the replica's class; Serve's ingress made its __init__ a coroutine
+    server = cls.__new__(cls)
+    asyncio.run(cls.__init__(server, str(tiny_models["llava"]), "m", ServeConfig(),
+                             ModelConfig(attn_implementation="eager", dtype="bfloat16")))
+    assert server.engine.model.config._attn_implementation == "eager"
+    assert server.engine.model.dtype == torch.bfloat16

@@ -121,7 +121,7 @@ def run_eval(cfg: RunConfig, run: RunDir) -> dict:
               "aligned": (run.path("model"), cfg.serve.model_id)}
     if not cfg.eval.base:
         del models["base"]
-    urls = deploy(models, cfg.serve)
+    urls = deploy(models, cfg.serve, cfg.model)
     results, rows = {}, []
     try:
         for url in urls.values():  # a 7B model downloading and loading on a fresh GPU node takes minutes

@@ -185,7 +185,9 @@ def run_negatives(cfg: RunConfig, run: RunDir) -> dict:
             generators[ERROR_INJECTION] = inj.model
             rewriter = resolve_model_path(inj.model, cfg.cache_dir)
             prepared = ok.map_batches(injection_prompts, fn_kwargs={"mode": inj.mode, "seed": neg.seed})
-            spec = GenerationSpec(inj.engine, rewriter, False, inj.sampling, inj.pool)
+            # The rewriter is another model: the run's kernel and dtype, not the policy's revision or code.
+            loading = cfg.model.model_copy(update={"revision": None, "trust_remote_code": False})
+            spec = GenerationSpec(inj.engine, rewriter, False, inj.sampling, inj.pool, model=loading)
             outputs.append(generate_column(prepared, spec).map_batches(
                 finish_generated, fn_kwargs={"negative_type": ERROR_INJECTION, "generator": inj.model,
                                              "max_words": neg.max_words, "distortion": "",

@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from bpo_ray.config import ServeConfig
+from bpo_ray.config import ModelConfig, ServeConfig
 from bpo_ray.data.records import ImageLimits
 from bpo_ray.resources import serve_replica_request, serve_scaling, torch_threads
 from bpo_ray.serve.protocol import (
@@ -78,14 +78,15 @@ def _raise_failed(result):
 @serve.deployment(name="ChatServer")
 @serve.ingress(api)
 class ChatServer:
-    def __init__(self, model_path: str, model_id: str, settings: dict):
+    def __init__(self, model_path: str, model_id: str, settings: ServeConfig, model: ModelConfig | None = None):
         import torch
 
         from bpo_ray.serve.engine import ChatEngine
 
-        cfg = ServeConfig.model_validate(settings)
+        cfg = settings
         torch.set_num_threads(torch_threads(cfg.num_cpus_per_replica))
-        self.engine = ChatEngine(model_path, max_model_len=cfg.max_model_len,
+        # ``model``: how to load it (dtype, attention kernel, remote code), as every other actor loads models.
+        self.engine = ChatEngine(model_path, model, max_model_len=cfg.max_model_len,
                                  default_max_tokens=cfg.default_max_tokens)
         self.model_id, self.api_key, self.max_body = model_id, cfg.api_key, cfg.max_request_bytes
         self.policy = ImagePolicy(ImageLimits(max_pixels=cfg.max_image_pixels, max_bytes=cfg.max_request_bytes),
@@ -204,14 +205,15 @@ def deployment_options(cfg: ServeConfig) -> dict:
     return options
 
 
-def build_app(model_path: str, cfg: ServeConfig, model_id: str | None = None):
-    """The Serve application for one model: ``hf`` (ours) or ``vllm`` (``ray.serve.llm``)."""
+def build_app(model_path: str, cfg: ServeConfig, model_id: str | None = None, model: ModelConfig | None = None):
+    """The Serve application for one model: ``hf`` (ours) or ``vllm`` (``ray.serve.llm``). ``model``: the
+    run's model settings the hf engine loads with (default: ModelConfig's)."""
     model_id = model_id or cfg.model_id
     if cfg.engine == "vllm":
         from bpo_ray.serve.vllm import build_vllm_app
 
         return build_vllm_app(model_path, cfg, model_id)
-    return ChatServer.options(**deployment_options(cfg)).bind(model_path, model_id, cfg.model_dump())
+    return ChatServer.options(**deployment_options(cfg)).bind(model_path, model_id, cfg, model)
 
 
 def app_builder(args: dict):
@@ -225,4 +227,4 @@ def app_builder(args: dict):
     config = args.pop("config", None)
     cfg = load_config(config, [f"{k}={v}" for k, v in args.items()])
     path = resolve_model_path(model, cfg.cache_dir) if model else f"{cfg.run_dir}/model"
-    return build_app(path, cfg.serve)
+    return build_app(path, cfg.serve, model=cfg.model)

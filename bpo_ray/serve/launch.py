@@ -8,16 +8,16 @@ import signal
 import threading
 import time
 
-from bpo_ray.config import ConfigError, RunConfig, ServeConfig, serve_problems
+from bpo_ray.config import ConfigError, ModelConfig, RunConfig, ServeConfig, serve_problems
 
 log = logging.getLogger(__name__)
 
 
-def deploy(apps: dict[str, tuple[str, str]], cfg: ServeConfig) -> dict[str, str]:
+def deploy(apps: dict[str, tuple[str, str]], cfg: ServeConfig, model: ModelConfig | None = None) -> dict[str, str]:
     """Start Serve's proxy on cfg.host:cfg.port and run one application per model.
 
     ``apps``: name → (model path, model id); each is served under ``/<name>`` (``/`` for an app named
-    "default"). Returns name → OpenAI base URL.
+    "default"). ``model``: the run's model settings (dtype, attention kernel). Returns name → OpenAI base URL.
     """
     from ray import serve
 
@@ -27,7 +27,7 @@ def deploy(apps: dict[str, tuple[str, str]], cfg: ServeConfig) -> dict[str, str]
     urls = {}
     for name, (path, model_id) in apps.items():
         prefix = "/" if name == "default" else f"/{name}"
-        serve.run(build_app(path, cfg, model_id), name=name, route_prefix=prefix, blocking=False)
+        serve.run(build_app(path, cfg, model_id, model), name=name, route_prefix=prefix, blocking=False)
         host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
         urls[name] = f"http://{host}:{cfg.port}{prefix.rstrip('/')}/v1"
     return urls
@@ -92,7 +92,7 @@ def serve_until_stopped(cfg: RunConfig, model: str | None) -> int:
         signal.signal(sig, lambda *_: stop.set())
     init_ray(cfg.resources)
     try:
-        url = deploy({"default": (path, cfg.serve.model_id)}, cfg.serve)["default"]
+        url = deploy({"default": (path, cfg.serve.model_id)}, cfg.serve, cfg.model)["default"]
         wait_healthy(url, api_key=cfg.serve.api_key)
     except (ConfigError, TimeoutError) as err:
         print(f"error: {err}", file=sys.stderr)
