@@ -320,6 +320,10 @@ class TrainingLog:
 
 
 def _tensorboard(directory: str):
+    import uuid
+
     from tensorboardX import SummaryWriter
 
-    return SummaryWriter(directory)
+    # Event files are named by the second and host: a writer restarted within the same second on the same
+    # host would replace the earlier attempt's file when synced. A suffix of its own keeps both.
+    return SummaryWriter(directory, filename_suffix=f".{uuid.uuid4().hex[:8]}")
