@@ -9,6 +9,7 @@ Sorted first: the cluster here must not overlap another one that trains.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import pytest
@@ -27,7 +29,7 @@ RAY = str(Path(sys.executable).parent / "ray")
 NODE_TYPES = {  # cluster/aws.yaml, scaled down
     "cpu": {"resources": {"CPU": 2}, "max_workers": 1},
     "gpu_l4": {"resources": {"CPU": 2, "accelerator_type:L4": 1}, "max_workers": 1},
-    "gpu_a100": {"resources": {"CPU": 4, "accelerator_type:A100": 1}, "max_workers": 1},
+    "gpu_a100": {"resources": {"CPU": 4, "accelerator_type:A100": 1}, "max_workers": 2},
 }
 
 
@@ -41,7 +43,7 @@ def _autoscaler_config(gcs_address: str) -> dict:
                 "disable_launch_config_check": True, "disable_node_updaters": True}
     types = {name: {**spec, "min_workers": 0, "node_config": {}} for name, spec in NODE_TYPES.items()}
     types["ray.head.default"] = {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0}
-    return {"cluster_name": "bpo-fake", "max_workers": 3, "idle_timeout_minutes": 0.2, "upscaling_speed": 1.0,
+    return {"cluster_name": "bpo-fake", "max_workers": 4, "idle_timeout_minutes": 0.2, "upscaling_speed": 1.0,
             "provider": provider, "auth": {"ssh_user": "ray"}, "head_node_type": "ray.head.default",
             "available_node_types": types, "file_mounts": {}, "cluster_synced_files": [],
             "file_mounts_sync_continuously": False, "initialization_commands": [], "setup_commands": [],
@@ -89,20 +91,67 @@ def _node_type(node) -> str:
         node.resources_total) and set(spec["resources"]) - {"CPU"}), "cpu")
 
 
-def _alive_nodes(dashboard: str) -> list:
-    from ray.util.state import list_nodes
+def _kill_training_node_after_a_checkpoint(run: Path, dashboard: str, env: dict, job: subprocess.Popen) -> str:
+    """Once Ray Train has registered a checkpoint (and before training ends), kill every process of the node
+    the training workers run on. Returns its node id."""
+    import psutil
 
-    return [n for n in list_nodes(address=dashboard, detail=True, limit=1000) if n.state == "ALIVE"]
+    from bpo_ray.train.stage import latest_checkpoint
+
+    deadline = time.monotonic() + 600
+    while not any(latest_checkpoint(str(d)) for d in (run / "checkpoints").glob("train-*")):
+        assert job.poll() is None, "the job ended before training checkpointed"
+        assert time.monotonic() < deadline, "no checkpoint in 600 s"
+        time.sleep(0.2)
+    assert not (run / "train" / "manifest.json").exists(), "training ended before the node could be lost"
+    node = next(n for n in _alive_nodes(dashboard, env) if _node_type(n) == "gpu_a100")
+    victims = {}
+    for p in psutil.process_iter():  # the fake provider starts each node's processes with its id in their env
+        try:
+            if p.environ().get("RAY_OVERRIDE_NODE_ID_FOR_TESTING") == node.node_id:
+                victims[p.pid] = p
+                victims.update((c.pid, c) for c in p.children(recursive=True))
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    assert victims, f"no processes of node {node.node_id}"
+    for p in victims.values():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(list(victims.values()), timeout=30)
+    return node.node_id
+
+
+@dataclass
+class StateRow:  # the fields of Ray's NodeState / ActorState these tests read
+    node_id: str
+    state: str = ""
+    is_head_node: bool = False
+    resources_total: dict = field(default_factory=dict)
+    class_name: str = ""
+
+
+def _state(kind: str, dashboard: str, env: dict) -> list[StateRow]:
+    """Ray's state API (list_nodes / list_actors), read in a child process that holds this cluster's token:
+    Ray keeps the first token a process loads, and this process must keep none for the clusters that
+    other tests start."""
+    code = ("import dataclasses, json, sys\nfrom ray.util.state import list_actors, list_nodes\n"
+            f"rows = list_{kind}(address=sys.argv[1], detail=True, limit=10000)\n"
+            "print(json.dumps([dataclasses.asdict(r) for r in rows], default=str))")
+    done = subprocess.run([sys.executable, "-c", code, dashboard], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    names = {f.name for f in fields(StateRow)}
+    return [StateRow(**{k: v for k, v in row.items() if k in names}) for row in json.loads(done.stdout)]
+
+
+def _alive_nodes(dashboard: str, env: dict) -> list[StateRow]:
+    return [n for n in _state("nodes", dashboard, env) if n.state == "ALIVE"]
 
 
 @pytest.mark.slow
-def test_stages_bring_up_their_node_types_from_zero_and_they_go_away(autoscaling_cluster, tmp_path, monkeypatch):
-    from ray.util.state import list_actors, list_nodes
-
+def test_stages_bring_up_their_node_types_from_zero_survive_a_lost_node_and_go_away(autoscaling_cluster, tmp_path):
     gcs_address, dashboard, env = autoscaling_cluster
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", env["RAY_AUTH_TOKEN_PATH"])  # for the state API reads below
-    assert [_node_type(n) for n in _alive_nodes(dashboard)] == ["head"]  # nothing but the head to start with
+    assert [_node_type(n) for n in _alive_nodes(dashboard, env)] == ["head"]  # nothing but the head to start with
 
     # Each stage asks for its node type, as configs/llava-1.5-7b.yaml does on aws.yaml (L4 for generation,
     # reference scoring and serving, A100 for DPO), at a size this machine can hold.
@@ -110,22 +159,37 @@ def test_stages_bring_up_their_node_types_from_zero_and_they_go_away(autoscaling
     overrides = [f"storage_path={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}",
                  f"resources.ray_address={gcs_address}", "sft.enabled=false", "data.synthetic.num_images=6",
                  "negatives.weakening.sampling.max_new_tokens=8", "negatives.truncated=keep",
-                 "train.max_steps=2", "train.num_workers=2", "resources.cpus_per_worker=1",
+                 "train.max_steps=8", "train.checkpoint_every=2", "train.num_workers=2", "resources.cpus_per_worker=1",
                  "resources.accelerator_type=A100", "eval.num_images=4", f"serve.port={free_ports()[0]}",
                  *[f"{pool}.{k}={v}" for pool in ("negatives.weakening.pool", "train.reference_pool")
                    for k, v in {**l4, "min_size": 1, "max_size": 1}.items()],
                  "serve.num_cpus_per_replica=1", "serve.accelerator_type=L4"]
-    job = subprocess.run([sys.executable, "jobs/bpo.py", "--config", "configs/tiny.yaml", *overrides], cwd=REPO,
-                         env={**env, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True, timeout=900)
-    assert job.returncode == 0, job.stderr[-4000:]
     run = tmp_path / "runs" / "bpo-tiny"
+    log = tmp_path / "job.log"
+    with open(log, "w") as out:
+        job = subprocess.Popen([sys.executable, "jobs/bpo.py", "--config", "configs/tiny.yaml", *overrides],
+                               cwd=REPO, env={**env, "PYTHONUNBUFFERED": "1"}, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        # Mid-training, the training node goes away (every process of it killed, as a lost VM): the autoscaler
+        # brings up another and Ray Train resumes from the last checkpoint.
+        lost = _kill_training_node_after_a_checkpoint(run, dashboard, env, job)
+        assert job.wait(timeout=900) == 0, log.read_text()[-4000:]
+    finally:
+        if job.poll() is None:
+            job.kill()
+    train = json.loads((run / "train" / "manifest.json").read_text())
+    assert train["finished"] and train["steps"] == 8
+    logged = [json.loads(line)["step"] for line in (run / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(set(logged)) == list(range(1, 9)) and logged[-1] == 8, logged  # no step lost
+    assert (run / "model" / "model.safetensors").is_file()
     report = json.loads((run / "report.json").read_text())
     assert set(report["eval"]) == {"base", "aligned"}
 
     # Where each stage's actors ran, from Ray's state API (nodes that have since gone are still listed).
-    type_of = {n.node_id: _node_type(n) for n in list_nodes(address=dashboard, detail=True, limit=1000)}
+    type_of = {n.node_id: _node_type(n) for n in _state("nodes", dashboard, env)}
+    actors = _state("actors", dashboard, env)
     placed: dict[str, set[str]] = {}
-    for actor in list_actors(address=dashboard, detail=True, limit=10000):
+    for actor in actors:
         for stage, marker in (("negatives.weakening", "HFGenerator"), ("reference", "ReferenceScorer"),
                               ("train", "RayTrainWorker"), ("serve", "ChatServer")):
             if marker in actor.class_name:
@@ -133,9 +197,11 @@ def test_stages_bring_up_their_node_types_from_zero_and_they_go_away(autoscaling
     assert placed == {"negatives.weakening": {"gpu_l4"}, "reference": {"gpu_l4"}, "train": {"gpu_a100"},
                       "serve": {"gpu_l4"}}, placed
     assert {"gpu_l4", "gpu_a100"} <= set(type_of.values())
+    trained_on = {a.node_id for a in actors if "RayTrainWorker" in a.class_name}
+    assert lost in trained_on and len(trained_on) == 2  # the lost node, then its replacement
 
     # Idle nodes are removed: back to the head alone (a deadline only against an autoscaler that never acts).
     deadline = time.monotonic() + 180
-    while (alive := [_node_type(n) for n in _alive_nodes(dashboard)]) != ["head"]:
+    while (alive := [_node_type(n) for n in _alive_nodes(dashboard, env)]) != ["head"]:
         assert time.monotonic() < deadline, f"still up 180 s after the job: {alive}"
         time.sleep(1)
