@@ -178,12 +178,7 @@ def test_installed_job_runs_on_s3_and_resumes_from_the_bucket_alone(s3, tmp_path
     run = f"{runs}/{cfg.run_name}"
 
     # 1. bpo train: sft … train, every output into the bucket.
-    # TMPDIR: where this "node" keeps temporary files (Ray's session too: short, for its socket paths).
-    first_dir, first_tmp = tmp_path / "node1", Path(tempfile.mkdtemp(prefix="bpo-n1-", dir="/tmp"))
-    first_dir.mkdir()
-    trained = subprocess.run([str(venv / "bin" / "bpo"), "train", "--config", str(config)], cwd=first_dir,
-                             env=_job_env(s3, first_tmp), capture_output=True, text=True, timeout=900)
-    assert trained.returncode == 0, trained.stderr[-4000:]
+    first = _on_a_fresh_node(venv, s3, tmp_path / "node1", "train", "--config", config)
     files = _files(run)
     for stage in ("sft", "data", "negatives", "reference", "train"):
         assert json.loads(files[f"{stage}/manifest.json"])["finished"], stage
@@ -201,13 +196,10 @@ def test_installed_job_runs_on_s3_and_resumes_from_the_bucket_alone(s3, tmp_path
     train_manifest = files["train/manifest.json"]
 
     # 2. Another node, nothing local: bpo run resumes from the bucket (skips what finished, evaluates).
-    _assert_no_run_output(first_dir, first_tmp)
-    shutil.rmtree(first_dir), shutil.rmtree(first_tmp, ignore_errors=True)
-    second_dir, second_tmp = tmp_path / "node2", Path(tempfile.mkdtemp(prefix="bpo-n2-", dir="/tmp"))
-    second_dir.mkdir()
-    resumed = subprocess.run([str(venv / "bin" / "bpo"), "run", "--config", str(config)], cwd=second_dir,
-                             env=_job_env(s3, second_tmp), capture_output=True, text=True, timeout=900)
-    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    _assert_no_run_output(*first)
+    for folder in first:
+        shutil.rmtree(folder, ignore_errors=True)
+    second = _on_a_fresh_node(venv, s3, tmp_path / "node2", "run", "--config", config)
     files = _files(run)
     assert files["train/manifest.json"] == train_manifest  # not re-run
     evaluated = json.loads(files["eval/manifest.json"])
@@ -216,8 +208,19 @@ def test_installed_job_runs_on_s3_and_resumes_from_the_bucket_alone(s3, tmp_path
             "plots/eval.png"} <= set(files)
     assert json.loads(files["report.json"])
 
-    _assert_no_run_output(second_dir, second_tmp)
-    shutil.rmtree(second_tmp, ignore_errors=True)
+    _assert_no_run_output(*second)
+    shutil.rmtree(second[1], ignore_errors=True)
+
+
+def _on_a_fresh_node(venv: Path, s3: dict, workdir: Path, *bpo_args) -> tuple[Path, Path]:
+    """Run the installed ``bpo`` in an empty working directory with a temp dir of its own (TMPDIR: Ray's
+    session goes there too, so it is short, for Ray's socket paths). Returns (workdir, temp dir)."""
+    workdir.mkdir()
+    tmp = Path(tempfile.mkdtemp(prefix="bpo-node-", dir="/tmp"))
+    done = subprocess.run([str(venv / "bin" / "bpo"), *map(str, bpo_args)], cwd=workdir, env=_job_env(s3, tmp),
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return workdir, tmp
 
 
 def _assert_no_run_output(*roots: Path) -> None:
