@@ -46,9 +46,6 @@ def export_model(engine, cfg: RunConfig, base_path: str, out_dir: str, rank: int
         model.save_pretrained(target, safe_serialization=True)  # a peft model saves just its adapter
         processor.save_pretrained(target)
         if storage.is_uri(out_dir):
-            import pyarrow.fs as pafs
-
-            fs, path = storage.resolve(out_dir)
-            pafs.copy_files(tmp, path, destination_filesystem=fs)
+            storage.upload_dir(tmp, out_dir)
     log.info("exported %s to %s", "LoRA adapter" if lora and not cfg.train.merge_lora_on_export else "model",
              out_dir)
