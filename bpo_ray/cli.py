@@ -116,6 +116,8 @@ def _run_job(flags: list[str], overrides, until: str | None = None, prog: str = 
 
 def _generate(args) -> int:
     """Data + negatives stages into one run directory; refuses to touch a different output unless asked."""
+    from bpo_ray import storage
+    from bpo_ray.pipeline import stages_until
     from bpo_ray.runtime import init_ray, setup_logging
     from bpo_ray.stages import Pipeline, RunDir, summary
 
@@ -133,9 +135,6 @@ def _generate(args) -> int:
     if cfg is None:
         return 2
     run = RunDir.for_config(cfg)
-    from bpo_ray import storage
-    from bpo_ray.pipeline import stages_until
-
     stages = stages_until("negatives")
     pipeline = Pipeline(cfg, run, order=[name for name, _, _ in stages], force=args.overwrite)
     existing = [name for name, _, _ in stages if storage.exists(run.path(name))]

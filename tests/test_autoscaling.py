@@ -85,10 +85,12 @@ def autoscaling_cluster():
 
 
 def _node_type(node) -> str:
+    """head, or the NODE_TYPES entry whose accelerator resource the node has (none: cpu)."""
     if node.is_head_node:
         return "head"
-    return next((name for name, spec in NODE_TYPES.items() if set(spec["resources"]) - {"CPU"} <= set(
-        node.resources_total) and set(spec["resources"]) - {"CPU"}), "cpu")
+    return next((name for name, spec in NODE_TYPES.items()
+                 if any(key.startswith("accelerator_type:") and key in node.resources_total
+                        for key in spec["resources"])), "cpu")
 
 
 def _kill_training_node_after_a_checkpoint(run: Path, dashboard: str, env: dict, job: subprocess.Popen) -> str:

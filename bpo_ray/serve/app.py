@@ -78,12 +78,11 @@ def _raise_failed(result):
 @serve.deployment(name="ChatServer")
 @serve.ingress(api)
 class ChatServer:
-    def __init__(self, model_path: str, model_id: str, settings: ServeConfig, model: ModelConfig | None = None):
+    def __init__(self, model_path: str, model_id: str, cfg: ServeConfig, model: ModelConfig | None = None):
         import torch
 
         from bpo_ray.serve.engine import ChatEngine
 
-        cfg = settings
         torch.set_num_threads(torch_threads(cfg.num_cpus_per_replica))
         # ``model``: how to load it (dtype, attention kernel, remote code), as every other actor loads models.
         self.engine = ChatEngine(model_path, model, max_model_len=cfg.max_model_len,
