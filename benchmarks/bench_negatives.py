@@ -64,31 +64,25 @@ def in_process(model: Path, rows: list[dict], cfg, batch_size: int) -> float:
 def pipeline(cfg, workers: int, cpus: int = 1) -> tuple[int, float]:
     """(samples, seconds) of the real stage on the config's data (Ray already up), with ``workers``
     generation actors of ``cpus`` CPUs each (an actor runs torch on as many threads as it reserved)."""
-    from bpo_ray import storage
     from bpo_ray.config import validate_config
-    from bpo_ray.negatives.stage import run_negatives
-    from bpo_ray.stages import RunDir
+    from bpo_ray.pipeline import run_stages
 
     raw = cfg.model_dump(mode="json")
     raw["negatives"]["weakening"]["pool"].update(min_size=workers, max_size=workers, num_cpus=cpus)
     run_cfg = validate_config(raw)
-    run = RunDir.for_config(run_cfg)
-    storage.remove_dir(run.path("negatives"))
     start = time.perf_counter()
-    manifest = run_negatives(run_cfg, run)
+    manifest = run_stages(run_cfg, until="negatives", only_stage="negatives", force=True)["negatives"]
     return manifest["samples_in"], time.perf_counter() - start
 
 
 def data_config(base: list[str], name: str, images: int):
     """The benchmark config at a data size, with its samples written (one run directory per size)."""
     from bpo_ray.config import load_config
-    from bpo_ray.data.stage import run_data
-    from bpo_ray.stages import RunDir
+    from bpo_ray.pipeline import RunDir, run_stages
 
     cfg = load_config(None, [*base, f"data.synthetic.num_images={images}", f"run_name=bench-{name}-{images}"])
-    run = RunDir.for_config(cfg)
-    run_data(cfg, run)
-    return cfg, run
+    run_stages(cfg, until="data")
+    return cfg, RunDir.for_config(cfg)
 
 
 def main() -> None:

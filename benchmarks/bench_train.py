@@ -51,25 +51,20 @@ def config(root: Path, model: Path, images: int, steps: int, *extra: str):
 
 def prepare(cfg):
     """The job's own stages up to the scored pairs, so the benchmark trains on what a run would."""
-    from bpo_ray import pipeline as job
-    from bpo_ray.stages import Pipeline, RunDir
+    from bpo_ray.pipeline import RunDir, run_stages
 
-    run = RunDir.for_config(cfg)
-    stages = [s for s in job.STAGES if s[0] in ("data", "negatives", "reference")]
-    pipeline = Pipeline(cfg, run, order=[n for n, _, _ in stages])
-    for name, fn, sections in stages:
-        pipeline.stage(name, fn, sections)
-    return run
+    run_stages(cfg, until="reference")  # sft is off here: it is skipped
+    return RunDir.for_config(cfg)
 
 
 def ours(cfg, run) -> dict:
     from bpo_ray import storage
-    from bpo_ray.train.stage import read_metrics, run_train
+    from bpo_ray.pipeline import run_stages
 
-    for part in ("train", "model", "checkpoints"):
-        storage.remove_dir(run.path(part))
-    run_train(cfg, run)
-    steps = read_metrics(run)[WARMUP:]
+    for path in (run.model, run.checkpoints):  # a fresh run each time, never a resumed one
+        storage.remove_dir(path)
+    run_stages(cfg, until="train", only_stage="train", force=True)
+    steps = run.read_training_log("train")[WARMUP:]
     # Samples over the measured steps' total time (the harmonic mean of per-step rates): what the clocks of
     # TRL and of the no-Ray run measure, and a stall in one step counts, as it does in wall-clock time.
     return {"samples_per_second": statistics.harmonic_mean([m["samples_per_second"] for m in steps]),
@@ -98,14 +93,14 @@ def no_ray(cfg, run, steps: int) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
         f.write(cfg.model_dump_json())
         f.flush()
-        return torchrun("ds_dpo.py", ["--config", f.name, "--pairs", run.path("reference", "pairs"),
+        return torchrun("ds_dpo.py", ["--config", f.name, "--pairs", run.scored_pairs,
                                       "--steps", str(steps), "--warmup", str(WARMUP)])
 
 
 def trl(model: Path, run, steps: int) -> dict:
     if not (BENCH_SITE / "trl").is_dir():
         return {"error": f"TRL is not installed in {BENCH_SITE} (make bench installs it)"}
-    return torchrun("trl_dpo.py", ["--model", str(model), "--pairs", run.path("reference", "pairs"), "--batch", "4",
+    return torchrun("trl_dpo.py", ["--model", str(model), "--pairs", run.scored_pairs, "--batch", "4",
                                    "--steps", str(steps), "--warmup", str(WARMUP)], site=str(BENCH_SITE))
 
 

@@ -109,17 +109,16 @@ def _load(config: str | None, overrides: list[str]):
 def _run_job(flags: list[str], overrides, until: str | None = None, prog: str = "bpo run") -> int:
     """Run the pipeline's job, optionally only up to a stage."""
     from bpo_ray.pipeline import main as job_main
-    from bpo_ray.pipeline import stages_until
 
-    return job_main([*flags, *overrides], stages=stages_until(until) if until else None, prog=prog)
+    return job_main([*flags, *overrides], until=until, prog=prog)
 
 
 def _generate(args) -> int:
     """Data + negatives stages into one run directory; refuses to touch a different output unless asked."""
     from bpo_ray import storage
-    from bpo_ray.pipeline import stages_until
+    from bpo_ray.pipeline import Pipeline, RunDir, stages_until
+    from bpo_ray.pipeline.summary import summary
     from bpo_ray.runtime import init_ray, setup_logging
-    from bpo_ray.stages import Pipeline, RunDir, summary
 
     setup_logging()
     overrides = list(args.overrides)
@@ -136,9 +135,9 @@ def _generate(args) -> int:
         return 2
     run = RunDir.for_config(cfg)
     stages = stages_until("negatives")
-    pipeline = Pipeline(cfg, run, order=[name for name, _, _ in stages], force=args.overwrite)
-    existing = [name for name, _, _ in stages if storage.exists(run.path(name))]
-    complete = not args.overwrite and pipeline.all_finished(stages)
+    pipeline = Pipeline(cfg, run, stages, force=args.overwrite)
+    existing = [s.name for s in stages if storage.exists(run.stage_dir(s.name))]
+    complete = not args.overwrite and pipeline.all_finished()
     if existing and not args.overwrite and not complete:
         print(f"error: {run.root} already holds different or unfinished output ({', '.join(existing)}); "
               "pass --overwrite to replace it", file=sys.stderr)
@@ -146,14 +145,16 @@ def _generate(args) -> int:
     run.save_config(cfg)
     if not complete:  # nothing to run: no need to start Ray
         init_ray(cfg.resources)
-    for name, fn, sections in stages:
-        pipeline.stage(name, fn, sections)
-    print(f"\npairs: {run.path('negatives', 'pairs')}")
+    pipeline.run_all()
+    print(f"\npairs: {run.pairs}")
     print(summary(pipeline.manifests))
     return 0
 
 
 def _serve(args) -> int:
+    from bpo_ray import storage
+    from bpo_ray.models.loader import resolve_model_path
+    from bpo_ray.pipeline import RunDir
     from bpo_ray.serve.launch import serve_until_stopped
 
     overrides = list(args.overrides)
@@ -163,14 +164,24 @@ def _serve(args) -> int:
     cfg = _load(args.config, overrides)
     if cfg is None:
         return 2
-    return serve_until_stopped(cfg, args.model)
+    if args.model:
+        path = resolve_model_path(args.model, cfg.cache_dir)
+    else:
+        path = RunDir.for_config(cfg).model
+        if not storage.exists(path):
+            print(f"error: no --model given and {path} does not exist (train first, or pass --model)",
+                  file=sys.stderr)
+            return 2
+    if not storage.is_uri(path) and Path(path).exists():
+        path = str(Path(path).absolute())
+    return serve_until_stopped(cfg, path)
 
 
 def _eval(args) -> int:
     import json
 
     from bpo_ray.eval.client import Endpoint
-    from bpo_ray.eval.run import evaluate, heldout_dir
+    from bpo_ray.eval.evaluate import evaluate, heldout_dir
 
     overrides = list(args.overrides)
     if args.coco_annotations or args.coco_image_root:

@@ -29,6 +29,12 @@ def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts if p)])
 
 
+def split(path: str) -> tuple[str, str]:
+    """(parent, last name) of a local path or URI."""
+    parent, _, name = path.rstrip("/").rpartition("/")
+    return parent, name
+
+
 def read_bytes(path: str) -> bytes:
     fs, p = resolve(path)
     info = fs.get_file_info(p)
@@ -66,6 +72,29 @@ def remove_dir(path: str) -> None:
     fs, p = resolve(path)
     if fs.get_file_info(p).type == pafs.FileType.Directory:
         fs.delete_dir(p)
+
+
+def clear_dir(path: str, keep: tuple[str, ...] = ()) -> None:
+    """Remove everything in the directory ``path`` except the entries named in ``keep``."""
+    if not keep:
+        return remove_dir(path)
+    fs, p = resolve(path)
+    if fs.get_file_info(p).type != pafs.FileType.Directory:
+        return None
+    for info in fs.get_file_info(pafs.FileSelector(p)):
+        if info.base_name in keep:
+            continue
+        if info.type == pafs.FileType.Directory:
+            fs.delete_dir(info.path)
+        else:
+            fs.delete_file(info.path)
+    return None
+
+
+def remove_file(path: str) -> None:
+    fs, p = resolve(path)
+    if fs.get_file_info(p).type == pafs.FileType.File:
+        fs.delete_file(p)
 
 
 def make_dir(path: str) -> None:

@@ -136,6 +136,7 @@ def pair_rows(n: int) -> list[dict]:
 def check(arch: str, path: Path, device: torch.device, steps: int) -> dict:
     import pandas as pd
 
+    from bpo_ray.config import ModelConfig
     from bpo_ray.data.records import decode_image
     from bpo_ray.models.generate import HFEngine, Sampling
     from bpo_ray.models.vision import model_input_size
@@ -144,7 +145,7 @@ def check(arch: str, path: Path, device: torch.device, steps: int) -> dict:
     from bpo_ray.serve.protocol import ChatRequest
     from bpo_ray.serve.protocol import Sampling as RequestSampling
     from bpo_ray.train.batch import collate, encode_pair, pad_id, pair_logps
-    from bpo_ray.train.stage import ReferenceScorer
+    from bpo_ray.train.reference import ReferenceScorer
 
     gpu = device.type == "cuda"
     precision, dtype = ("bf16", torch.bfloat16) if gpu else ("fp32", torch.float32)
@@ -163,7 +164,7 @@ def check(arch: str, path: Path, device: torch.device, steps: int) -> dict:
     del engine
 
     # reference: precomputed, in the policy's precision
-    scorer = ReferenceScorer(str(path), {}, average=False, precision=precision)
+    scorer = ReferenceScorer(str(path), ModelConfig(), average=False, precision=precision)
     on_device(scorer.model, device, "reference")
     scored = scorer(pd.DataFrame(rows))
     ref_chosen = torch.tensor(scored["ref_chosen_logp"].tolist())  # CPU tensors, as the worker reads them

@@ -98,7 +98,7 @@ def _kill_training_node_after_a_checkpoint(run: Path, dashboard: str, env: dict,
     the training workers run on. Returns its node id."""
     import psutil
 
-    from bpo_ray.train.stage import latest_checkpoint
+    from bpo_ray.train.fit import latest_checkpoint
 
     deadline = time.monotonic() + 600
     while not any(latest_checkpoint(str(d)) for d in (run / "checkpoints").glob("train-*")):

@@ -74,7 +74,7 @@ def test_reference_is_scored_in_the_policys_precision(tiny_models, shapes_dir):
     first loss is ln 2; a reference in fp32 against a bf16 policy offsets every pair's margin."""
     import pandas as pd
 
-    from bpo_ray.train.stage import ReferenceScorer
+    from bpo_ray.train.reference import ReferenceScorer
 
     pairs = _pairs(shapes_dir)
     path = str(tiny_models["llava"])
@@ -83,7 +83,7 @@ def test_reference_is_scored_in_the_policys_precision(tiny_models, shapes_dir):
         own = pair_logps(policy, collate([encode_pair(processor, p, 512) for p in pairs], pad_id(processor)))
 
     def first_loss(precision: str) -> float:
-        scorer = ReferenceScorer(path, {}, average=False, precision=precision)
+        scorer = ReferenceScorer(path, ModelConfig(), average=False, precision=precision)
         assert {p.dtype for p in scorer.model.parameters()} == {resolve_dtype(precision, CPU)}
         scored = scorer(pd.DataFrame(pairs))
         return dpo_loss(own.chosen, own.rejected, torch.tensor(scored["ref_chosen_logp"].tolist()),

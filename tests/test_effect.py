@@ -1,15 +1,12 @@
-"""The effect table's arithmetic (jobs/effect.py): means and 95% intervals over seeds, base beside aligned."""
+"""The effect sweep (jobs/effect.py): means and 95% intervals over seeds, base beside aligned; bad input."""
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 
+from bpo_ray.eval import sweep
+from bpo_ray.pipeline import effect
 from conftest import REPO
-
-sys.path.insert(0, str(REPO / "jobs"))
-import effect  # noqa: E402
 
 
 def _report(base_chair, aligned_chair, base_f1, aligned_f1):
@@ -21,19 +18,19 @@ def _report(base_chair, aligned_chair, base_f1, aligned_f1):
 
 
 def test_mean_and_interval_by_hand():
-    assert effect.mean_ci([0.5]) == (0.5, 0.0)
-    mean, half = effect.mean_ci([0.2, 0.4, 0.6])
+    assert sweep.mean_ci([0.5]) == (0.5, 0.0)
+    mean, half = sweep.mean_ci([0.2, 0.4, 0.6])
     # sd 0.2, n 3, t(0.975, 2 df) = 4.303 → 4.303 · 0.2 / √3
     assert mean == pytest.approx(0.4) and half == pytest.approx(4.303 * 0.2 / 3 ** 0.5)
 
 
 def test_summary_pairs_each_seed_with_its_own_base():
     reports = {"both": [_report(0.6, 0.2, 0.5, 0.7), _report(0.4, 0.2, 0.5, 0.6)]}
-    row = effect.summarize(reports)["both"]
+    row = sweep.summarize(reports)["both"]
     assert row["CHAIR_s"]["base"][0] == pytest.approx(0.5) and row["CHAIR_s"]["aligned"][0] == pytest.approx(0.2)
     assert row["CHAIR_s"]["delta"][0] == pytest.approx(-0.3) and row["CHAIR_s"]["lower_is_better"]
     assert row["POPE F1 adversarial"]["delta"][0] == pytest.approx(0.15)
-    table = effect.format_summary(effect.summarize(reports), images=64)
+    table = sweep.format_summary(sweep.summarize(reports), images=64)
     assert "| CHAIR_s | 0.500 | 0.200 ±" in table and "over 2 seeds" in table
 
 

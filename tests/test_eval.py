@@ -9,6 +9,7 @@ import pytest
 
 from bpo_ray.config import load_config
 from bpo_ray.data.synthetic import COLORS, COMPANIONS, SHAPES
+from bpo_ray.eval.compare import comparison, format_table
 from bpo_ray.eval.metrics import (
     chair_caption,
     chair_metrics,
@@ -18,7 +19,7 @@ from bpo_ray.eval.metrics import (
     pope_metrics,
 )
 from bpo_ray.eval.probes import LabeledImage, build_probes, coco_images, synthetic_images
-from bpo_ray.report import comparison, format_table, render_markdown
+from bpo_ray.pipeline.report import render_markdown
 from conftest import REPO
 
 
@@ -154,7 +155,7 @@ def test_report_of_a_run_that_scored_only_the_aligned_model(tmp_path):
 def test_heldout_images_take_the_eval_companion_rate(tmp_path):
     """eval.cooccurrence changes only the held-out set's companion rate; unset, it follows the data."""
     from bpo_ray.config import load_config
-    from bpo_ray.eval.run import heldout_dir
+    from bpo_ray.eval.evaluate import heldout_dir
 
     def companions(overrides):
         cfg = load_config(None, [f"cache_dir={tmp_path}", "data.synthetic.anchor_rate=1.0", "eval.num_images=40",

@@ -11,24 +11,16 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from bpo_ray.config import load_config
-from bpo_ray.data.stage import run_data
+from bpo_ray.config import SamplingConfig, load_config
 from bpo_ray.negatives.generation import HFGenerator
 from bpo_ray.negatives.pairs import ERROR_INJECTION, IMAGE_WEAKENING, Drop
-from bpo_ray.negatives.stage import run_negatives
-from bpo_ray.stages import Pipeline, RunDir
+from bpo_ray.pipeline import RunDir, run_stages
 from conftest import run_cli
-
-STAGES = [("data", run_data, ("data",)), ("negatives", run_negatives, ("model", "negatives"))]
 
 
 def _run(overrides, force=False):
     cfg = load_config(None, overrides)
-    run = RunDir.for_config(cfg)
-    pipeline = Pipeline(cfg, run, order=[s[0] for s in STAGES], force=force)
-    for name, fn, sections in STAGES:
-        pipeline.stage(name, fn, sections)
-    return cfg, run, pipeline.manifests
+    return cfg, RunDir.for_config(cfg), run_stages(cfg, until="negatives", force=force)
 
 
 def _base(tmp_path, tiny_models, data_path):
@@ -39,7 +31,7 @@ def _base(tmp_path, tiny_models, data_path):
 
 
 def _pairs(run):
-    rows = pq.read_table(run.path("negatives", "pairs")).to_pylist()
+    rows = pq.read_table(run.pairs).to_pylist()
     return sorted(rows, key=lambda r: (r["sample_id"], r["negative_type"]))
 
 
@@ -56,7 +48,7 @@ def test_both_negative_types_with_bad_records_and_conservation(tmp_path, tiny_mo
 
     pairs = _pairs(run)
     assert len(pairs) == neg["pairs"]
-    samples = {s["sample_id"]: s for s in pq.read_table(run.path("data", "samples")).to_pylist()}
+    samples = {s["sample_id"]: s for s in pq.read_table(run.samples).to_pylist()}
     for pair in pairs:
         sample = samples[pair["sample_id"]]
         assert pair["chosen"] == sample["answer"] and pair["image"] == sample["image"]
@@ -67,7 +59,7 @@ def test_both_negative_types_with_bad_records_and_conservation(tmp_path, tiny_mo
             assert pair["generator"] == str(tiny_models["llava"])
         else:
             assert pair["generator"] == "rules" and json.loads(pair["edits"])
-    errors = pq.read_table(run.path("negatives", "errors")).to_pylist() if neg["errors_by_reason"] else []
+    errors = pq.read_table(run.errors("negatives")).to_pylist() if neg["errors_by_reason"] else []
     assert len(errors) == sum(neg["errors_by_reason"].values())
     assert all(e["reason"] and e["detail"] for e in errors)
 
@@ -98,13 +90,13 @@ def test_llm_injection_on_hf_and_length_limit(tmp_path, tiny_models, shapes_dir,
     counts = neg["by_type"][ERROR_INJECTION]
     assert counts["pairs"] + counts["errors"] == neg["samples_in"] - neg["chosen_too_long"]
     assert all(p["generator"] == str(tiny_models["llm"]) for p in _pairs(run))
-    errors = pq.read_table(run.path("negatives", "errors")).to_pylist()
+    errors = pq.read_table(run.errors("negatives")).to_pylist()
     assert sum(e["reason"] == Drop.CHOSEN_TOO_LONG for e in errors) == neg["chosen_too_long"]
 
 
 def test_a_failing_row_is_recorded_not_fatal(tiny_models, shapes_dir):
     generator = HFGenerator(str(tiny_models["llava"]), vision=True,
-                            sampling={"temperature": 0.2, "top_p": 1.0, "max_new_tokens": 4})
+                            sampling=SamplingConfig(temperature=0.2, top_p=1.0, max_new_tokens=4))
     good = (shapes_dir / "images").glob("*.png").__next__().read_bytes()
     messages = json.dumps([{"role": "user", "content": "Describe the image in detail."}])
     batch = {"carry": np.array([pickle.dumps(i) for i in range(3)], dtype=object),
@@ -119,7 +111,7 @@ def test_a_failing_row_is_recorded_not_fatal(tiny_models, shapes_dir):
 
 @pytest.mark.parametrize("mode", ["drop", "keep"])
 def test_a_negative_cut_at_max_new_tokens_is_dropped_or_kept_without_eos(mode, shapes_dir):
-    from bpo_ray.negatives.stage import finish_generated
+    from bpo_ray.negatives.batches import finish_generated
 
     image = next((shapes_dir / "images").glob("*.png")).read_bytes()
     sample = {"sample_id": "s", "record_id": "r", "image": image, "image_ref": "", "answer": "a red circle",
@@ -171,7 +163,7 @@ def test_weakened_image_of_odd_size_still_generates(tiny_models, size):
     buf = io.BytesIO()
     Image.new("RGB", size, (10, 200, 10)).save(buf, format="PNG")
     generator = HFGenerator(str(tiny_models["qwen2_vl"]), vision=True,
-                            sampling={"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 3})
+                            sampling=SamplingConfig(temperature=0.0, top_p=1.0, max_new_tokens=3))
     out = generator({"carry": np.array([b"x"], dtype=object), "seed": np.array([0]),
                      "gen_messages": np.array([json.dumps([{"role": "user", "content": "What is it?"}])], dtype=object),
                      "gen_image": np.array([buf.getvalue()], dtype=object)})

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from bpo_ray.config import TrainConfig
+from bpo_ray.config import ModelConfig, TrainConfig
 from bpo_ray.data.synthetic import generate as shapes
 from bpo_ray.models.loader import load_vlm
 from bpo_ray.train.batch import collate, collate_rows, encode_pair, pad_id, pair_logps, response_nll
@@ -69,9 +69,9 @@ def test_reference_modes_agree(tiny_models):
     """Precomputed (the base model, scored apart) = adapter-disabled LoRA policy = live frozen copy."""
     import pandas as pd
 
-    from bpo_ray.train.stage import ReferenceScorer
+    from bpo_ray.train.reference import ReferenceScorer
 
-    scorer = ReferenceScorer(str(tiny_models["llava"]), {}, average=False, precision="fp32")
+    scorer = ReferenceScorer(str(tiny_models["llava"]), ModelConfig(), average=False, precision="fp32")
     scored = scorer(pd.DataFrame(PAIRS))
     base, processor = load_vlm(str(tiny_models["llava"]))
     policy = prepare_model(base, TrainConfig(lora={"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0},
@@ -102,10 +102,10 @@ def test_reference_scorer_records_too_long_pairs(tiny_models, score):
     """Length problems are recorded whether the reference is precomputed (score) or live (checks only)."""
     import pandas as pd
 
-    from bpo_ray.train.stage import ReferenceScorer
+    from bpo_ray.train.reference import ReferenceScorer
 
     long_prompt = {**PAIRS[0], "messages": json.dumps([{"role": "user", "content": "Describe it. " * 40}])}
-    scorer = ReferenceScorer(str(tiny_models["llava"]), {"max_length": 120}, average=False, precision="fp32",
+    scorer = ReferenceScorer(str(tiny_models["llava"]), ModelConfig(max_length=120), average=False, precision="fp32",
                              score=score)
     out = scorer(pd.DataFrame([PAIRS[0], long_prompt]))
     assert out["kind"].tolist() == ["pair", "error"] and out["reason"].tolist() == ["", "prompt_too_long"]

@@ -11,8 +11,7 @@ import pytest
 from bpo_ray.config import load_config
 from bpo_ray.data import readers
 from bpo_ray.data.records import Reason, validate_record
-from bpo_ray.data.stage import run_data
-from bpo_ray.stages import RunDir
+from bpo_ray.pipeline import RunDir, run_stages
 
 
 def _samples(records, image_root=None):
@@ -82,19 +81,19 @@ def test_data_stage_on_ray_records_every_skip(tmp_path, mixed_records, ray_local
     cfg = load_config(None, ["data.format=llava_json", f"data.path={path}", f"storage_path={tmp_path / 'runs'}",
                              "data.max_image_pixels=4000000"])
     run = RunDir.for_config(cfg)
-    manifest = run_data(cfg, run)
+    manifest = run_stages(cfg, until="data")["data"]
 
     assert manifest["records_in"] == num_lines
     assert manifest["records_ok"] == num_good
     assert manifest["records_in"] == manifest["records_ok"] + manifest["records_rejected"]
-    errors = pq.read_table(run.path("data", "errors")).to_pylist()
+    errors = pq.read_table(run.errors("data")).to_pylist()
     by_id = {e["record_id"]: e["reason"] for e in errors}
     assert by_id == {
         "missing": Reason.MISSING_IMAGE, "corrupt": Reason.UNDECODABLE_IMAGE, "bomb": Reason.IMAGE_TOO_LARGE,
         "notag": Reason.NO_IMAGE_TAG, "empty": Reason.EMPTY_ANSWER, "badconv": Reason.MALFORMED_CONVERSATION,
         f"line-{num_lines}": Reason.MALFORMED_RECORD,
     }
-    samples = pq.read_table(run.path("data", "samples")).to_pylist()
+    samples = pq.read_table(run.samples).to_pylist()
     assert len(samples) == manifest["samples"]
     assert {s["record_id"] for s in samples} == {json.loads(line)["id"] for line in path.read_text().splitlines()[:num_good]}
     assert all(s["image"][:4] == b"\x89PNG" for s in samples)
@@ -114,7 +113,7 @@ def test_data_stage_reads_parquet_and_hf_on_ray(tmp_path, shapes_dir, bundled, r
         datasets.Dataset.from_list(rows).cast_column("image", datasets.Image()).save_to_disk(str(path))
     cfg = load_config(None, [f"data.format={fmt}", f"data.path={path}", f"storage_path={tmp_path / 'runs'}"])
     run = RunDir.for_config(cfg)
-    manifest = run_data(cfg, run)
+    manifest = run_stages(cfg, until="data")["data"]
     assert manifest["records_rejected"] == 0 and manifest["samples"] == len(expected)
-    got = pq.read_table(run.path("data", "samples")).to_pylist()
+    got = pq.read_table(run.samples).to_pylist()
     assert sorted((s["sample_id"], s["messages"], s["answer"], s["image"]) for s in got) == sorted(expected)

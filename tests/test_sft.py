@@ -4,21 +4,12 @@ rejects, exports a model that loads with plain ``from_pretrained``, and every la
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pyarrow.parquet as pq
 import pytest
 
 from bpo_ray.config import ConfigError, load_config
-from bpo_ray.data.stage import run_data
-from bpo_ray.negatives.stage import run_negatives
-from bpo_ray.stages import Pipeline, RunDir, policy_path
-from bpo_ray.train.sft import run_sft
+from bpo_ray.pipeline import Pipeline, RunDir, policy_path, run_stages, stages_until
 from conftest import REPO, run_cli
-
-STAGES = [("sft", run_sft, ("model", "sft")), ("data", run_data, ("data",)),
-          ("negatives", run_negatives, ("model", "negatives"))]
 
 
 def test_sft_fine_tunes_the_base_that_later_stages_align(tmp_path, tiny_models, mixed_records, ray_local):
@@ -30,20 +21,18 @@ def test_sft_fine_tunes_the_base_that_later_stages_align(tmp_path, tiny_models, 
         "data.synthetic.num_images=2", "negatives.injection.enabled=false",
         "negatives.weakening.sampling.max_new_tokens=4", "negatives.truncated=keep"])
     run = RunDir.for_config(cfg)
-    pipeline = Pipeline(cfg, run, order=[name for name, _, _ in STAGES])
-    for name, fn, sections in STAGES:
-        pipeline.stage(name, fn, sections)
+    run_stages(cfg, until="negatives")
 
     sft = run.read_manifest("sft")
     # Every record is accounted for: kept or rejected with its reason, as in the data stage.
     assert sft["data"]["records_in"] == lines and sft["data"]["records_ok"] == good
     assert sft["data"]["records_rejected"] == lines - good
     assert {"missing_image", "undecodable_image", "image_too_large"} <= set(sft["data"]["errors_by_reason"])
-    errors = pq.read_table(run.path("sft", "errors")).to_pylist()
+    errors = pq.read_table(run.errors("sft")).to_pylist()
     assert len(errors) == lines - good and all(e["stage"] == "data" and e["reason"] for e in errors)
     assert sft["steps"] == 6 and sft["workers"] == 2 and sft["skipped_too_long"] == 0
 
-    metrics = [json.loads(line) for line in Path(run.path("sft", "metrics.jsonl")).read_text().splitlines()]
+    metrics = run.read_training_log("sft")
     losses = [m["loss"] for m in metrics]
     assert len(losses) == 6 and losses[-1] < 0.7 * losses[0], losses
     # ZeRO-0 in fp32: DeepSpeed keeps no gradient norm there, the loop measures it
@@ -52,15 +41,14 @@ def test_sft_fine_tunes_the_base_that_later_stages_align(tmp_path, tiny_models, 
     # The export is a plain HF model directory, and it is the policy of every later stage.
     from transformers import AutoModelForImageTextToText
 
-    assert policy_path(cfg, run) == run.path("sft", "model")
-    model = AutoModelForImageTextToText.from_pretrained(run.path("sft", "model"))
+    assert policy_path(cfg, run) == run.sft_model
+    model = AutoModelForImageTextToText.from_pretrained(run.sft_model)
     assert sum(p.numel() for p in model.parameters()) > 0
-    pairs = pq.read_table(run.path("negatives", "pairs")).to_pylist()
-    assert pairs and {p["generator"] for p in pairs} == {run.path("sft", "model")}
+    pairs = pq.read_table(run.pairs).to_pylist()
+    assert pairs and {p["generator"] for p in pairs} == {run.sft_model}
 
     # Re-running the job skips the finished sft stage (the demo trains its base once).
-    again = Pipeline(cfg, run, order=[name for name, _, _ in STAGES])
-    assert again.all_finished(STAGES)
+    assert Pipeline(cfg, run, stages_until("negatives")).all_finished()
 
 
 def test_sft_settings_that_cannot_work_fail_at_config_time():

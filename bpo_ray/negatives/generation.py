@@ -42,14 +42,14 @@ class GenerationSpec:
 class HFGenerator:
     """Ray Data actor: loads the model once, then generates a batch at a time."""
 
-    def __init__(self, model_path: str, vision: bool, sampling: dict, threads: int = 1,
+    def __init__(self, model_path: str, vision: bool, sampling: SamplingConfig, threads: int = 1,
                  model: ModelConfig | None = None):
         import torch
 
         torch.set_num_threads(threads)
         self.engine = HFEngine(model_path, vision=vision, model_cfg=model)
-        self.sampling = Sampling(temperature=sampling["temperature"], top_p=sampling["top_p"],
-                                 max_new_tokens=sampling["max_new_tokens"])
+        self.sampling = Sampling(temperature=sampling.temperature, top_p=sampling.top_p,
+                                 max_new_tokens=sampling.max_new_tokens)
 
     def _run(self, conversations, images, seeds) -> list[Generation]:
         return self.engine.generate_detailed(conversations, images, self.sampling, seeds)
@@ -82,7 +82,7 @@ def generate_column(ds, spec: GenerationSpec):
         return ds.map_batches(
             HFGenerator,
             fn_constructor_kwargs={"model_path": spec.model_path, "vision": spec.vision,
-                                   "sampling": spec.sampling.model_dump(),
+                                   "sampling": spec.sampling,
                                    "threads": torch_threads(spec.pool.num_cpus), "model": spec.model},
             batch_size=spec.pool.batch_size,
             compute=ray.data.ActorPoolStrategy(min_size=spec.pool.min_size, max_size=spec.pool.max_size),

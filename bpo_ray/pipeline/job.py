@@ -1,6 +1,7 @@
-"""BPO end to end: the stage table and the job that runs it, reading top to bottom. The work lives in the
-library (``bpo_ray.data``, ``negatives``, ``train``, ``eval``); ``jobs/bpo.py`` (what ``ray job submit`` runs)
-and ``bpo run`` both call ``main``.
+"""BPO end to end: the stage table and the job that runs it, reading top to bottom. Each stage is a thin
+module here (``bpo_ray.pipeline.<stage>``) wiring library code (``bpo_ray.data``, ``negatives``, ``train``,
+``eval``, ``serve``) to Ray; ``jobs/bpo.py`` (what ``ray job submit`` runs) and ``bpo run`` both call
+``main``, and ``run_stages`` is the same loop for code (the CLI, the effect sweep, benchmarks, tests).
 
 Stages whose outputs are complete in the run directory (``storage_path/run_name``, local or ``s3://``/``gs://``)
 are skipped, so a crashed or cancelled job resumes where it stopped (training from its latest checkpoint).
@@ -20,47 +21,65 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Sequence
 
-from bpo_ray.config import ConfigError, load_config
-from bpo_ray.data.stage import run_data
-from bpo_ray.eval.run import run_eval
+from bpo_ray.config import ConfigError, RunConfig, load_config
+from bpo_ray.eval.compare import format_table, headline
 from bpo_ray.models.loader import resolve_model_path
-from bpo_ray.negatives.stage import run_negatives
-from bpo_ray.report import format_table, headline, run_report
+from bpo_ray.pipeline import data, negatives, reference, report, sft, train
+from bpo_ray.pipeline import eval as evaluation
+from bpo_ray.pipeline.rundir import RunDir
+from bpo_ray.pipeline.runner import Pipeline, Stage
+from bpo_ray.pipeline.summary import summary
 from bpo_ray.runtime import init_ray, setup_logging
-from bpo_ray.stages import Pipeline, RunDir, summary
-from bpo_ray.train.sft import run_sft
-from bpo_ray.train.stage import run_reference, run_train
+from bpo_ray.train.worker import TRAINING_LOG
 
 log = logging.getLogger("bpo_ray.job")
 
-# (stage, function, config sections it reads), in order.
-STAGES = [
-    ("sft", run_sft, ("model", "sft")),
-    ("data", run_data, ("data",)),
-    ("negatives", run_negatives, ("model", "negatives")),
-    ("reference", run_reference, ("model", "train")),
-    ("train", run_train, ("model", "train")),
-    ("eval", run_eval, ("model", "serve", "eval")),
-    ("report", run_report, ()),
-]
+# In order; ``reads``: the config sections a stage's output depends on (with its upstream's output).
+STAGES = (
+    Stage("sft", sft.run, reads=("model", "sft"), keep=TRAINING_LOG),
+    Stage("data", data.run, reads=("data",)),
+    Stage("negatives", negatives.run, reads=("model", "negatives")),
+    Stage("reference", reference.run, reads=("model", "train")),
+    Stage("train", train.run, reads=("model", "train"), keep=TRAINING_LOG),
+    Stage("eval", evaluation.run, reads=("model", "serve", "eval")),
+    Stage("report", report.run, reads=()),
+)
 
 
-def parse_args(argv: list[str] | None, stages: list, prog: str = "bpo run") -> argparse.Namespace:
+def stages_until(last: str, stages: Sequence[Stage] = STAGES) -> tuple[Stage, ...]:
+    """The stages up to and including ``last`` (``bpo train`` runs sft … train)."""
+    names = [s.name for s in stages]
+    if last not in names:
+        raise ValueError(f"unknown stage {last!r}; stages are: {', '.join(names)}")
+    return tuple(stages[: names.index(last) + 1])
+
+
+def run_stages(cfg: RunConfig, *, until: str | None = None, from_stage: str | None = None,
+               only_stage: str | None = None, force: bool = False, stages: Sequence[Stage] = STAGES) -> dict[str, dict]:
+    """Run the stages (up to ``until``) in ``cfg``'s run directory on the Ray cluster this process is
+    connected to; every stage's manifest by name."""
+    chosen = stages_until(until, stages) if until else stages
+    return Pipeline(cfg, RunDir.for_config(cfg), chosen, from_stage=from_stage, only_stage=only_stage,
+                    force=force).run_all()
+
+
+def parse_args(argv: list[str] | None, stages: Sequence[Stage], prog: str = "bpo run") -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="run config YAML (default: the embedded tiny default)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-5")
-    stage_names = [name for name, _, _ in stages]
+    stage_names = [s.name for s in stages]
     parser.add_argument("--from-stage", choices=stage_names, help="run this stage and the ones after it")
     parser.add_argument("--only-stage", choices=stage_names, help="run just this stage")
     parser.add_argument("--force", action="store_true", help="re-run selected stages even if finished")
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None, stages: list | None = None, prog: str = "bpo run") -> int:
-    """``stages``: a prefix of STAGES (``bpo train`` stops after training)."""
-    stages = STAGES if stages is None else stages
+def main(argv: list[str] | None = None, until: str | None = None, prog: str = "bpo run") -> int:
+    """``until``: the last stage to run (``bpo train`` stops after training)."""
+    stages = stages_until(until) if until else STAGES
     setup_logging()
     args = parse_args(argv, stages, prog)
     try:  # every config problem surfaces here, before Ray starts
@@ -77,23 +96,16 @@ def main(argv: list[str] | None = None, stages: list | None = None, prog: str = 
     init_ray(cfg.resources)
     # Tiny models (tiny://...) are built once into cache_dir; real ones resolve to their hub id or path.
     base = resolve_model_path(cfg.model.name_or_path, cfg.cache_dir)
-    log.info("policy model: %s%s", base, f" (fine-tuned into {run.path('sft', 'model')} first)" if cfg.sft.enabled else "")
+    log.info("policy model: %s%s", base, f" (fine-tuned into {run.sft_model} first)" if cfg.sft.enabled else "")
 
-    pipeline = Pipeline(cfg, run, order=[name for name, _, _ in stages], from_stage=args.from_stage,
-                        only_stage=args.only_stage, force=args.force)
-    for name, fn, sections in stages:
-        pipeline.stage(name, fn, sections)
+    pipeline = Pipeline(cfg, run, stages, from_stage=args.from_stage, only_stage=args.only_stage, force=args.force)
+    pipeline.run_all()
 
     print(f"\nrun directory: {run.root}")
     print(summary(pipeline.manifests))
-    if report := pipeline.manifests.get("report", {}).get("report"):
+    if written := pipeline.manifests.get("report", {}).get("report"):
         if rows := pipeline.manifests["report"].get("comparison"):
             print("\nbase vs aligned (held-out images):\n" + format_table(headline(rows)))
-        print(f"\nreport: {report}")
+        print(f"\nreport: {written}")
     return 0
 
-
-def stages_until(last: str, stages: list | None = None) -> list:
-    """STAGES up to and including ``last`` (``bpo train`` runs sft … train)."""
-    stages = STAGES if stages is None else stages
-    return stages[: [name for name, _, _ in stages].index(last) + 1]

@@ -220,10 +220,11 @@ def app_builder(args: dict):
     section of a run config (or the defaults) plus dotted overrides given as arguments."""
     from bpo_ray.config import load_config
     from bpo_ray.models.loader import resolve_model_path
+    from bpo_ray.pipeline.rundir import RunDir
 
     args = dict(args)
     model = args.pop("model", None)
     config = args.pop("config", None)
     cfg = load_config(config, [f"{k}={v}" for k, v in args.items()])
-    path = resolve_model_path(model, cfg.cache_dir) if model else f"{cfg.run_dir}/model"
+    path = resolve_model_path(model, cfg.cache_dir) if model else RunDir.for_config(cfg).model
     return build_app(path, cfg.serve, model=cfg.model)

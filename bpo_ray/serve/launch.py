@@ -62,13 +62,11 @@ def wait_healthy(base_url: str, timeout_s: float = 300.0, api_key: str | None = 
     raise TimeoutError(f"{base_url} did not become healthy in {timeout_s:.0f}s (last: {last})")
 
 
-def serve_until_stopped(cfg: RunConfig, model: str | None) -> int:
-    """``bpo serve``: deploy, print the URL, wait for Ctrl-C / SIGTERM, then take down what we started."""
+def serve_until_stopped(cfg: RunConfig, path: str) -> int:
+    """``bpo serve``: deploy the model at ``path``, print the URL, wait for Ctrl-C / SIGTERM, then take down
+    what we started."""
     import sys
-    from pathlib import Path
 
-    from bpo_ray import storage
-    from bpo_ray.models.loader import resolve_model_path
     from bpo_ray.runtime import init_ray, setup_logging
 
     setup_logging()
@@ -76,16 +74,6 @@ def serve_until_stopped(cfg: RunConfig, model: str | None) -> int:
     if problems:
         print("error: " + "\n  ".join(problems), file=sys.stderr)
         return 2
-    if model:
-        path = resolve_model_path(model, cfg.cache_dir)
-    else:
-        path = storage.join(cfg.run_dir, "model")
-        if not storage.exists(path):
-            print(f"error: no --model given and {path} does not exist (train first, or pass --model)",
-                  file=sys.stderr)
-            return 2
-    if not storage.is_uri(path) and Path(path).exists():
-        path = str(Path(path).absolute())
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -13,6 +13,7 @@ import logging
 import os
 import tempfile
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -31,9 +32,14 @@ from bpo_ray.train.setup import (
     trainable_parameters,
 )
 
+if TYPE_CHECKING:
+    from bpo_ray.train.fit import FitJob
+
 log = logging.getLogger("bpo_ray.train")
 STATE_FILE = "state.json"
 METRICS_FILE = "metrics.jsonl"
+EVENTS_DIR = "tb"
+TRAINING_LOG = (METRICS_FILE, EVENTS_DIR)  # what a training stage keeps across a resumed run
 
 
 def _load_policy(path: str, cfg: RunConfig, ds_config: dict):
@@ -105,14 +111,19 @@ def _sft_batches(shard, batch_size: int, processor, cfg: RunConfig):
     return _forever(shard, batch_size, encode, "sample", cfg.train)
 
 
-def train_loop_per_worker(config: dict) -> None:
+def worker_dataset(rank: int) -> str:
+    """The name of rank ``rank``'s fixed part of the training rows (``fit`` hands each worker its own)."""
+    return f"train_{rank}"
+
+
+def train_loop_per_worker(job: FitJob) -> None:
     import deepspeed
     import ray.train
 
     from bpo_ray.runtime import setup_worker_logging
 
     setup_worker_logging()  # a fresh worker process: its progress lines reach the driver's (and the job's) log
-    cfg = RunConfig.model_validate(config["cfg"])
+    cfg = job.cfg
     train = cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -120,20 +131,17 @@ def train_loop_per_worker(config: dict) -> None:
     # or it sees a world of one.
     deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
     torch.manual_seed(train.seed)
-    if config.get("pid_dir"):  # lets a test (or an operator) find and kill a worker
-        with open(os.path.join(config["pid_dir"], f"rank{rank}.pid"), "w") as f:
-            f.write(str(os.getpid()))
 
-    ds_config = deepspeed_config(train, world, config["use_gpu"], config["total_steps"])
-    model, processor = _load_policy(config["policy_path"], cfg, ds_config)
-    sft = config.get("objective", "dpo") == "sft"
+    ds_config = deepspeed_config(train, world, cfg.resources.use_gpu, job.total_steps)
+    model, processor = _load_policy(job.policy_path, cfg, ds_config)
+    sft = job.objective == "sft"
     if not sft:  # DPO compares the policy with a reference that has none: dropout would only add noise
         disable_dropout(model)
     trainable, total = trainable_parameters(model)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, train), config=ds_config)
 
-    reference = None if sft else _reference_scorer(cfg, config["policy_path"], ds_config, engine)
+    reference = None if sft else _reference_scorer(cfg, job.policy_path, ds_config, engine)
     micro_done = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -145,14 +153,13 @@ def train_loop_per_worker(config: dict) -> None:
             log.info("resumed from %s at micro-step %d", checkpoint.path, micro_done)
 
     accumulation = train.gradient_accumulation_steps
-    total_micro = config["total_steps"] * accumulation
-    from bpo_ray.train.stage import worker_dataset
+    total_micro = job.total_steps * accumulation
 
-    shard = ray.train.get_dataset_shard(worker_dataset(rank))  # this rank's fixed part (stage.fit)
+    shard = ray.train.get_dataset_shard(worker_dataset(rank))  # this rank's fixed part (fit.fit)
     batches = (_sft_batches if sft else _batches)(shard, train.per_device_batch_size, processor, cfg)
     for _ in range(micro_done):  # same order as before the interruption: skip what was already trained on
         next(batches)
-    training_log = TrainingLog(config["out_dir"], trainable, total) if rank == 0 else None
+    training_log = TrainingLog(job.log_dir, trainable, total) if rank == 0 else None
     window, started = [], time.time()
     average = train.loss == "ipo"
     # DeepSpeed's fp32 ZeRO-0 path clips gradients but keeps no norm (get_global_grad_norm() stays None):
@@ -205,7 +212,7 @@ def train_loop_per_worker(config: dict) -> None:
         training_log.close()
     from bpo_ray.train.export import export_model
 
-    export_model(engine, cfg, config["policy_path"], config["export_dir"], rank)
+    export_model(engine, cfg, job.policy_path, job.export_dir, rank)
 
 
 def _reference_scorer(cfg: RunConfig, policy_path: str, ds_config: dict, engine):
@@ -281,19 +288,24 @@ def model_state_gib(engine) -> float:
 
 
 class TrainingLog:
-    """Rank 0's step lines: ``metrics.jsonl`` and TensorBoard events in ``out_dir`` (local or a URI).
+    """Rank 0's step lines: ``metrics.jsonl`` and TensorBoard events (``tb/``) in ``out_dir`` (local or a URI).
 
     Files are written on this node (object stores cannot append) and copied to ``out_dir`` by ``sync()``,
     which the loop calls at every checkpoint and at the end: after a restart on another node the log goes
-    on from what the last sync saved, as training goes on from the last checkpoint."""
+    on from what the last sync saved, as training goes on from the last checkpoint. Only these two entries
+    move: ``out_dir`` may hold other outputs (the sft stage's samples)."""
 
     def __init__(self, out_dir: str, trainable: int, total: int):
         self.out_dir, self.trainable, self.total = out_dir, trainable, total
         self._scratch = tempfile.TemporaryDirectory(prefix="bpo-train-log-")
         self.local = self._scratch.name
-        if storage.exists(storage.join(out_dir, METRICS_FILE)):
-            storage.download_dir(out_dir, self.local)  # what earlier attempts logged, events included
-        self.writer = _tensorboard(os.path.join(self.local, "tb"))
+        metrics, events = storage.join(out_dir, METRICS_FILE), storage.join(out_dir, EVENTS_DIR)
+        if storage.exists(metrics):  # what earlier attempts logged
+            with open(os.path.join(self.local, METRICS_FILE), "wb") as f:
+                f.write(storage.read_bytes(metrics))
+        if storage.exists(events):
+            storage.download_dir(events, os.path.join(self.local, EVENTS_DIR))
+        self.writer = _tensorboard(os.path.join(self.local, EVENTS_DIR))
 
     def log(self, metrics: dict) -> None:
         with open(os.path.join(self.local, METRICS_FILE), "a") as f:
@@ -310,7 +322,12 @@ class TrainingLog:
     def sync(self) -> None:
         if self.writer:
             self.writer.flush()
-        storage.upload_dir(self.local, self.out_dir)
+        metrics = os.path.join(self.local, METRICS_FILE)
+        if os.path.exists(metrics):
+            with open(metrics, "rb") as f:
+                storage.write_bytes(storage.join(self.out_dir, METRICS_FILE), f.read())
+        if os.path.isdir(os.path.join(self.local, EVENTS_DIR)):
+            storage.upload_dir(os.path.join(self.local, EVENTS_DIR), storage.join(self.out_dir, EVENTS_DIR))
 
     def close(self) -> None:
         if self.writer:

@@ -1,4 +1,4 @@
-"""The sft stage: supervised fine-tuning of ``model.name_or_path`` into the base that BPO aligns.
+"""sft (when ``sft.enabled``): supervised fine-tuning of ``model.name_or_path`` into the base that BPO aligns.
 
 Off by default (a user brings an SFT checkpoint). On, it reads and validates ``sft.data`` exactly as the
 data stage reads ``data`` (``sft/samples`` + ``sft/errors``, conservation checked), fine-tunes on the
@@ -11,30 +11,39 @@ from __future__ import annotations
 
 import logging
 
+from bpo_ray import storage
 from bpo_ray.config import RunConfig
-from bpo_ray.data.stage import read_validated
+from bpo_ray.data.dataset import read_validated
 from bpo_ray.models.loader import resolve_model_path
-from bpo_ray.stages import RunDir
-from bpo_ray.train.stage import fit
+from bpo_ray.pipeline.rundir import RunDir
+from bpo_ray.train.fit import RAY_TRAIN_SNAPSHOT, fit
 
 log = logging.getLogger(__name__)
 
 
-def run_sft(cfg: RunConfig, run: RunDir, pid_dir: str | None = None) -> dict:
+def run(cfg: RunConfig, run_dir: RunDir, key: str) -> dict:
     import ray.data
 
     if not cfg.sft.enabled:
         return {"skipped": "sft.enabled is false"}
-    data = read_validated(cfg.sft.data, cfg.cache_dir, run.path("sft"), "sft")
+    data = read_validated(cfg.sft.data, cfg.cache_dir, run_dir.stage_dir("sft"), "sft")
     if not data["samples"]:
         raise ValueError(f"sft: no valid sample in sft.data (rejected: {data['errors_by_reason']})")
     sft_cfg = cfg.model_copy(update={"train": cfg.sft.as_train()})
-    samples = ray.data.read_parquet(run.path("sft", "samples"))
-    key = cfg.section_hash("model", "sft")[:12]  # checkpoints belong to this model + sft config (data included)
+    samples = ray.data.read_parquet(run_dir.sft_samples)
     base = resolve_model_path(cfg.model.name_or_path, cfg.cache_dir)
-    trained = fit(sft_cfg, run, samples, objective="sft", name=f"sft-{key}", base=base,
-                  export_dir=run.path("sft", "model"), out_dir=run.path("sft"), pid_dir=pid_dir)
+    trained = fit(sft_cfg, samples, objective="sft", checkpoints=_checkpoints(cfg, run_dir, key), base=base,
+                  export_dir=run_dir.sft_model, log_dir=run_dir.training_log("sft"))
     final = trained["final_metrics"]
     log.info("sft: %d steps, final loss %.4f; base for BPO: %s", trained["steps"], final.get("loss", float("nan")),
              trained["model_dir"])
     return {"data": data, **trained, "skipped_too_long": int(final.get("skipped_too_long", 0)), "from": base}
+
+
+def _checkpoints(cfg: RunConfig, run_dir: RunDir, key: str) -> str:
+    """``checkpoints/sft-<key>``; older run directories named it by the config hash alone, and an sft run
+    interrupted there resumes from it."""
+    legacy = run_dir.path("checkpoints", f"sft-{cfg.section_hash('model', 'sft')[:12]}")
+    if storage.exists(storage.join(legacy, RAY_TRAIN_SNAPSHOT)):
+        return legacy
+    return run_dir.checkpoint_run("sft", key)

@@ -1,8 +1,8 @@
-"""The data stage: read records, validate them over the cluster with Ray Data, write samples and errors.
+"""Read records and validate them over the cluster with Ray Data, writing samples and errors.
 
-Output in the run directory: ``data/samples/*.parquet`` (one row per assistant turn, image bytes inline so
-later stages need no access to the source), ``data/errors/*.parquet`` (record id, reason, detail) and
-``data/manifest.json`` with the counts that conservation is checked against:
+``read_validated(data, cache_dir, out_dir)`` writes ``out_dir/samples/*.parquet`` (one row per assistant
+turn, image bytes inline so later stages need no access to the source) and ``out_dir/errors/*.parquet``
+(record id, reason, detail), and returns the counts that conservation is checked against:
 ``records_in == records_ok + records_rejected``.
 """
 
@@ -14,11 +14,10 @@ import logging
 from pathlib import Path
 
 from bpo_ray import storage
-from bpo_ray.config import DataConfig, RunConfig, SyntheticDataConfig
+from bpo_ray.config import DataConfig, SyntheticDataConfig
 from bpo_ray.data import readers
 from bpo_ray.data.records import ImageLimits, validate_record
 from bpo_ray.raydata import count_by, write_by_kind
-from bpo_ray.stages import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +71,6 @@ def read_raw(data: DataConfig, cache_dir: str):
     if data.max_records:
         ds = ds.limit(data.max_records)
     return ds, image_root
-
-
-def run_data(cfg: RunConfig, run: RunDir) -> dict:
-    return read_validated(cfg.data, cfg.cache_dir, run.path("data"), "data")
 
 
 def read_validated(data: DataConfig, cache_dir: str, out_dir: str, name: str) -> dict:

@@ -1,15 +1,13 @@
 """Evaluation over HTTP: POPE probes and CHAIR captions on held-out synthetic images (truth known), POPE on
-a user's COCO annotations; and the job's ``eval`` stage, which serves the base and the aligned model side
-by side and scores both the same way."""
+a user's COCO annotations. ``evaluate`` scores one OpenAI-compatible endpoint (``bpo eval`` and the eval
+stage call it)."""
 
 from __future__ import annotations
 
 import json
 import logging
-from collections import Counter
 from pathlib import Path
 
-from bpo_ray import storage
 from bpo_ray.config import RunConfig, SyntheticDataConfig
 from bpo_ray.data.synthetic import COLORS, COMPANIONS, DESCRIBE_PROMPT, SHAPES
 from bpo_ray.eval.client import Endpoint, ask_all, image_message
@@ -22,7 +20,6 @@ from bpo_ray.eval.metrics import (
     pope_metrics,
 )
 from bpo_ray.eval.probes import build_probes, coco_images, synthetic_images
-from bpo_ray.stages import RunDir, policy_path
 
 log = logging.getLogger(__name__)
 POPE_MAX_TOKENS = 12
@@ -101,40 +98,9 @@ def evaluate(endpoint: Endpoint, cfg: RunConfig, dataset_dir: str | Path) -> tup
 def heldout_dir(cfg: RunConfig) -> Path:
     """Held-out shapes: the training generator's settings with the eval seed and size (and companion rate,
     when the eval section sets one)."""
-    from bpo_ray.data.stage import synthetic_dir
+    from bpo_ray.data.dataset import synthetic_dir
 
     settings = cfg.data.synthetic.model_dump() | {"num_images": cfg.eval.num_images, "seed": cfg.eval.seed}
     if cfg.eval.cooccurrence is not None:
         settings["cooccurrence"] = cfg.eval.cooccurrence
     return synthetic_dir(SyntheticDataConfig(**settings), cfg.cache_dir)
-
-
-# ------------------------------------------------------------------------------------------ job stage
-def run_eval(cfg: RunConfig, run: RunDir) -> dict:
-    """Serve base and aligned side by side (Ray Serve), evaluate both over HTTP, write eval/."""
-    from bpo_ray.serve.launch import deploy, undeploy, wait_healthy
-
-    if not cfg.eval.enabled:
-        return {"skipped": "eval.enabled is false"}
-    dataset = heldout_dir(cfg)
-    models = {"base": (policy_path(cfg, run), f"{cfg.serve.model_id}-base"),
-              "aligned": (run.path("model"), cfg.serve.model_id)}
-    if not cfg.eval.base:
-        del models["base"]
-    urls = deploy(models, cfg.serve, cfg.model)
-    results, rows = {}, []
-    try:
-        for url in urls.values():  # a 7B model downloading and loading on a fresh GPU node takes minutes
-            wait_healthy(url, timeout_s=1800, api_key=cfg.serve.api_key)
-        for name, url in urls.items():
-            log.info("eval: %s at %s", name, url)
-            metrics, model_rows = evaluate(Endpoint(url, models[name][1], cfg.serve.api_key), cfg, dataset)
-            results[name] = metrics
-            rows += [{"model": name, **r} for r in model_rows]
-    finally:
-        undeploy(list(urls))
-    storage.write_text(run.path("eval", "metrics.json"), json.dumps(results, indent=2))
-    storage.write_text(run.path("eval", "predictions.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
-    errors = Counter(r["error"].split(":")[0] for r in rows if r["error"])
-    return {"metrics": results, "dataset": str(dataset), "requests": len(rows), "errors_by_reason": dict(errors),
-            "models": {name: path for name, (path, _) in models.items()}}

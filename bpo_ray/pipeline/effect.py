@@ -1,0 +1,94 @@
+"""Does BPO make the model more grounded? Base vs aligned over several seeds, with ablations.
+
+    python jobs/effect.py --config configs/tiny.yaml [--seeds 0,1,2] [--variants both,injection,...] [key=value ...]
+    make effect
+
+1. The base: the config's sft stage, trained once (run ``<prefix>-base``; skipped when finished).
+2. For every variant and seed: the whole BPO job (data → negatives → reference → train → eval → report)
+   on that base, in its own run ``<prefix>-<variant>-s<seed>`` (finished runs are skipped, so an
+   interrupted sweep resumes). A seed sets the negatives' sampling and injection, the training order and
+   the LoRA init; the held-out evaluation images are the same for every run.
+3. The table: each metric's mean over seeds with a 95% confidence interval (Student t), base beside
+   aligned, written to ``<storage_path>/<prefix>/effect.{json,md}`` and printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from bpo_ray import storage
+from bpo_ray.config import ConfigError, load_config
+from bpo_ray.eval.sweep import format_summary, summarize
+from bpo_ray.pipeline import job
+from bpo_ray.pipeline.rundir import RunDir
+
+# name → overrides on top of the config (which makes both kinds of negatives with its own beta).
+VARIANTS = {
+    "both": [],
+    "injection": ["negatives.weakening.enabled=false"],
+    "weakening": ["negatives.injection.enabled=false"],
+    "beta0.05": ["train.beta=0.05"],
+    "beta0.5": ["train.beta=0.5"],
+    "companion-q": ["data.synthetic.companion_questions=1.0"],
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="jobs/effect.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="a run config with sft.enabled (e.g. configs/tiny.yaml)")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated, e.g. 0,1,2")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)}")
+    parser.add_argument("--prefix", default="effect", help="run names start with this")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    try:
+        unknown = [v for v in variants if v not in VARIANTS]
+        if unknown:
+            raise ConfigError(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+        cfg = load_config(args.config, args.overrides)
+        if not cfg.sft.enabled or not cfg.eval.enabled:
+            raise ConfigError("jobs/effect.py compares a fine-tuned base with its aligned model: "
+                              "the config needs sft.enabled=true and eval.enabled=true")
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    common = ["--config", args.config, *args.overrides]
+    base_run = f"{args.prefix}-base"
+    if job.main([*common, f"run_name={base_run}"], until="sft", prog="jobs/effect.py") != 0:
+        return 1
+    base_model = RunDir.for_config(cfg.model_copy(update={"run_name": base_run})).sft_model
+
+    # The base is the same model on the same images (greedy): the first run scores it, the others reuse it.
+    reports: dict[str, list[dict]] = {}
+    base_metrics = None
+    for variant in variants:
+        for seed in seeds:
+            run_name = f"{args.prefix}-{variant}-s{seed}"
+            overrides = [*args.overrides, "sft.enabled=false", f"model.name_or_path={base_model}",
+                         f"run_name={run_name}", f"seed={seed}", f"negatives.seed={seed}", f"train.seed={seed}",
+                         f"eval.base={str(base_metrics is None).lower()}", *VARIANTS[variant]]
+            if job.main(["--config", args.config, *overrides], prog="jobs/effect.py") != 0:
+                return 1
+            report = json.loads(storage.read_text(RunDir.for_config(cfg.model_copy(update={"run_name": run_name}))
+                                                  .report_json))
+            if base_metrics is None:
+                base_metrics = report["eval"]["base"]
+            report["eval"]["base"] = base_metrics
+            reports.setdefault(variant, []).append(report)
+
+    summary = summarize(reports)
+    table = format_summary(summary, cfg.eval.num_images)
+    out = storage.join(storage.absolute(cfg.storage_path), args.prefix)
+    storage.write_text(storage.join(out, "effect.json"), json.dumps(
+        {"config": args.config, "overrides": args.overrides, "seeds": seeds, "base_model": base_model,
+         "summary": summary}, indent=2))
+    storage.write_text(storage.join(out, "effect.md"), table + "\n")
+    print("\n" + table + f"\n\nwritten: {out}/effect.md")
+    return 0
+

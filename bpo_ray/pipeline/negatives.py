@@ -1,0 +1,108 @@
+"""negatives: samples → bootstrapped rejected answers → preference pairs, over Ray Data.
+
+Two branches from the validated samples (``data/samples``):
+- image weakening: distort each image (seeded per sample), let the policy MLLM answer on it;
+- error injection: rewrite the annotated answer (``rules``, or a text LLM on ``hf`` / ``vllm``).
+Output: ``negatives/pairs``, ``negatives/errors`` and the manifest, whose counts satisfy, per branch,
+``samples_in − chosen_too_long == pairs + errors``.
+"""
+
+from __future__ import annotations
+
+import time
+
+from bpo_ray.config import RunConfig
+from bpo_ray.models.loader import load_processor, resolve_model_path
+from bpo_ray.models.vision import model_input_size
+from bpo_ray.negatives import distort
+from bpo_ray.negatives.batches import (
+    ERROR_COLUMNS,
+    PAIR_COLUMNS,
+    chosen_too_long_errors,
+    finish_generated,
+    injection_prompts,
+    rules_batch,
+    split_on_chosen_length,
+    weaken_batch,
+)
+from bpo_ray.negatives.generation import GenerationSpec, generate_column
+from bpo_ray.negatives.pairs import ERROR_INJECTION, IMAGE_WEAKENING, Drop
+from bpo_ray.pipeline.rundir import RunDir, policy_path
+from bpo_ray.raydata import count_by, write_by_kind
+
+
+def run(cfg: RunConfig, run_dir: RunDir, key: str) -> dict:
+    import ray.data
+    from ray.data.expressions import col
+
+    ray.data.DataContext.get_current().execution_options.preserve_order = True  # reproducible batches
+    neg = cfg.negatives
+    started = time.time()
+    samples = ray.data.read_parquet(run_dir.samples)
+    samples_in = samples.count()
+    marked = samples.map_batches(split_on_chosen_length, fn_kwargs={"max_words": neg.max_words})
+    ok = marked.filter(expr=col("too_long") == False).drop_columns(["too_long"])  # noqa: E712
+    too_long = marked.filter(expr=col("too_long") == True).drop_columns(["too_long"])  # noqa: E712
+    outputs = [too_long.map_batches(chosen_too_long_errors, fn_kwargs={"max_words": neg.max_words})]
+    generators: dict[str, str] = {}
+
+    if neg.weakening.enabled:
+        policy = policy_path(cfg, run_dir)
+        distortions = [d.model_dump() for d in neg.weakening.distortions]
+        described = distort.describe(distortions)
+        generators[IMAGE_WEAKENING] = policy
+        size = model_input_size(load_processor(policy, cfg.model).image_processor)
+        prepared = ok.map_batches(weaken_batch, fn_kwargs={"distortions": distortions, "seed": neg.seed,
+                                                           "size": size})
+        spec = GenerationSpec(neg.weakening.engine, policy, True, neg.weakening.sampling, neg.weakening.pool,
+                              cfg.model.max_length, model=cfg.model)
+        outputs.append(generate_column(prepared, spec).map_batches(
+            finish_generated, fn_kwargs={"negative_type": IMAGE_WEAKENING, "generator": policy,
+                                         "max_words": neg.max_words, "distortion": described,
+                                         "truncated": neg.truncated}))
+
+    if neg.injection.enabled:
+        inj = neg.injection
+        if inj.engine == "rules":
+            generators[ERROR_INJECTION] = "rules"
+            outputs.append(ok.map_batches(rules_batch, fn_kwargs={"seed": neg.seed, "max_words": neg.max_words}))
+        else:
+            generators[ERROR_INJECTION] = inj.model
+            rewriter = resolve_model_path(inj.model, cfg.cache_dir)
+            prepared = ok.map_batches(injection_prompts, fn_kwargs={"mode": inj.mode, "seed": neg.seed})
+            # The rewriter is another model: the run's kernel and dtype, not the policy's revision or code.
+            loading = cfg.model.model_copy(update={"revision": None, "trust_remote_code": False})
+            spec = GenerationSpec(inj.engine, rewriter, False, inj.sampling, inj.pool, model=loading)
+            outputs.append(generate_column(prepared, spec).map_batches(
+                finish_generated, fn_kwargs={"negative_type": ERROR_INJECTION, "generator": inj.model,
+                                             "max_words": neg.max_words, "distortion": "",
+                                             "truncated": neg.truncated}))
+
+    rows = outputs[0].union(*outputs[1:]).materialize()
+    write_by_kind(rows, run_dir.stage_dir("negatives"), {"pairs": ("pair", PAIR_COLUMNS), "errors": ("error", ERROR_COLUMNS)})
+    counts = count_by(rows, ["kind", "negative_type", "reason"])
+    return _manifest(counts, samples_in, generators, neg, time.time() - started)
+
+
+def _manifest(counts, samples_in: int, generators: dict, neg, seconds: float) -> dict:
+    too_long = counts.get(("error", "", Drop.CHOSEN_TOO_LONG), 0)
+    per_type, errors_by_reason = {}, {}
+    for (kind, _, reason), n in counts.items():
+        if kind == "error":
+            errors_by_reason[reason] = errors_by_reason.get(reason, 0) + n
+    for negative_type in generators:
+        made = counts.get(("pair", negative_type, ""), 0)
+        dropped = sum(n for (k, t, _), n in counts.items() if k == "error" and t == negative_type)
+        if made + dropped != samples_in - too_long:  # conservation, per branch
+            raise RuntimeError(f"negatives/{negative_type}: {samples_in - too_long} samples in but "
+                               f"{made} pairs + {dropped} errors out")
+        per_type[negative_type] = {"pairs": made, "errors": dropped, "generator": generators[negative_type]}
+    return {
+        "samples_in": samples_in,
+        "chosen_too_long": too_long,
+        "pairs": sum(t["pairs"] for t in per_type.values()),
+        "by_type": per_type,
+        "errors_by_reason": errors_by_reason,
+        "samples_per_second": round(samples_in / max(seconds, 1e-9), 2),
+        "seed": neg.seed,
+    }

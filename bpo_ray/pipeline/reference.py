@@ -1,0 +1,38 @@
+"""reference: the frozen base model's log-probs of every pair, in an autoscaling Ray Data actor pool →
+``reference/pairs`` (the pairs with ``ref_chosen_logp``/``ref_rejected_logp``) + ``reference/errors``
+(pairs whose prompt leaves no room for the response). With ``train.reference`` ``live`` or
+``adapter_disabled`` training scores the reference itself and this stage only checks lengths."""
+
+from __future__ import annotations
+
+from bpo_ray.config import RunConfig
+from bpo_ray.negatives.batches import ERROR_COLUMNS
+from bpo_ray.pipeline.rundir import RunDir, policy_path
+from bpo_ray.raydata import count_by, write_by_kind
+from bpo_ray.resources import pool_request, torch_threads
+from bpo_ray.train.reference import SCORED_COLUMNS, ReferenceScorer
+from bpo_ray.train.setup import precision
+
+
+def run(cfg: RunConfig, run_dir: RunDir, key: str) -> dict:
+    import ray.data
+
+    pairs = ray.data.read_parquet(run_dir.pairs)
+    pairs_in = pairs.count()
+    pool = cfg.train.reference_pool
+    rows = pairs.map_batches(
+        ReferenceScorer, batch_format="pandas", batch_size=pool.batch_size,
+        fn_constructor_kwargs={"model_path": policy_path(cfg, run_dir), "model_cfg": cfg.model,
+                               "average": cfg.train.loss == "ipo", "score": cfg.train.reference == "precomputed",
+                               "precision": precision(cfg.train, cfg.resources.use_gpu),
+                               "threads": torch_threads(pool.num_cpus)},
+        compute=ray.data.ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size),
+        **pool_request(pool)).materialize()
+    write_by_kind(rows, run_dir.stage_dir("reference"),
+                  {"pairs": ("pair", SCORED_COLUMNS), "errors": ("error", ERROR_COLUMNS)})
+    counts = count_by(rows, ["kind", "reason"])
+    scored = counts.get(("pair", ""), 0)
+    errors = {reason: n for (kind, reason), n in counts.items() if kind == "error"}
+    if scored + sum(errors.values()) != pairs_in:
+        raise RuntimeError(f"reference: {pairs_in} pairs in but {scored} scored + {sum(errors.values())} errors")
+    return {"pairs_in": pairs_in, "scored": scored, "errors_by_reason": errors, "mode": cfg.train.reference}

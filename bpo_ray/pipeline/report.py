@@ -1,0 +1,76 @@
+"""report: ``report.json`` (everything, machine-readable), ``report.md`` (a person's view) and
+``plots/*.png`` (training curves, base vs aligned), from what the stages left in the run directory."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from bpo_ray import storage
+from bpo_ray.config import RunConfig
+from bpo_ray.eval.compare import aligned_only, comparison, format_table
+from bpo_ray.eval.plots import eval_plot, training_plot
+from bpo_ray.pipeline.rundir import RunDir
+from bpo_ray.pipeline.summary import stage_table
+
+REPORTED = ("sft", "data", "negatives", "reference", "train", "eval")  # the stages before this one
+
+
+def run(cfg: RunConfig, run_dir: RunDir, key: str) -> dict:
+    manifests = {name: run_dir.read_manifest(name) or {} for name in REPORTED}
+    train_metrics = run_dir.read_training_log("train")
+    eval_metrics = manifests["eval"].get("metrics", {})
+    rows = comparison(eval_metrics)
+    report = {
+        "run_name": cfg.run_name, "run_dir": run_dir.root,
+        "stages": {name: {k: v for k, v in m.items() if k != "metrics"} for name, m in manifests.items()},
+        "training": {"steps": len(train_metrics), "first": train_metrics[0] if train_metrics else None,
+                     "final": train_metrics[-1] if train_metrics else None},
+        "eval": eval_metrics, "comparison": rows,
+    }
+    storage.write_text(run_dir.report_json, json.dumps(report, indent=2, default=str))
+    plots = []
+    if train_metrics:
+        storage.write_bytes(run_dir.plot("training.png"), training_plot(train_metrics))
+        plots.append("plots/training.png")
+    if rows:
+        storage.write_bytes(run_dir.plot("eval.png"), eval_plot(rows))
+        plots.append("plots/eval.png")
+    storage.write_text(run_dir.report_md, render_markdown(cfg, report, plots))
+    return {"report": run_dir.report_md, "plots": plots, "comparison": rows}
+
+
+def render_markdown(cfg: RunConfig, report: dict, plots: list[str]) -> str:
+    stages = report["stages"]
+    final = (report["training"]["final"] or {})
+    first = (report["training"]["first"] or {})
+    images = stages.get("eval", {}).get("dataset", "")
+    sft = stages.get("sft", {})
+    trained_base = bool(sft) and not sft.get("skipped")
+    policy = f"`{cfg.model.name_or_path}` fine-tuned by the sft stage" if trained_base else f"`{cfg.model.name_or_path}`"
+    lines = [
+        f"# BPO run report: {cfg.run_name}", "",
+        f"Policy {policy}; run directory `{report['run_dir']}`.", "",
+        "## Pipeline", "", stage_table(stages), "",
+        "## Training", "",
+        f"Loss {first.get('loss', math.nan):.3f} → {final.get('loss', math.nan):.3f}, reward margin "
+        f"{final.get('reward_margin', math.nan):.3f}, reward accuracy {final.get('reward_accuracy', math.nan):.2f} "
+        f"(beta {cfg.train.beta}, loss `{cfg.train.loss}`).", "",
+    ]
+    if "plots/training.png" in plots:
+        lines += ["![training curves](plots/training.png)", ""]
+    lines += ["## Base vs aligned", ""]
+    if report["comparison"]:
+        n = report["eval"].get("aligned", {}).get("images")
+        lines += [f"Held-out synthetic images: {n} (`{images}`); greedy decoding; ✓ = aligned better.", "",
+                  format_table(report["comparison"]), ""]
+        if "plots/eval.png" in plots:
+            lines += ["![base vs aligned](plots/eval.png)", ""]
+    elif scores := aligned_only(report["eval"]):
+        n = report["eval"]["aligned"].get("images")
+        lines += [f"Only the aligned model was evaluated here (`eval.base: false`). Held-out synthetic images: {n} "
+                  f"(`{images}`); greedy decoding.", "", "| metric | aligned |", "|---|---:|",
+                  *[f"| {label} | {value:.3f} |" for label, value in scores], ""]
+    else:
+        lines += ["Evaluation was not run (eval.enabled is false).", ""]
+    return "\n".join(lines)

@@ -1,0 +1,146 @@
+"""The run directory (``storage_path/run_name``, local or ``s3://``/``gs://``): a named path for every
+output, the stage key, and the manifests that resume reads.
+
+    config.yaml                   the resolved config of the latest job
+    sft/        samples/ errors/ model/ metrics.jsonl tb/ manifest.json       (sft.enabled)
+    data/       samples/ errors/ manifest.json
+    negatives/  pairs/ errors/ manifest.json
+    reference/  pairs/ (scored) errors/ manifest.json
+    checkpoints/<stage>-<key>/    Ray Train's checkpoints of one training run (sft or train)
+    train/      metrics.jsonl tb/ manifest.json
+    model/      the aligned model (Hugging Face folder)
+    eval/       metrics.json predictions.jsonl manifest.json
+    report/     manifest.json;  report.json report.md plots/  at the root
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+from bpo_ray import storage
+from bpo_ray.config import RunConfig
+
+
+def stage_key(upstream_output: str, cfg: RunConfig, sections: tuple[str, ...]) -> str:
+    """What a stage's output belongs to: the config sections it reads and its upstream stage's output (a new
+    ``output_id`` each time that stage runs). Finished manifests and checkpoint folders are named by it."""
+    return hashlib.sha256((upstream_output + cfg.section_hash(*sections)).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: str  # absolute local path or URI
+
+    @classmethod
+    def for_config(cls, cfg: RunConfig) -> RunDir:
+        return cls(storage.absolute(cfg.run_dir))
+
+    def path(self, *parts: str) -> str:
+        return storage.join(self.root, *parts)
+
+    # ---- what each stage writes (and the next one reads)
+    @property
+    def config(self) -> str:
+        return self.path("config.yaml")
+
+    @property
+    def sft_samples(self) -> str:
+        return self.path("sft", "samples")
+
+    @property
+    def sft_model(self) -> str:
+        return self.path("sft", "model")
+
+    @property
+    def samples(self) -> str:
+        return self.path("data", "samples")
+
+    @property
+    def pairs(self) -> str:
+        return self.path("negatives", "pairs")
+
+    @property
+    def scored_pairs(self) -> str:
+        return self.path("reference", "pairs")
+
+    @property
+    def checkpoints(self) -> str:
+        return self.path("checkpoints")
+
+    def checkpoint_run(self, stage: str, key: str) -> str:
+        """Ray Train's folder for one training run: ``checkpoints/<stage>-<key[:12]>``."""
+        return self.path("checkpoints", checkpoint_name(stage, key))
+
+    @property
+    def model(self) -> str:
+        return self.path("model")
+
+    @property
+    def eval_metrics(self) -> str:
+        return self.path("eval", "metrics.json")
+
+    @property
+    def predictions(self) -> str:
+        return self.path("eval", "predictions.jsonl")
+
+    @property
+    def report_json(self) -> str:
+        return self.path("report.json")
+
+    @property
+    def report_md(self) -> str:
+        return self.path("report.md")
+
+    def plot(self, name: str) -> str:
+        return self.path("plots", name)
+
+    def stage_dir(self, stage: str) -> str:
+        return self.path(stage)
+
+    def errors(self, stage: str) -> str:
+        return self.path(stage, "errors")
+
+    def training_log(self, stage: str) -> str:
+        """Where a training stage (``sft`` or ``train``) keeps metrics.jsonl and tb/."""
+        return self.path(stage)
+
+    # ---- bookkeeping
+    def save_config(self, cfg: RunConfig) -> str:
+        storage.write_text(self.config, cfg.to_yaml())
+        return self.config
+
+    def read_manifest(self, stage: str) -> dict | None:
+        target = self.path(stage, "manifest.json")
+        if not storage.exists(target):
+            return None
+        try:
+            return json.loads(storage.read_text(target))
+        except json.JSONDecodeError:
+            return None  # a torn manifest means the stage did not finish
+
+    def write_manifest(self, stage: str, manifest: dict) -> None:
+        storage.write_text(self.path(stage, "manifest.json"), json.dumps(manifest, indent=2, sort_keys=True))
+
+    def read_training_log(self, stage: str = "train") -> list[dict]:
+        path = storage.join(self.training_log(stage), "metrics.jsonl")
+        return [json.loads(line) for line in storage.read_text(path).splitlines()] if storage.exists(path) else []
+
+
+def checkpoint_name(stage: str, key: str) -> str:
+    return f"{stage}-{key[:12]}"
+
+
+def policy_path(cfg: RunConfig, run: RunDir) -> str:
+    """The model BPO aligns (and the base it is compared with): the sft stage's output when this run
+    fine-tunes one, else ``model.name_or_path`` (tiny models built into the cache on first use)."""
+    from bpo_ray.models.loader import resolve_model_path
+
+    if cfg.sft.enabled:
+        if not storage.exists(storage.join(run.sft_model, "config.json")):
+            raise RuntimeError(f"sft.enabled is true but {run.sft_model} does not exist yet: run the sft stage "
+                               "first (bpo sft / jobs/bpo.py run it), or set sft.enabled=false to align "
+                               "model.name_or_path")
+        return run.sft_model
+    return resolve_model_path(cfg.model.name_or_path, cfg.cache_dir)

@@ -1,0 +1,102 @@
+"""The one loop that runs stages, and all that resume needs.
+
+A stage is a function ``run(cfg, run_dir, key) -> manifest`` that reads the previous stage's outputs and
+writes its own. A stage whose manifest says *finished* for the same key (``stage_key``: the config sections
+it reads and the upstream stage's output) is skipped; otherwise its directory is cleared and it runs. A
+crashed or cancelled job therefore resumes at the first incomplete stage, and whatever follows a re-run
+stage re-runs too. Training stages name their checkpoint folder by the key, so they resume mid-run, and
+keep their log across the re-run (``Stage.keep``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from bpo_ray import storage
+from bpo_ray.config import RunConfig
+from bpo_ray.pipeline.rundir import RunDir, stage_key
+
+log = logging.getLogger("bpo_ray.pipeline")
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable[[RunConfig, RunDir, str], dict]
+    reads: tuple[str, ...]  # the config sections its output depends on
+    # Entries of its folder a re-run leaves in place: a training stage's log, which goes on when its
+    # training run resumes from a checkpoint (and which it clears itself when it starts a fresh one).
+    keep: tuple[str, ...] = ()
+
+
+@dataclass
+class Pipeline:
+    """Runs ``stages`` in order; ``from_stage``/``only_stage`` pick a part, ``force`` ignores finished ones."""
+
+    cfg: RunConfig
+    run: RunDir
+    stages: Sequence[Stage]
+    from_stage: str | None = None
+    only_stage: str | None = None
+    force: bool = False
+    manifests: dict[str, dict] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        names = [s.name for s in self.stages]
+        for name in (self.from_stage, self.only_stage):
+            if name is not None and name not in names:
+                raise ValueError(f"unknown stage {name!r}; stages are: {', '.join(names)}")
+
+    def _selected(self, index: int) -> bool:
+        names = [s.name for s in self.stages]
+        if self.only_stage is not None:
+            return names[index] == self.only_stage
+        if self.from_stage is not None:
+            return index >= names.index(self.from_stage)
+        return True
+
+    def _finished(self, stage: Stage, key: str) -> tuple[bool, dict | None]:
+        previous = self.run.read_manifest(stage.name)
+        return bool(previous and previous.get("finished") and previous.get("inputs_hash") == key), previous
+
+    def all_finished(self) -> bool:
+        """Whether every stage already has finished output for these inputs (nothing would run)."""
+        upstream = ""
+        for stage in self.stages:
+            finished, manifest = self._finished(stage, stage_key(upstream, self.cfg, stage.reads))
+            if not finished:
+                return False
+            upstream = manifest.get("output_id", "")
+        return True
+
+    def run_all(self) -> dict[str, dict]:
+        upstream = ""
+        for index, stage in enumerate(self.stages):
+            manifest = self._run_one(index, stage, stage_key(upstream, self.cfg, stage.reads))
+            upstream = manifest.get("output_id", "")
+        return self.manifests
+
+    def _run_one(self, index: int, stage: Stage, key: str) -> dict:
+        finished, previous = self._finished(stage, key)
+        if not self._selected(index) or (finished and not self.force):
+            if not finished and not self._selected(index):
+                log.warning("stage %s: not selected and has no finished output", stage.name)
+            else:
+                log.info("stage %s: finished earlier for the same inputs, skipped", stage.name)
+            self.manifests[stage.name] = previous or {}
+            return self.manifests[stage.name]
+        storage.clear_dir(self.run.stage_dir(stage.name), keep=stage.keep)
+        log.info("stage %s: running", stage.name)
+        started = time.time()
+        manifest = stage.run(self.cfg, self.run, key)
+        # ``inputs_hash`` is the stage key (the name run directories have always used for it).
+        manifest.update(stage=stage.name, inputs_hash=key, output_id=uuid.uuid4().hex, finished=True,
+                        seconds=round(time.time() - started, 2), finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        self.run.write_manifest(stage.name, manifest)
+        self.manifests[stage.name] = manifest
+        return manifest
+

@@ -1,0 +1,60 @@
+"""The frozen reference model's log-probs of each pair, as a Ray Data actor (``ReferenceScorer``).
+
+With ``train.reference: precomputed`` (the default) the base model scores every pair once, before
+training, so training workers hold only the policy. ``live`` / ``adapter_disabled`` score inside the
+training step instead, and the scorer only checks lengths (``score=False``). A pair whose prompt leaves no
+room for the response becomes an error row either way.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from bpo_ray.config import ModelConfig
+from bpo_ray.models.device import DTYPES, actor_device
+from bpo_ray.models.loader import load_processor, load_vlm
+from bpo_ray.models.prompts import SampleTooLong
+from bpo_ray.negatives.batches import PAIR_COLUMNS
+from bpo_ray.train.batch import collate, encode_pair, pad_id, pair_logps
+
+SCORED_COLUMNS = (*PAIR_COLUMNS, "ref_chosen_logp", "ref_rejected_logp")
+
+
+class ReferenceScorer:
+    """Ray Data actor: the frozen reference model scores (chosen, rejected) for a batch of pairs."""
+
+    def __init__(self, model_path: str, model_cfg: ModelConfig, average: bool, precision: str, score: bool = True,
+                 threads: int = 1):
+        torch.set_num_threads(threads)
+        self.cfg = model_cfg
+        if score:  # in the policy's training precision: another dtype offsets every pair's margin
+            self.model, self.processor = load_vlm(model_path, self.cfg, dtype=DTYPES[precision],
+                                                  device=actor_device())
+            self.model.eval()
+        else:  # length checks only: the reference is scored live during training
+            self.model, self.processor = None, load_processor(model_path, self.cfg)
+        self.average = average
+
+    @torch.inference_mode()
+    def __call__(self, batch):
+        rows = batch.to_dict("records")
+        encoded, valid, problems = [], [], {}
+        for i, row in enumerate(rows):
+            try:
+                encoded.append(encode_pair(self.processor, row, self.cfg.max_length, self.cfg.min_response_tokens))
+                valid.append(i)
+            except SampleTooLong as err:
+                problems[i] = str(err)
+        chosen = rejected = [np.nan] * len(encoded)
+        if encoded and self.model is not None:
+            logps = pair_logps(self.model, collate(encoded, pad_id(self.processor)), average=self.average)
+            chosen, rejected = logps.chosen.tolist(), logps.rejected.tolist()
+        scores = dict(zip(valid, zip(chosen, rejected, strict=True), strict=True))
+        batch["ref_chosen_logp"] = [scores.get(i, (np.nan, np.nan))[0] for i in range(len(rows))]
+        batch["ref_rejected_logp"] = [scores.get(i, (np.nan, np.nan))[1] for i in range(len(rows))]
+        batch["kind"] = ["error" if i in problems else "pair" for i in range(len(rows))]
+        batch["stage"] = "reference"
+        batch["reason"] = [SampleTooLong.reason if i in problems else "" for i in range(len(rows))]
+        batch["detail"] = [problems.get(i, "") for i in range(len(rows))]
+        return batch
