@@ -91,6 +91,14 @@ def clear_dir(path: str, keep: tuple[str, ...] = ()) -> None:
     return None
 
 
+def list_dir(path: str) -> list[str]:
+    """Names of the entries in the directory ``path`` (empty when it does not exist)."""
+    fs, p = resolve(path)
+    if fs.get_file_info(p).type != pafs.FileType.Directory:
+        return []
+    return sorted(info.base_name for info in fs.get_file_info(pafs.FileSelector(p)))
+
+
 def remove_file(path: str) -> None:
     fs, p = resolve(path)
     if fs.get_file_info(p).type == pafs.FileType.File:

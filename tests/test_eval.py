@@ -166,3 +166,15 @@ def test_heldout_images_take_the_eval_companion_rate(tmp_path):
 
     assert companions(["eval.cooccurrence=0.0"]) == 0
     assert companions(["eval.cooccurrence=1.0"]) > companions([]) > 0  # the data's default rate is 0.8
+
+
+def test_training_curves_smooth_and_count_a_restarted_step_once():
+    from bpo_ray.eval.plots import moving_average, training_plot
+
+    assert moving_average([1.0, 2.0, 3.0, 4.0], 2) == [1.0, 1.5, 2.5, 3.5]  # trailing, shorter at the start
+    assert moving_average([3.0], 5) == [3.0]
+    steps = [{"step": s, "loss": 1 / s, "reward_margin": 0.1 * s, "reward_accuracy": 0.5} for s in range(1, 31)]
+    restarted = steps[:12] + steps[9:]  # steps 10-12 trained again after a restart
+    png = training_plot(restarted)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and png == training_plot(steps)
+    assert training_plot(steps[:3])[:4] == b"\x89PNG"  # too short to smooth: drawn as is

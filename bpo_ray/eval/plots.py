@@ -32,20 +32,26 @@ def _plot_png(draw) -> bytes:
 
 
 def training_plot(metrics: list[dict], title: str = "DPO") -> bytes:
-    """One panel per curve: every step faint, a moving average (a twentieth of the run) on top."""
-    window = max(1, len(metrics) // 20)
+    """One panel per curve: every step faint, a trailing mean (a twentieth of the run, at least 5 steps) on
+    top. A step trained twice (before and after a restart) counts once, as the later attempt logged it."""
+    by_step = {m["step"]: m for m in metrics}
+    steps = sorted(by_step)
+    window = max(5, len(steps) // 20)
 
     def draw(plt):
         fig, axes = plt.subplots(1, len(CURVES), figsize=(12, 3.2))
         for ax, (key, label) in zip(axes, CURVES, strict=True):
-            points = [(m["step"], m[key]) for m in metrics if isinstance(m.get(key), (int, float))]
-            steps, values = [s for s, _ in points], [v for _, v in points]
-            ax.plot(steps, values, lw=0.8, alpha=0.3, color="C0", label="per step")
-            ax.plot(steps, moving_average(values, window), lw=1.8, color="C0", label=f"mean of {window}")
+            points = [(s, by_step[s][key]) for s in steps if isinstance(by_step[s].get(key), (int, float))]
+            xs, values = [s for s, _ in points], [v for _, v in points]
+            if len(values) > window:
+                ax.plot(xs, values, lw=0.8, alpha=0.3, color="C0", label="per step")
+                ax.plot(xs, moving_average(values, window), lw=1.8, color="C0", label=f"mean of {window}")
+                ax.legend(fontsize=8)
+            else:  # too few steps to smooth
+                ax.plot(xs, values, lw=1.5, color="C0", marker=".")
             ax.set_title(f"{title} {label}")
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=8)
         return fig
     return _plot_png(draw)
 

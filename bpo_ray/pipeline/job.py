@@ -93,12 +93,12 @@ def main(argv: list[str] | None = None, until: str | None = None, prog: str = "b
     run = RunDir.for_config(cfg)
     log.info("resolved config (saved to %s):\n%s", run.save_config(cfg), cfg.to_yaml())
 
-    init_ray(cfg.resources)
-    # Tiny models (tiny://...) are built once into cache_dir; real ones resolve to their hub id or path.
-    base = resolve_model_path(cfg.model.name_or_path, cfg.cache_dir)
-    log.info("policy model: %s%s", base, f" (fine-tuned into {run.sft_model} first)" if cfg.sft.enabled else "")
-
     pipeline = Pipeline(cfg, run, stages, from_stage=args.from_stage, only_stage=args.only_stage, force=args.force)
+    if args.force or not pipeline.all_finished():  # everything finished for these inputs: no Ray needed
+        init_ray(cfg.resources)
+        # Tiny models (tiny://...) are built once into cache_dir; real ones resolve to their hub id or path.
+        base = resolve_model_path(cfg.model.name_or_path, cfg.cache_dir)
+        log.info("policy model: %s%s", base, f" (fine-tuned into {run.sft_model} first)" if cfg.sft.enabled else "")
     pipeline.run_all()
 
     print(f"\nrun directory: {run.root}")

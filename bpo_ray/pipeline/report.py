@@ -13,13 +13,11 @@ from bpo_ray.eval.plots import eval_plot, training_plot
 from bpo_ray.pipeline.rundir import RunDir
 from bpo_ray.pipeline.summary import stage_table
 
-REPORTED = ("sft", "data", "negatives", "reference", "train", "eval")  # the stages before this one
-
 
 def run(cfg: RunConfig, run_dir: RunDir, key: str) -> dict:
-    manifests = {name: run_dir.read_manifest(name) or {} for name in REPORTED}
+    manifests = {name: m for name, m in run_dir.read_manifests().items() if name != "report"}
     train_metrics = run_dir.read_training_log("train")
-    eval_metrics = manifests["eval"].get("metrics", {})
+    eval_metrics = manifests.get("eval", {}).get("metrics", {})
     rows = comparison(eval_metrics)
     report = {
         "run_name": cfg.run_name, "run_dir": run_dir.root,

@@ -120,6 +120,11 @@ class RunDir:
         except json.JSONDecodeError:
             return None  # a torn manifest means the stage did not finish
 
+    def read_manifests(self) -> dict[str, dict]:
+        """Every stage's manifest in this run directory, by stage name."""
+        found = {name: self.read_manifest(name) for name in storage.list_dir(self.root)}
+        return {name: manifest for name, manifest in found.items() if manifest is not None}
+
     def write_manifest(self, stage: str, manifest: dict) -> None:
         storage.write_text(self.path(stage, "manifest.json"), json.dumps(manifest, indent=2, sort_keys=True))
 
