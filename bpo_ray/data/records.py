@@ -3,7 +3,7 @@
 A *raw record* is what a reader yields, normalised only in shape:
 ``{"id", "image": bytes | str | None, "conversations": <anything>, "source_index": int}``.
 A *sample* is one assistant turn of a valid record, with its image bytes and the chat history before it.
-Pure Python (PIL for image checks): Ray Data maps these functions over the cluster in ``data/stage.py``.
+Pure Python (PIL for image checks): Ray Data maps these functions over the cluster in ``data/dataset.py``.
 """
 
 from __future__ import annotations
