@@ -101,12 +101,23 @@ def _kill_training_node_after_a_checkpoint(run: Path, dashboard: str, env: dict,
     from bpo_ray.train.fit import latest_checkpoint
 
     deadline = time.monotonic() + 600
+    # Find the training node as soon as the autoscaler has brought it up (a state read takes seconds; the
+    # training steps after a checkpoint may not), then kill it the moment a checkpoint is recorded.
+    while not (run / "reference" / "manifest.json").exists():  # training is next
+        assert job.poll() is None, "the job ended before training"
+        assert time.monotonic() < deadline, "no scored pairs in 600 s"
+        time.sleep(0.2)
+    node = None
+    while node is None:
+        assert job.poll() is None, "the job ended before a training node came up"
+        assert time.monotonic() < deadline, "no training node in 600 s"
+        node = next((n for n in _alive_nodes(dashboard, env) if _node_type(n) == "gpu_a100"), None)
+        time.sleep(0.5)
     while not any(latest_checkpoint(str(d)) for d in (run / "checkpoints").glob("train-*")):
         assert job.poll() is None, "the job ended before training checkpointed"
         assert time.monotonic() < deadline, "no checkpoint in 600 s"
         time.sleep(0.2)
     assert not (run / "train" / "manifest.json").exists(), "training ended before the node could be lost"
-    node = next(n for n in _alive_nodes(dashboard, env) if _node_type(n) == "gpu_a100")
     victims = {}
     for p in psutil.process_iter():  # the fake provider starts each node's processes with its id in their env
         try:
@@ -150,6 +161,11 @@ def _alive_nodes(dashboard: str, env: dict) -> list[StateRow]:
     return [n for n in _state("nodes", dashboard, env) if n.state == "ALIVE"]
 
 
+# Enough steps that the training node is lost mid-run: 8 (two epochs of these pairs) once ended within the
+# few seconds between the first recorded checkpoint and the kill.
+STEPS = 16
+
+
 @pytest.mark.slow
 def test_stages_bring_up_their_node_types_from_zero_survive_a_lost_node_and_go_away(autoscaling_cluster, tmp_path):
     gcs_address, dashboard, env = autoscaling_cluster
@@ -161,7 +177,7 @@ def test_stages_bring_up_their_node_types_from_zero_survive_a_lost_node_and_go_a
     overrides = [f"storage_path={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}",
                  f"resources.ray_address={gcs_address}", "sft.enabled=false", "data.synthetic.num_images=6",
                  "negatives.weakening.sampling.max_new_tokens=8", "negatives.truncated=keep",
-                 "train.max_steps=8", "train.checkpoint_every=2", "train.num_workers=2", "resources.cpus_per_worker=1",
+                 f"train.max_steps={STEPS}", f"train.epochs={STEPS}", "train.checkpoint_every=2", "train.num_workers=2", "resources.cpus_per_worker=1",
                  "resources.accelerator_type=A100", "eval.num_images=4", f"serve.port={free_ports()[0]}",
                  *[f"{pool}.{k}={v}" for pool in ("negatives.weakening.pool", "train.reference_pool")
                    for k, v in {**l4, "min_size": 1, "max_size": 1}.items()],
@@ -180,9 +196,9 @@ def test_stages_bring_up_their_node_types_from_zero_survive_a_lost_node_and_go_a
         if job.poll() is None:
             job.kill()
     train = json.loads((run / "train" / "manifest.json").read_text())
-    assert train["finished"] and train["steps"] == 8
+    assert train["finished"] and train["steps"] == STEPS
     logged = [json.loads(line)["step"] for line in (run / "train" / "metrics.jsonl").read_text().splitlines()]
-    assert sorted(set(logged)) == list(range(1, 9)) and logged[-1] == 8, logged  # no step lost
+    assert sorted(set(logged)) == list(range(1, STEPS + 1)) and logged[-1] == STEPS, logged  # no step lost
     assert (run / "model" / "model.safetensors").is_file()
     report = json.loads((run / "report.json").read_text())
     assert set(report["eval"]) == {"base", "aligned"}

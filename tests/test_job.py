@@ -207,12 +207,17 @@ def _registered_checkpoint(run_dir: Path) -> tuple[str, int] | None:
     return None
 
 
+# Enough steps that the stop lands mid-training: a step takes well under a second here, and the stop
+# reaches the job a moment after the first checkpoint is recorded.
+SUBMIT_STEPS = 20
+
+
 def test_ray_job_submit_runs_the_whole_job_and_resumes_after_a_stop(head_node, tmp_path):
     runs, cache = tmp_path / "runs", tmp_path / "cache"
     entry = [sys.executable, "jobs/bpo.py", "--config", "configs/tiny.yaml", f"storage_path={runs}",
              f"cache_dir={cache}", "data.synthetic.num_images=8", "negatives.weakening.sampling.max_new_tokens=8",
              "negatives.truncated=keep",
-             "train.max_steps=10", "train.checkpoint_every=2", "eval.num_images=4", f"serve.port={free_ports(1)[0]}",
+             f"train.max_steps={SUBMIT_STEPS}", f"train.epochs={SUBMIT_STEPS}", "train.checkpoint_every=2", "eval.num_images=4", f"serve.port={free_ports(1)[0]}",
              *TINY_SFT]
     runtime_env = json.dumps({"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
                                            "TORCH_EXTENSIONS_DIR": os.environ.get(
@@ -220,7 +225,7 @@ def test_ray_job_submit_runs_the_whole_job_and_resumes_after_a_stop(head_node, t
     submit = ["--working-dir", ".", "--runtime-env-json", runtime_env, "--"]
 
     first = head_node.submit(*submit, *entry)
-    # Stop it once Ray Train has registered a checkpoint (mid-training: 10 steps, checkpoints every 2). A
+    # Stop it once Ray Train has registered a checkpoint (mid-training: checkpoints every 2 steps). A
     # checkpoint folder appears before Ray Train records it; only a recorded one is resumed from.
     run_dir = runs / "bpo-tiny"
     deadline, next_status = time.monotonic() + 600, 0.0
@@ -243,11 +248,11 @@ def test_ray_job_submit_runs_the_whole_job_and_resumes_after_a_stop(head_node, t
     for stage, before in finished.items():  # skipped: the same output, not a re-run that wrote a new one
         assert json.loads((run_dir / stage / "manifest.json").read_text()) == before, stage
     train = json.loads((run_dir / "train" / "manifest.json").read_text())
-    assert train["steps"] == 10 and train["resumed_from_micro_step"] == stopped_at
-    assert 0 < stopped_at < 10
+    assert train["steps"] == SUBMIT_STEPS and train["resumed_from_micro_step"] == stopped_at
+    assert 0 < stopped_at < SUBMIT_STEPS
     # The resubmitted job's log goes on from the stopped one's: every step is in it, the early ones too.
     logged = [json.loads(line)["step"] for line in (run_dir / "train" / "metrics.jsonl").read_text().splitlines()]
-    assert set(logged) == set(range(1, 11)), logged
+    assert set(logged) == set(range(1, SUBMIT_STEPS + 1)), logged
     report = json.loads((run_dir / "report.json").read_text())
     assert set(report["eval"]) == {"base", "aligned"}
     for model in ("base", "aligned"):
