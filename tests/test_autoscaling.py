@@ -101,18 +101,23 @@ def _kill_training_node_after_a_checkpoint(run: Path, dashboard: str, env: dict,
     from bpo_ray.train.fit import latest_checkpoint
 
     deadline = time.monotonic() + 600
-    # Find the training node as soon as the autoscaler has brought it up (a state read takes seconds; the
-    # training steps after a checkpoint may not), then kill it the moment a checkpoint is recorded.
+    # Find the node the training workers run on while they start (a state read takes seconds; the steps
+    # after a checkpoint may not), then kill it the moment a checkpoint is recorded. By their actors, not
+    # by node type: the autoscaler may have brought up a second A100 node that trains nothing.
     while not (run / "reference" / "manifest.json").exists():  # training is next
         assert job.poll() is None, "the job ended before training"
         assert time.monotonic() < deadline, "no scored pairs in 600 s"
         time.sleep(0.2)
-    node = None
-    while node is None:
-        assert job.poll() is None, "the job ended before a training node came up"
-        assert time.monotonic() < deadline, "no training node in 600 s"
-        node = next((n for n in _alive_nodes(dashboard, env) if _node_type(n) == "gpu_a100"), None)
+    training: set[str] = set()
+    while not training:
+        assert job.poll() is None, "the job ended before its training workers started"
+        assert time.monotonic() < deadline, "no training workers in 600 s"
+        training = {a.node_id for a in _state("actors", dashboard, env)
+                    if "RayTrainWorker" in a.class_name and a.state == "ALIVE"}
         time.sleep(0.5)
+    assert len(training) == 1, f"the training workers were spread over nodes {training}"
+    node = next(n for n in _alive_nodes(dashboard, env) if n.node_id in training)
+    assert _node_type(node) == "gpu_a100"
     while not any(latest_checkpoint(str(d)) for d in (run / "checkpoints").glob("train-*")):
         assert job.poll() is None, "the job ended before training checkpointed"
         assert time.monotonic() < deadline, "no checkpoint in 600 s"
