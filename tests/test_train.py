@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from bpo_ray.config import load_config
 from bpo_ray.models.generate import Sampling, generate
 from bpo_ray.pipeline import RunDir, reference, run_stages, train
-from bpo_ray.raydata import worker_parts
+from bpo_ray.raydata import order_key, worker_parts
 from bpo_ray.train.fit import latest_checkpoint
 from conftest import REPO
 
@@ -48,6 +48,11 @@ def test_each_worker_trains_on_the_same_rows_however_they_were_written(ray_local
 
     first, second = (seen(d) for d in written_twice)
     assert first == second
+    # The parts, in order, are the rows sorted by their seeded hash (the sort's fixed key ranges lose none).
+    in_parts = [r["sample_id"] for part in worker_parts(written_twice[1], 2, ["sample_id"], 0, rows_per_block=100)
+                for r in part.iter_rows()]
+    by_hash = sorted(rows, key=lambda r: order_key(0, f"{r['sample_id']}"))
+    assert in_parts == [r["sample_id"] for r in by_hash][:1202]
     ids = [i for part in first for batch in part for i in batch]
     assert len(ids) == 1202 and len(set(ids)) == 1202  # equal parts: one row left out, none repeated
     assert sum(len(b) for b in first[0]) == sum(len(b) for b in first[1]) == 601
