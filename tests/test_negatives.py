@@ -150,11 +150,14 @@ def test_bpo_generate_without_config(tmp_path, shapes_dir):
     assert "Started a local Ray instance" not in again.stderr
     assert json.loads((out / "negatives" / "manifest.json").read_text()) == manifest
 
-    different = run_cli(*args, "negatives.seed=5", cwd=tmp_path)
+    # Other settings (another seed, rules only: the overwrite need not load a model again) for the same --out.
+    other = ["negatives.seed=5", "negatives.weakening.enabled=false"]
+    different = run_cli(*args, *other, cwd=tmp_path)
     assert different.returncode == 2 and "--overwrite" in different.stderr
-    replaced = run_cli(*args, "negatives.seed=5", "--overwrite", cwd=tmp_path)
+    replaced = run_cli(*args, *other, "--overwrite", cwd=tmp_path)
     assert replaced.returncode == 0, replaced.stderr[-3000:]
-    assert json.loads((out / "negatives" / "manifest.json").read_text())["seed"] == 5
+    rewritten = json.loads((out / "negatives" / "manifest.json").read_text())
+    assert rewritten["seed"] == 5 and set(rewritten["by_type"]) == {ERROR_INJECTION}
 
 
 @pytest.mark.parametrize("size", [(8, 8)])
