@@ -19,6 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 # Fields marked so change how a stage runs, not what it computes: they stay out of ``section_hash``, so
 # setting them never invalidates finished stages or checkpoints.
 NOT_KEYED = {"stage_key": False}
+# An option added after run directories exist: part of the stage keys only when set, so runs made before it
+# existed (which behaved as its default does) still resume.
+KEYED_IF_SET = {"stage_key": "if_set"}
 
 # ``tiny://<arch>`` names a tiny random model that the project builds itself (bpo make-tiny) on first use.
 TINY_SCHEME = "tiny://"
@@ -144,9 +147,22 @@ class InjectionConfig(Section):
     pool: ActorPoolConfig = ActorPoolConfig()
 
 
+class ExistenceConfig(Section):
+    """Balanced yes/no pairs about objects, from the training images' object annotations (off by default:
+    not in the paper). Per image, each object present ("yes" chosen) and as many absent ones ("no" chosen)."""
+
+    enabled: bool = False
+    # A COCO instances file for the training images (image_ref matched by path or file name); None: the
+    # bundled shapes' own truth (data.format synthetic).
+    annotations: str | None = None
+    strategies: list[Literal["random", "popular", "adversarial"]] = Field(
+        ["random", "popular", "adversarial"], min_length=1)
+
+
 class NegativesConfig(Section):
     weakening: WeakeningConfig = WeakeningConfig()
     injection: InjectionConfig = InjectionConfig()
+    existence: ExistenceConfig = Field(ExistenceConfig(), json_schema_extra=KEYED_IF_SET)
     # Samples with any response longer than this (words) are dropped, as in the paper.
     max_words: int = Field(350, ge=1)
     # A generated negative cut at max_new_tokens (it never ended): "drop" records it in errors/ (reason
@@ -364,7 +380,8 @@ class RunConfig(Section):
 def _dump(value: Any) -> Any:
     if not isinstance(value, BaseModel):
         return value
-    unkeyed = {name for name, field in type(value).model_fields.items() if field.json_schema_extra == NOT_KEYED}
+    unkeyed = {name for name, field in type(value).model_fields.items() if field.json_schema_extra == NOT_KEYED
+               or (field.json_schema_extra == KEYED_IF_SET and getattr(value, name) == field.get_default())}
     return value.model_dump(mode="json", exclude=unkeyed)
 
 
@@ -376,8 +393,11 @@ def _impossible_combinations(cfg: RunConfig):
     if injector.startswith(TINY_SCHEME) and injector[len(TINY_SCHEME):] not in TINY_ARCHS:
         yield f"negatives.injection.model {injector!r}: unknown tiny arch (choose from {', '.join(TINY_ARCHS)})"
     neg = cfg.negatives
-    if not neg.weakening.enabled and not neg.injection.enabled:
-        yield "negatives: both weakening and injection are disabled, so no rejected answers can be made"
+    if not neg.weakening.enabled and not neg.injection.enabled and not neg.existence.enabled:
+        yield "negatives: weakening, injection and existence are all disabled, so no rejected answers can be made"
+    if neg.existence.enabled and neg.existence.annotations is None and cfg.data.format != "synthetic":
+        yield ("negatives.existence needs object annotations for these images: set negatives.existence.annotations "
+               "(a COCO instances file); only the bundled shapes carry their own")
     if neg.weakening.enabled and not neg.weakening.distortions:
         yield "negatives.weakening.distortions is empty while weakening is enabled"
     if not cfg.resources.use_gpu:

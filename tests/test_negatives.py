@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from bpo_ray.config import SamplingConfig, load_config
+from bpo_ray.negatives.existence import EXISTENCE
 from bpo_ray.negatives.generation import HFGenerator
 from bpo_ray.negatives.pairs import ERROR_INJECTION, IMAGE_WEAKENING, Drop
 from bpo_ray.pipeline import RunDir, run_stages
@@ -171,3 +172,44 @@ def test_weakened_image_of_odd_size_still_generates(tiny_models, size):
                      "gen_messages": np.array([json.dumps([{"role": "user", "content": "What is it?"}])], dtype=object),
                      "gen_image": np.array([buf.getvalue()], dtype=object)})
     assert out["generation_error"][0] == ""
+
+
+def _coco_instances(shapes_dir, path):
+    """The shapes' truth as a COCO instances file (categories: every colour-shape name), as a user brings one."""
+    from bpo_ray.data.synthetic import COLORS, SHAPES
+
+    names = [f"{c} {s}" for c in COLORS for s in SHAPES]
+    truth = [json.loads(line) for line in (shapes_dir / "truth.jsonl").read_text().splitlines()]
+    coco = {"categories": [{"id": i, "name": n} for i, n in enumerate(names)],
+            "images": [{"id": k, "file_name": t["image"]} for k, t in enumerate(truth)],
+            "annotations": [{"image_id": k, "category_id": names.index(f"{o['color']} {o['shape']}")}
+                            for k, t in enumerate(truth) for o in t["objects"]]}
+    path.write_text(json.dumps(coco))
+    return path
+
+
+def test_existence_pairs_are_balanced_and_reported(tmp_path, tiny_models, shapes_dir, ray_local):
+    annotations = _coco_instances(shapes_dir, tmp_path / "instances.json")
+    cfg, run, manifests = _run(_base(tmp_path, tiny_models, shapes_dir / "records.json") + [
+        "negatives.weakening.enabled=false", "negatives.existence.enabled=true",
+        f"negatives.existence.annotations={annotations}", f"data.image_root={shapes_dir}"])
+    neg = manifests["negatives"]
+    made = neg["by_type"][EXISTENCE]
+    truth = [json.loads(line) for line in (shapes_dir / "truth.jsonl").read_text().splitlines()]
+    present = sum(len({(o["color"], o["shape"]) for o in t["objects"]}) for t in truth)
+    assert made["images"] == len(truth) and made["images_without_annotations"] == 0
+    assert made["yes_chosen"] == made["no_chosen"] == present and made["pairs"] == 2 * present
+    assert sum(made["by_strategy"].values()) == made["pairs"] and made["by_strategy"]["present"] == present
+    assert neg["pairs"] == made["pairs"] + neg["by_type"][ERROR_INJECTION]["pairs"]
+
+    pairs = [p for p in _pairs(run) if p["negative_type"] == EXISTENCE]
+    assert len(pairs) == made["pairs"]
+    samples = {s["sample_id"]: s for s in pq.read_table(run.samples).to_pylist()}
+    for pair in pairs:
+        lender = samples[pair["sample_id"].split("~")[0]]  # the image's representative sample
+        assert pair["image"] == lender["image"] and pair["record_id"] == lender["record_id"]
+        asked = json.loads(pair["edits"])
+        objects = next({f"{o['color']} {o['shape']}" for o in t["objects"]} for t in truth
+                       if t["image"] == lender["image_ref"])
+        assert asked["present"] == (asked["asked"] in objects)
+        assert pair["chosen"].startswith("Yes" if asked["present"] else "No")

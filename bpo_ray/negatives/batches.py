@@ -13,7 +13,8 @@ import pickle
 
 import numpy as np
 
-from bpo_ray.negatives import distort, inject
+from bpo_ray.negatives import distort, existence, inject
+from bpo_ray.negatives.existence import EXISTENCE
 from bpo_ray.negatives.pairs import (
     ERROR_INJECTION,
     IMAGE_WEAKENING,
@@ -130,4 +131,23 @@ def rules_batch(batch: dict, seed: int, max_words: int) -> dict:
         rejected, edits = inject.rules_inject(r["answer"], s)
         out.append(_finish(r, ERROR_INJECTION, rejected, "", max_words, edits=json.dumps(edits),
                            generator="rules", seed=s))
+    return _columns(out, OUT_COLUMNS)
+
+
+def existence_batch(batch: dict, keyed: dict[str, str], representatives: list[str]) -> dict:
+    """Balanced yes/no pairs (``existence.py``) for each annotated image, made once per image: from its
+    representative sample (which lends the image), each a new one-turn conversation."""
+    chosen_ones = set(representatives)
+    out = []
+    for r in _rows(batch):
+        if r["sample_id"] not in chosen_ones:
+            continue
+        for q in existence.questions_for(r["image_ref"], keyed) or ():
+            sample = {**r, "sample_id": f"{r['sample_id']}~{EXISTENCE}:{q.name}",
+                      "messages": json.dumps([{"role": "user", "content": q.question}]), "prompt": q.question,
+                      "answer": q.chosen}
+            out.append(_out(sample, EXISTENCE, q.rejected, edits=json.dumps({"asked": q.name,
+                                                                              "present": q.present,
+                                                                              "strategy": q.strategy}),
+                            generator="annotations"))
     return _columns(out, OUT_COLUMNS)

@@ -3,8 +3,10 @@
 Two branches from the validated samples (``data/samples``):
 - image weakening: distort each image (seeded per sample), let the policy MLLM answer on it;
 - error injection: rewrite the annotated answer (``rules``, or a text LLM on ``hf`` / ``vllm``).
+- balanced existence pairs (optional): yes/no questions about objects present and absent, from the training
+  images' object annotations (``negatives/existence.py``).
 Output: ``negatives/pairs``, ``negatives/errors`` and the manifest, whose counts satisfy, per branch,
-``samples_in − chosen_too_long == pairs + errors``.
+``samples_in − chosen_too_long == pairs + errors`` (existence: pairs == the questions planned).
 """
 
 from __future__ import annotations
@@ -12,19 +14,24 @@ from __future__ import annotations
 import time
 
 from bpo_ray.config import RunConfig
+from bpo_ray.data.dataset import synthetic_dir
+from bpo_ray.data.synthetic import COLORS, SHAPES
+from bpo_ray.eval.probes import coco_images, synthetic_images
 from bpo_ray.models.loader import load_processor, resolve_model_path
 from bpo_ray.models.vision import model_input_size
-from bpo_ray.negatives import distort
+from bpo_ray.negatives import distort, existence
 from bpo_ray.negatives.batches import (
     ERROR_COLUMNS,
     PAIR_COLUMNS,
     chosen_too_long_errors,
+    existence_batch,
     finish_generated,
     injection_prompts,
     rules_batch,
     split_on_chosen_length,
     weaken_batch,
 )
+from bpo_ray.negatives.existence import EXISTENCE, existence_questions
 from bpo_ray.negatives.generation import GenerationSpec, generate_column
 from bpo_ray.negatives.pairs import ERROR_INJECTION, IMAGE_WEAKENING, Drop
 from bpo_ray.pipeline.rundir import RunDir, policy_path
@@ -78,10 +85,56 @@ def run(cfg: RunConfig, run_dir: RunDir, key: str) -> dict:
                                              "max_words": neg.max_words, "distortion": "",
                                              "truncated": neg.truncated}))
 
+    planned = None
+    if neg.existence.enabled:
+        keyed, representatives, planned = _existence_plan(cfg, samples)
+        outputs.append(samples.map_batches(existence_batch, fn_kwargs={"keyed": keyed,
+                                                                       "representatives": representatives}))
+
     rows = outputs[0].union(*outputs[1:]).materialize()
     write_by_kind(rows, run_dir.stage_dir("negatives"), {"pairs": ("pair", PAIR_COLUMNS), "errors": ("error", ERROR_COLUMNS)})
     counts = count_by(rows, ["kind", "negative_type", "reason"])
-    return _manifest(counts, samples_in, generators, neg, time.time() - started)
+    manifest = _manifest(counts, samples_in, generators, neg, time.time() - started)
+    if planned is not None:
+        made = counts.get(("pair", EXISTENCE, ""), 0)
+        if made != planned["pairs"]:
+            raise RuntimeError(f"negatives/{EXISTENCE}: {planned['pairs']} questions planned but {made} pairs out")
+        manifest["by_type"][EXISTENCE] = planned
+        manifest["pairs"] += made
+    return manifest
+
+
+def _annotated_images(cfg: RunConfig):
+    """(annotated images, object vocabulary, the folder their paths are under) for the training data."""
+    existence = cfg.negatives.existence
+    if existence.annotations is None:  # the bundled shapes: their truth file (validated: data is synthetic)
+        root = synthetic_dir(cfg.data.synthetic, cfg.cache_dir)
+        return synthetic_images(root), [f"{c} {s}" for c in COLORS for s in SHAPES], str(root)
+    root = cfg.data.image_root or ""
+    images, vocabulary = coco_images(existence.annotations, root, num_images=1 << 62, seed=0)  # all of them
+    return images, vocabulary, root
+
+
+def _existence_plan(cfg: RunConfig, samples) -> tuple[dict[str, str], list[str], dict]:
+    """The questions per annotated image, the one sample per image that lends it (the smallest sample id),
+    and what they add up to (for the manifest, and to check the output against)."""
+    images, vocabulary, root = _annotated_images(cfg)
+    questions = existence_questions(images, vocabulary, list(cfg.negatives.existence.strategies), cfg.negatives.seed)
+    keyed = existence.plan(images, questions, root)
+    first: dict[str, str] = {}
+    for row in samples.select_columns(["sample_id", "image_ref"]).iter_rows():
+        if row["image_ref"] not in first or row["sample_id"] < first[row["image_ref"]]:
+            first[row["image_ref"]] = row["sample_id"]
+    asked = {ref: existence.questions_for(ref, keyed) for ref in first}
+    made = [q for qs in asked.values() if qs for q in qs]
+    strategies: dict[str, int] = {}
+    for q in made:
+        strategies[q.strategy] = strategies.get(q.strategy, 0) + 1
+    planned = {"pairs": len(made), "errors": 0, "generator": "annotations",
+               "yes_chosen": sum(q.present for q in made), "no_chosen": sum(not q.present for q in made),
+               "by_strategy": strategies, "images": sum(qs is not None for qs in asked.values()),
+               "images_without_annotations": sum(qs is None for qs in asked.values())}
+    return keyed, sorted(first[ref] for ref, qs in asked.items() if qs), planned
 
 
 def _manifest(counts, samples_in: int, generators: dict, neg, seconds: float) -> dict:

@@ -1,0 +1,116 @@
+"""Balanced existence pairs: POPE-like yes/no questions from the training images' object annotations. Pure.
+
+Weakening argues only for "no" (on a true-yes question the weakened image's answer agrees with the prior, so
+the pair is dropped as identical), and injected errors are mostly added or swapped objects. Pairs built from
+the annotations put both answers in play, one to one per image:
+- every object present: "Is there a {name} in the image?" with "yes" chosen and "no" rejected;
+- as many absent objects, drawn in turn by POPE's strategies (``random``, ``popular``, ``adversarial``),
+  counted over the training images only (never the evaluation set): "no" chosen, "yes" rejected.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+import numpy as np
+
+from bpo_ray.eval.probes import QUESTION, SPLITS, LabeledImage, build_probes
+from bpo_ray.negatives.pairs import stable_seed
+
+EXISTENCE = "existence"
+PRESENT = "present"  # the strategy column of a question about an object that is there
+
+
+@dataclass(frozen=True)
+class ExistenceQuestion:
+    image_id: str
+    name: str
+    present: bool
+    strategy: str  # PRESENT, or the POPE strategy that drew this absent object
+
+    @property
+    def question(self) -> str:
+        return QUESTION.format(name=self.name)
+
+    @property
+    def yes(self) -> str:
+        return f"Yes, there is a {self.name} in the image."
+
+    @property
+    def no(self) -> str:
+        return f"No, there is no {self.name} in the image."
+
+    @property
+    def chosen(self) -> str:
+        return self.yes if self.present else self.no
+
+    @property
+    def rejected(self) -> str:
+        return self.no if self.present else self.yes
+
+
+def existence_questions(images: list[LabeledImage], vocabulary: list[str], strategies: list[str],
+                        seed: int) -> list[ExistenceQuestion]:
+    """Per image: one question per object present, and as many about absent objects, taken from the
+    strategies in turn (the first one seeded per image) so a small image is not always asked by the first."""
+    unknown = [s for s in strategies if s not in SPLITS]
+    if unknown or not strategies:
+        raise ValueError(f"existence strategies {strategies}: choose one or more of {', '.join(SPLITS)}")
+    absent_by: dict[str, dict[str, list[str]]] = {s: {} for s in strategies}
+    for strategy in strategies:
+        for probe in build_probes(images, vocabulary, strategy, seed):
+            if not probe.label:
+                absent_by[strategy].setdefault(probe.image_id, []).append(probe.name)
+    out: list[ExistenceQuestion] = []
+    for img in images:
+        present = sorted(set(img.objects))
+        out += [ExistenceQuestion(img.image_id, name, True, PRESENT) for name in present]
+        queues = {s: list(absent_by[s].get(img.image_id, ())) for s in strategies}
+        order = list(np.roll(strategies, -(stable_seed(seed, img.image_id) % len(strategies))))
+        taken: list[str] = []
+        turn = 0
+        while len(taken) < len(present) and any(queues.values()):
+            strategy = order[turn % len(order)]
+            turn += 1
+            queue = queues[strategy]
+            while queue and queue[0] in taken:
+                queue.pop(0)
+            if queue:
+                taken.append(queue.pop(0))
+                out.append(ExistenceQuestion(img.image_id, taken[-1], False, strategy))
+    return out
+
+
+def image_keys(image: str, root: str) -> tuple[str, ...]:
+    """Names under which a sample's ``image_ref`` may point at an annotated image: its path under the
+    annotations' image root, and its file name (LLaVA records often prefix a folder the annotations lack)."""
+    path = PurePosixPath(image)
+    try:
+        relative = str(path.relative_to(root))
+    except ValueError:
+        relative = str(path)
+    return relative, path.name
+
+
+def plan(images: list[LabeledImage], questions: list[ExistenceQuestion], root: str) -> dict[str, str]:
+    """Questions grouped per image, keyed as ``image_keys`` names it: {key: JSON list of [name, present,
+    strategy]} (JSON so the plan crosses into Ray tasks as plain strings)."""
+    by_image: dict[str, list] = {}
+    for q in questions:
+        by_image.setdefault(q.image_id, []).append([q.name, q.present, q.strategy])
+    keyed: dict[str, str] = {}
+    for img in images:
+        for key in image_keys(img.image, root):
+            keyed.setdefault(key, json.dumps(by_image.get(img.image_id, [])))
+    return keyed
+
+
+def questions_for(image_ref: str, keyed: dict[str, str]) -> list[ExistenceQuestion] | None:
+    """The planned questions for a sample's image (None: the image has no annotation)."""
+    for key in (image_ref, PurePosixPath(image_ref).name):
+        if key in keyed:
+            return [ExistenceQuestion(image_ref, name, present, strategy)
+                    for name, present, strategy in json.loads(keyed[key])]
+    return None

@@ -1,0 +1,118 @@
+"""Balanced existence pairs: the question builder and the batch function (pure), and the config's edge."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from bpo_ray.config import load_config
+from bpo_ray.eval.probes import LabeledImage, synthetic_images
+from bpo_ray.negatives.batches import OUT_COLUMNS, existence_batch
+from bpo_ray.negatives.existence import EXISTENCE, PRESENT, existence_questions, plan, questions_for
+
+VOCAB = [f"{c} {s}" for c in ("red", "blue", "green") for s in ("circle", "square", "star")]
+
+
+def _images():
+    # "red circle" and "blue square" go together in most images: adversarial sampling must pick one for an
+    # image that has the other.
+    objects = [("red circle", "blue square"), ("red circle", "blue square"), ("red circle", "blue square"),
+               ("red circle",), ("green star", "red circle"), ("green circle",)]
+    return [LabeledImage(f"i{k}", f"/data/img/{k}.png", tuple(sorted(o))) for k, o in enumerate(objects)]
+
+
+def test_every_image_asks_as_many_absent_objects_as_present_ones():
+    images = _images()
+    questions = existence_questions(images, VOCAB, ["random", "popular", "adversarial"], seed=0)
+    by_image = {img.image_id: [q for q in questions if q.image_id == img.image_id] for img in images}
+    for img in images:
+        asked = by_image[img.image_id]
+        assert sorted(q.name for q in asked if q.present) == sorted(img.objects)
+        absent = [q.name for q in asked if not q.present]
+        assert len(absent) == len(img.objects) and len(set(absent)) == len(absent)
+        assert not set(absent) & set(img.objects)
+        assert {q.strategy for q in asked if q.present} == {PRESENT}
+    # The chosen answer is the truth; the rejected one its opposite.
+    for q in questions:
+        assert q.chosen.startswith("Yes") == q.present and q.rejected.startswith("No") == q.present
+        assert q.question == f"Is there a {q.name} in the image?"
+    assert existence_questions(images, VOCAB, ["random", "popular", "adversarial"], seed=0) == questions
+    assert existence_questions(images, VOCAB, ["random", "popular", "adversarial"], seed=1) != questions
+
+
+def test_absent_objects_come_from_the_training_statistics_by_strategy():
+    images = _images()
+    adversarial = existence_questions(images, VOCAB, ["adversarial"], seed=0)
+    only_red = [q for q in adversarial if q.image_id == "i3" and not q.present]
+    assert [q.name for q in only_red] == ["blue square"]  # its usual companion in these images
+    popular = existence_questions(images, VOCAB, ["popular"], seed=0)
+    lone_green = [q.name for q in popular if q.image_id == "i5" and not q.present]
+    assert lone_green == ["red circle"]  # absent from i5, present in the most images
+    # Mixed: the strategies take turns across the absent questions (each image starts at a seeded one).
+    mixed = existence_questions(images, VOCAB, ["random", "popular", "adversarial"], seed=0)
+    drawn = Counter(q.strategy for q in mixed if not q.present)
+    assert set(drawn) == {"random", "popular", "adversarial"}
+
+
+def test_a_small_vocabulary_limits_the_no_questions_and_bad_strategies_are_refused():
+    image = LabeledImage("x", "x.png", ("a", "b", "c"))
+    questions = existence_questions([image], ["a", "b", "c", "d"], ["random"], seed=0)
+    assert [(q.name, q.present) for q in questions] == [("a", True), ("b", True), ("c", True), ("d", False)]
+    with pytest.raises(ValueError, match="strategies"):
+        existence_questions([image], ["a"], ["sideways"], seed=0)
+
+
+def test_the_batch_makes_each_images_pairs_once_from_its_representative():
+    images = _images()
+    questions = existence_questions(images, VOCAB, ["random", "popular", "adversarial"], seed=0)
+    keyed = plan(images, questions, "/data")
+    # Samples name images as records do: under the image root, or another folder with the same file name.
+    rows = [("s1", "img/0.png"), ("s0", "img/0.png"), ("s2", "elsewhere/3.png"), ("s3", "img/unannotated.png")]
+    batch = {"sample_id": np.array([r[0] for r in rows], dtype=object),
+             "record_id": np.array(["r"] * 4, dtype=object), "image": np.array([b"png"] * 4, dtype=object),
+             "image_ref": np.array([r[1] for r in rows], dtype=object),
+             "messages": np.array(["[]"] * 4, dtype=object), "prompt": np.array(["p"] * 4, dtype=object),
+             "answer": np.array(["a"] * 4, dtype=object)}
+    assert questions_for("img/unannotated.png", keyed) is None
+    out = existence_batch(batch, keyed, ["s0", "s2", "s3"])
+    assert set(out) == set(OUT_COLUMNS)
+    made = [{k: out[k][i] for k in out} for i in range(len(out["sample_id"]))]
+    assert len(made) == 4 + 2  # i0: 2 present + 2 absent; i3: 1 + 1; s1 is not i0's representative
+    assert len({m["sample_id"] for m in made}) == len(made)
+    for m in made:
+        asked = json.loads(m["edits"])
+        assert m["kind"] == "pair" and m["negative_type"] == EXISTENCE and m["generator"] == "annotations"
+        assert json.loads(m["messages"]) == [{"role": "user", "content": m["prompt"]}]
+        assert m["prompt"] == f"Is there a {asked['asked']} in the image?"
+        assert m["chosen"].startswith("Yes" if asked["present"] else "No")
+        assert m["rejected"].startswith("No" if asked["present"] else "Yes")
+    yes = sum(json.loads(m["edits"])["present"] for m in made)
+    assert yes == len(made) - yes
+
+
+def test_the_bundled_shapes_truth_is_read_as_annotations(shapes_dir):
+    images = synthetic_images(shapes_dir)
+    keyed = plan(images, existence_questions(images, VOCAB, ["random"], 0), str(shapes_dir))
+    record = json.loads((shapes_dir / "records.json").read_text())[0]
+    assert questions_for(record["image"], keyed) is not None
+
+
+def test_existence_needs_annotations_beyond_the_bundled_shapes_and_keeps_old_stage_keys():
+    with pytest.raises(ValueError, match="negatives.existence needs object annotations"):
+        load_config(None, ["data.format=llava_json", "data.path=x.json", "negatives.existence.enabled=true"])
+    load_config(None, ["data.format=llava_json", "data.path=x.json", "negatives.existence.enabled=true",
+                       "negatives.existence.annotations=instances.json"])
+    # Left at its default, the option is not part of the key: run directories made before it still resume.
+    off, on = load_config(None, []), load_config(None, ["negatives.existence.enabled=true"])
+    assert "existence" not in json.dumps(_keyed_negatives(off)) and off.section_hash("negatives") != on.section_hash("negatives")
+    with pytest.raises(ValueError):
+        load_config(None, ["negatives.existence.strategies=[]"])
+
+
+def _keyed_negatives(cfg):
+    from bpo_ray.config import _dump
+
+    return _dump(cfg.negatives)
