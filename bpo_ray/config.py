@@ -186,6 +186,10 @@ class TrainConfig(Section):
     beta: float = Field(0.1, gt=0.0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
     sft_weight: float = Field(0.0, ge=0.0)
+    # The anchor of mDPO: + anchor_weight × −log σ(β·(π_c − ref_c) − anchor_margin), so DPO cannot win by
+    # lowering the chosen answer's likelihood along with the rejected one's (0: off, as in the paper).
+    anchor_weight: float = Field(0.0, ge=0.0, json_schema_extra=KEYED_IF_SET)
+    anchor_margin: float = Field(0.0, json_schema_extra=KEYED_IF_SET)
     # precomputed: reference log-probs in a Ray Data pass before training (default);
     # live: a frozen reference model on every worker; adapter_disabled: the LoRA policy without adapters.
     reference: Literal["precomputed", "live", "adapter_disabled"] = "precomputed"

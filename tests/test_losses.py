@@ -77,3 +77,42 @@ def test_a_nan_at_a_masked_position_does_not_poison_the_row():
     logits[1, 1, 2] = float("inf")
     poisoned, _ = sequence_logps(logits, labels)
     assert torch.equal(poisoned, clean)
+
+
+def test_anchor_matches_hand_computed_and_enters_the_objective():
+    from types import SimpleNamespace
+
+    from bpo_ray.config import TrainConfig
+    from bpo_ray.train.losses import anchor_loss, training_objective
+
+    # β(π_c − ref_c) = 0.1·(−1 + 2) = 0.1; with margin 0.3: −log σ(0.1 − 0.3).
+    assert anchor_loss(PC, RC, beta=0.1).item() == pytest.approx(-math.log(sigmoid(0.1)), rel=1e-6)
+    assert anchor_loss(PC, RC, beta=0.1, margin=0.3).item() == pytest.approx(-math.log(sigmoid(-0.2)), rel=1e-6)
+    logps = SimpleNamespace(chosen=PC, rejected=PR, chosen_token_sum=PC, chosen_tokens=torch.tensor([4]))
+    train = TrainConfig(beta=0.1, anchor_weight=0.5, anchor_margin=0.3)
+    loss, terms = training_objective(logps, RC, RR, train)
+    expected = -math.log(sigmoid(0.2)) + 0.5 * -math.log(sigmoid(-0.2))
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert to_floats(terms)["anchor_loss"] == pytest.approx(-math.log(sigmoid(-0.2)), rel=1e-6)
+    assert "anchor_loss" not in training_objective(logps, RC, RR, TrainConfig(beta=0.1))[1]
+
+
+def test_the_anchor_resists_lowering_both_answers_which_dpo_alone_cannot_see():
+    """DPO depends on the chosen−rejected gap only: moving both log-probs down together leaves it unchanged
+    (zero gradient along that direction). The anchor's gradient along it is not zero: it pulls both up."""
+    from types import SimpleNamespace
+
+    from bpo_ray.config import TrainConfig
+    from bpo_ray.train.losses import training_objective
+
+    def gradient_along_both_down(train):
+        shift = torch.zeros(1, requires_grad=True)
+        chosen, rejected = PC - shift, PR - shift
+        logps = SimpleNamespace(chosen=chosen, rejected=rejected, chosen_token_sum=chosen,
+                                chosen_tokens=torch.tensor([1]))
+        loss, _ = training_objective(logps, RC, RR, train)
+        loss.backward()
+        return shift.grad.item()
+
+    assert gradient_along_both_down(TrainConfig(beta=0.1)) == pytest.approx(0.0, abs=1e-9)
+    assert gradient_along_both_down(TrainConfig(beta=0.1, anchor_weight=1.0)) > 1e-3  # lowering both costs

@@ -62,6 +62,13 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     return DPOOutput(losses.mean(), losses, chosen_rewards, rejected_rewards)
 
 
+def anchor_loss(policy_chosen: torch.Tensor, ref_chosen: torch.Tensor, beta: float, margin: float = 0.0) -> torch.Tensor:
+    """−log σ(β·(π_c − ref_c) − margin), mean over pairs: the anchor of mDPO (Wang et al. 2024). DPO sees only
+    the gap between chosen and rejected, so it can win by pushing both down; this keeps the chosen answer's
+    own reward above ``margin``."""
+    return -F.logsigmoid(beta * (policy_chosen - ref_chosen) - margin).mean()
+
+
 def sft_loss(chosen_token_logps_sum: torch.Tensor, chosen_token_counts: torch.Tensor) -> torch.Tensor:
     """Negative log-likelihood per token of the chosen answers (the optional SFT term)."""
     return -(chosen_token_logps_sum.sum() / chosen_token_counts.sum().clamp(min=1))
@@ -69,16 +76,20 @@ def sft_loss(chosen_token_logps_sum: torch.Tensor, chosen_token_counts: torch.Te
 
 def training_objective(logps, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
                        train) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """What a DPO step minimises: the ``train.loss`` DPO loss plus ``train.sft_weight`` × the SFT term on the
-    chosen answers, and its metric terms (``loss`` is the whole objective; ``dpo_loss`` and ``sft_loss`` its
-    parts; ``to_floats`` reads them). ``logps``: the policy's ``PairLogps``; reference log-probs (precomputed
-    ones come from a table, on the CPU) enter on the policy's device. ``train``: the train config (beta,
-    loss, label_smoothing, sft_weight)."""
+    """What a DPO step minimises: the ``train.loss`` DPO loss, plus ``train.anchor_weight`` × the anchor and
+    ``train.sft_weight`` × the SFT term on the chosen answers, and its metric terms (``loss`` is the whole
+    objective; ``dpo_loss``, ``anchor_loss`` and ``sft_loss`` its parts; ``to_floats`` reads them).
+    ``logps``: the policy's ``PairLogps``; reference log-probs (precomputed ones come from a table, on the
+    CPU) enter on the policy's device. ``train``: the train config."""
     ref_chosen, ref_rejected = on_device(ref_chosen, logps.chosen), on_device(ref_rejected, logps.rejected)
     out = dpo_loss(logps.chosen, logps.rejected, ref_chosen, ref_rejected, train.beta, train.loss,
                    train.label_smoothing)
     loss, terms = out.loss, out.terms()
     terms["dpo_loss"] = terms["loss"]
+    if train.anchor_weight:
+        anchor = anchor_loss(logps.chosen, ref_chosen, train.beta, train.anchor_margin)
+        loss = loss + train.anchor_weight * anchor
+        terms["anchor_loss"] = anchor.detach()
     if train.sft_weight:
         sft = sft_loss(logps.chosen_token_sum, logps.chosen_tokens)
         loss = loss + train.sft_weight * sft
