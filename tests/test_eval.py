@@ -44,7 +44,8 @@ def test_pope_metrics_on_hand_counted_answers():
     assert m["accuracy"] == pytest.approx(0.7)
     assert m["precision"] == pytest.approx(3 / 5) and m["recall"] == pytest.approx(3 / 4)
     assert m["f1"] == pytest.approx(2 * 0.6 * 0.75 / 1.35)
-    assert m["yes_ratio"] == pytest.approx(0.5)
+    assert m["yes_ratio"] == pytest.approx(0.5) and m["truth_yes_rate"] == pytest.approx(0.4)
+    assert m["accuracy_ci95"] == pytest.approx(1.96 * math.sqrt(0.7 * 0.3 / 10))
     always_no = pope_metrics([False] * 4, [True, False, True, False])
     assert always_no["f1"] == 0.0 and always_no["precision"] == 0.0 and always_no["accuracy"] == 0.5
     with pytest.raises(ValueError):
@@ -178,3 +179,16 @@ def test_training_curves_smooth_and_count_a_restarted_step_once():
     png = training_plot(restarted)
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and png == training_plot(steps)
     assert training_plot(steps[:3])[:4] == b"\x89PNG"  # too short to smooth: drawn as is
+
+
+def test_the_report_says_how_large_a_pope_change_must_be_to_be_more_than_noise(tmp_path):
+    cfg = load_config(None, [f"storage_path={tmp_path}"])
+    labels = [True] * 50 + [False] * 50
+    scores = {model: {"images": 20, "chair": {"chair_s": 0.2, "n": 20},
+                      "pope": {"adversarial": pope_metrics([i % 3 != 0 for i in range(100)], labels)}}
+              for model in ("base", "aligned")}
+    report = {"run_dir": str(tmp_path), "stages": {}, "training": {"first": None, "final": None},
+              "eval": scores, "comparison": comparison(scores)}
+    m = scores["aligned"]["pope"]["adversarial"]
+    assert f"adversarial ±{100 * m['accuracy_ci95']:.1f} points on 100 probes (truth yes-rate 0.50)" \
+        in render_markdown(cfg, report, [])

@@ -37,8 +37,13 @@ def pope_metrics(said_yes: Sequence[bool], labels: Sequence[bool]) -> dict:
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"n": n, "accuracy": (tp + tn) / n if n else math.nan, "precision": precision, "recall": recall,
-            "f1": f1, "yes_ratio": (tp + fp) / n if n else math.nan, "tp": tp, "fp": fp, "tn": tn, "fn": fn}
+    accuracy = (tp + tn) / n if n else math.nan
+    return {"n": n, "accuracy": accuracy, "precision": precision, "recall": recall, "f1": f1,
+            "yes_ratio": (tp + fp) / n if n else math.nan, "tp": tp, "fp": fp, "tn": tn, "fn": fn,
+            # How far a change in accuracy can be noise: the 95% half-width (normal approximation).
+            "accuracy_ci95": 1.96 * math.sqrt(accuracy * (1 - accuracy) / n) if n else math.nan,
+            # What the yes-ratio should be: the share of probes whose object is there.
+            "truth_yes_rate": (tp + fn) / n if n else math.nan}
 
 
 def extract_mentions(caption: str, colors: Iterable[str], shapes: Iterable[str]) -> list[tuple[str | None, str]]:

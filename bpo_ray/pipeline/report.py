@@ -61,7 +61,7 @@ def render_markdown(cfg: RunConfig, report: dict, plots: list[str]) -> str:
     if report["comparison"]:
         n = report["eval"].get("aligned", {}).get("images")
         lines += [f"Held-out synthetic images: {n} (`{images}`); greedy decoding; ✓ = aligned better.", "",
-                  format_table(report["comparison"]), ""]
+                  format_table(report["comparison"]), "", *_pope_noise(report["eval"])]
         if "plots/eval.png" in plots:
             lines += ["![base vs aligned](plots/eval.png)", ""]
     elif scores := aligned_only(report["eval"]):
@@ -72,3 +72,11 @@ def render_markdown(cfg: RunConfig, report: dict, plots: list[str]) -> str:
     else:
         lines += ["Evaluation was not run (eval.enabled is false).", ""]
     return "\n".join(lines)
+
+
+def _pope_noise(evaluated: dict) -> list[str]:
+    """One line on how large a POPE accuracy change must be to be more than noise, per split."""
+    pope = evaluated.get("aligned", {}).get("pope", {})
+    parts = [f"{split} ±{100 * m['accuracy_ci95']:.1f} points on {m['n']} probes (truth yes-rate "
+             f"{m['truth_yes_rate']:.2f})" for split, m in pope.items() if "accuracy_ci95" in m]
+    return [f"POPE accuracy, 95% half-width (normal approximation): {'; '.join(parts)}.", ""] if parts else []
