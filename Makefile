@@ -27,7 +27,8 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python jobs/bpo.py --config configs/tiny.yaml
 
-# Does BPO work? The demo over 3 seeds with ablations (injection only, weakening only, beta, companion questions); ~75 minutes on 2 CPUs.
+# Does BPO work? The demo over 3 seeds with ablations (injection only, weakening only, beta, companion questions)
+# and the yes/no grounding options (existence pairs, anchor, both); about 2 hours on 2 CPUs.
 effect: $(STAMP)
 	$(BIN)/python jobs/effect.py --config configs/tiny.yaml
 

@@ -14,7 +14,9 @@ SWEPT = [
     ("CHAIR_i", ("chair", "chair_i")),
     ("companion halluc.", ("chair", "companion_hallucination", "rate")),
     ("exact captions", ("chair", "exact_caption")),
+    ("POPE acc adversarial", ("pope", "adversarial", "accuracy")),
     ("POPE F1 adversarial", ("pope", "adversarial", "f1")),
+    ("POPE yes-ratio adversarial", ("pope", "adversarial", "yes_ratio")),  # truth: 0.5 (POPE is balanced)
     ("POPE F1 popular", ("pope", "popular", "f1")),
     ("POPE F1 random", ("pope", "random", "f1")),
 ]
@@ -22,7 +24,10 @@ T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8:
 
 
 def mean_ci(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95% confidence interval (0 for a single value)."""
+    """Mean and the half-width of its 95% confidence interval (0 for a single value; NaN for both when a run
+    lacks the metric, e.g. a report written before it was measured)."""
+    if any(math.isnan(v) for v in values):
+        return math.nan, math.nan
     mean = statistics.fmean(values)
     if len(values) < 2:
         return mean, 0.0
