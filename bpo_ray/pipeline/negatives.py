@@ -106,12 +106,12 @@ def run(cfg: RunConfig, run_dir: RunDir, key: str) -> dict:
 
 def _annotated_images(cfg: RunConfig):
     """(annotated images, object vocabulary, the folder their paths are under) for the training data."""
-    existence = cfg.negatives.existence
-    if existence.annotations is None:  # the bundled shapes: their truth file (validated: data is synthetic)
+    annotations = cfg.negatives.existence.annotations
+    if annotations is None:  # the bundled shapes: their truth file (validated: data is synthetic)
         root = synthetic_dir(cfg.data.synthetic, cfg.cache_dir)
         return synthetic_images(root), [f"{c} {s}" for c in COLORS for s in SHAPES], str(root)
     root = cfg.data.image_root or ""
-    images, vocabulary = coco_images(existence.annotations, root, num_images=1 << 62, seed=0)  # all of them
+    images, vocabulary = coco_images(annotations, root, num_images=1 << 62, seed=0)  # all of them
     return images, vocabulary, root
 
 
