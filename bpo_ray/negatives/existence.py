@@ -14,8 +14,6 @@ import json
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-import numpy as np
-
 from bpo_ray.eval.probes import QUESTION, SPLITS, LabeledImage, build_probes
 from bpo_ray.negatives.pairs import stable_seed
 
@@ -68,7 +66,8 @@ def existence_questions(images: list[LabeledImage], vocabulary: list[str], strat
         present = sorted(set(img.objects))
         out += [ExistenceQuestion(img.image_id, name, True, PRESENT) for name in present]
         queues = {s: list(absent_by[s].get(img.image_id, ())) for s in strategies}
-        order = list(np.roll(strategies, -(stable_seed(seed, img.image_id) % len(strategies))))
+        start = stable_seed(seed, img.image_id) % len(strategies)
+        order = strategies[start:] + strategies[:start]
         taken: list[str] = []
         turn = 0
         while len(taken) < len(present) and any(queues.values()):

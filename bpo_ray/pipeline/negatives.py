@@ -12,6 +12,7 @@ Output: ``negatives/pairs``, ``negatives/errors`` and the manifest, whose counts
 from __future__ import annotations
 
 import time
+from collections import Counter
 
 from bpo_ray.config import RunConfig
 from bpo_ray.data.dataset import synthetic_dir
@@ -127,12 +128,10 @@ def _existence_plan(cfg: RunConfig, samples) -> tuple[dict[str, str], list[str],
             first[row["image_ref"]] = row["sample_id"]
     asked = {ref: existence.questions_for(ref, keyed) for ref in first}
     made = [q for qs in asked.values() if qs for q in qs]
-    strategies: dict[str, int] = {}
-    for q in made:
-        strategies[q.strategy] = strategies.get(q.strategy, 0) + 1
     planned = {"pairs": len(made), "errors": 0, "generator": "annotations",
                "yes_chosen": sum(q.present for q in made), "no_chosen": sum(not q.present for q in made),
-               "by_strategy": strategies, "images": sum(qs is not None for qs in asked.values()),
+               "by_strategy": dict(Counter(q.strategy for q in made)),
+               "images": sum(qs is not None for qs in asked.values()),
                "images_without_annotations": sum(qs is None for qs in asked.values())}
     return keyed, sorted(first[ref] for ref, qs in asked.items() if qs), planned
 
