@@ -11,7 +11,14 @@ import pytest
 from bpo_ray.config import load_config
 from bpo_ray.eval.probes import LabeledImage, synthetic_images
 from bpo_ray.negatives.batches import OUT_COLUMNS, existence_batch
-from bpo_ray.negatives.existence import EXISTENCE, PRESENT, existence_questions, plan, questions_for
+from bpo_ray.negatives.existence import (
+    EXISTENCE,
+    PRESENT,
+    by_representative,
+    existence_questions,
+    plan,
+    questions_for,
+)
 
 VOCAB = [f"{c} {s}" for c in ("red", "blue", "green") for s in ("circle", "square", "star")]
 
@@ -71,13 +78,15 @@ def test_the_batch_makes_each_images_pairs_once_from_its_representative():
     keyed = plan(images, questions, "/data")
     # Samples name images as records do: under the image root, or another folder with the same file name.
     rows = [("s1", "img/0.png"), ("s0", "img/0.png"), ("s2", "elsewhere/3.png"), ("s3", "img/unannotated.png")]
+    assert questions_for("img/unannotated.png", keyed) is None
+    by_sample, annotated, unannotated = by_representative(rows, keyed)
+    assert set(by_sample) == {"s0", "s2"} and (annotated, unannotated) == (2, 1)  # s1: i0 is lent by s0
     batch = {"sample_id": np.array([r[0] for r in rows], dtype=object),
              "record_id": np.array(["r"] * 4, dtype=object), "image": np.array([b"png"] * 4, dtype=object),
              "image_ref": np.array([r[1] for r in rows], dtype=object),
              "messages": np.array(["[]"] * 4, dtype=object), "prompt": np.array(["p"] * 4, dtype=object),
              "answer": np.array(["a"] * 4, dtype=object)}
-    assert questions_for("img/unannotated.png", keyed) is None
-    out = existence_batch(batch, keyed, ["s0", "s2", "s3"])
+    out = existence_batch(batch, by_sample)
     assert set(out) == set(OUT_COLUMNS)
     made = [{k: out[k][i] for k in out} for i in range(len(out["sample_id"]))]
     assert len(made) == 4 + 2  # i0: 2 present + 2 absent; i3: 1 + 1; s1 is not i0's representative

@@ -13,7 +13,7 @@ import pickle
 
 import numpy as np
 
-from bpo_ray.negatives import distort, existence, inject
+from bpo_ray.negatives import distort, inject
 from bpo_ray.negatives.existence import EXISTENCE
 from bpo_ray.negatives.pairs import (
     ERROR_INJECTION,
@@ -134,15 +134,12 @@ def rules_batch(batch: dict, seed: int, max_words: int) -> dict:
     return _columns(out, OUT_COLUMNS)
 
 
-def existence_batch(batch: dict, keyed: dict[str, str], representatives: list[str]) -> dict:
-    """Balanced yes/no pairs (``existence.py``) for each annotated image, made once per image: from its
-    representative sample (which lends the image), each a new one-turn conversation."""
-    chosen_ones = set(representatives)
+def existence_batch(batch: dict, questions: dict[str, list]) -> dict:
+    """Balanced yes/no pairs (``existence.py``): ``questions`` maps the sample that lends each annotated image
+    to that image's questions; each becomes a pair in a new one-turn conversation."""
     out = []
     for r in _rows(batch):
-        if r["sample_id"] not in chosen_ones:
-            continue
-        for q in existence.questions_for(r["image_ref"], keyed) or ():
+        for q in questions.get(r["sample_id"], ()):
             sample = {**r, "sample_id": f"{r['sample_id']}~{EXISTENCE}:{q.name}",
                       "messages": json.dumps([{"role": "user", "content": q.question}]), "prompt": q.question,
                       "answer": q.chosen}

@@ -10,7 +10,6 @@ the annotations put both answers in play, one to one per image:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -93,23 +92,35 @@ def image_keys(image: str, root: str) -> tuple[str, ...]:
     return relative, path.name
 
 
-def plan(images: list[LabeledImage], questions: list[ExistenceQuestion], root: str) -> dict[str, str]:
-    """Questions grouped per image, keyed as ``image_keys`` names it: {key: JSON list of [name, present,
-    strategy]} (JSON so the plan crosses into Ray tasks as plain strings)."""
-    by_image: dict[str, list] = {}
+def plan(images: list[LabeledImage], questions: list[ExistenceQuestion], root: str) -> dict[str, list[ExistenceQuestion]]:
+    """Questions grouped per image, under each name ``image_keys`` gives the image."""
+    by_image: dict[str, list[ExistenceQuestion]] = {}
     for q in questions:
-        by_image.setdefault(q.image_id, []).append([q.name, q.present, q.strategy])
-    keyed: dict[str, str] = {}
+        by_image.setdefault(q.image_id, []).append(q)
+    keyed: dict[str, list[ExistenceQuestion]] = {}
     for img in images:
         for key in image_keys(img.image, root):
-            keyed.setdefault(key, json.dumps(by_image.get(img.image_id, [])))
+            keyed.setdefault(key, by_image.get(img.image_id, []))
     return keyed
 
 
-def questions_for(image_ref: str, keyed: dict[str, str]) -> list[ExistenceQuestion] | None:
+def questions_for(image_ref: str, keyed: dict[str, list[ExistenceQuestion]]) -> list[ExistenceQuestion] | None:
     """The planned questions for a sample's image (None: the image has no annotation)."""
     for key in (image_ref, PurePosixPath(image_ref).name):
         if key in keyed:
-            return [ExistenceQuestion(image_ref, name, present, strategy)
-                    for name, present, strategy in json.loads(keyed[key])]
+            return keyed[key]
     return None
+
+
+def by_representative(samples, keyed: dict[str, list[ExistenceQuestion]]
+                      ) -> tuple[dict[str, list[ExistenceQuestion]], int, int]:
+    """Each annotated image's questions under the one sample that lends the image (its smallest sample id),
+    so an image's pairs are made once however many samples show it; and how many of the images shown have
+    an annotation and how many have none. ``samples``: (sample_id, image_ref) pairs."""
+    first: dict[str, str] = {}
+    for sample_id, image_ref in samples:
+        if image_ref not in first or sample_id < first[image_ref]:
+            first[image_ref] = sample_id
+    asked = {ref: questions_for(ref, keyed) for ref in first}
+    return ({first[ref]: qs for ref, qs in asked.items() if qs},
+            sum(qs is not None for qs in asked.values()), sum(qs is None for qs in asked.values()))

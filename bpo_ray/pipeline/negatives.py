@@ -88,9 +88,8 @@ def run(cfg: RunConfig, run_dir: RunDir, key: str) -> dict:
 
     planned = None
     if neg.existence.enabled:
-        keyed, representatives, planned = _existence_plan(cfg, samples)
-        outputs.append(samples.map_batches(existence_batch, fn_kwargs={"keyed": keyed,
-                                                                       "representatives": representatives}))
+        questions, planned = _existence_plan(cfg, samples)
+        outputs.append(samples.map_batches(existence_batch, fn_kwargs={"questions": questions}))
 
     rows = outputs[0].union(*outputs[1:]).materialize()
     write_by_kind(rows, run_dir.stage_dir("negatives"), {"pairs": ("pair", PAIR_COLUMNS), "errors": ("error", ERROR_COLUMNS)})
@@ -116,24 +115,19 @@ def _annotated_images(cfg: RunConfig):
     return images, vocabulary, root
 
 
-def _existence_plan(cfg: RunConfig, samples) -> tuple[dict[str, str], list[str], dict]:
-    """The questions per annotated image, the one sample per image that lends it (the smallest sample id),
-    and what they add up to (for the manifest, and to check the output against)."""
+def _existence_plan(cfg: RunConfig, samples) -> tuple[dict[str, list], dict]:
+    """The questions per annotated image under the sample that lends it, and what they add up to (for the
+    manifest, and to check the output against)."""
     images, vocabulary, root = _annotated_images(cfg)
     questions = existence_questions(images, vocabulary, list(cfg.negatives.existence.strategies), cfg.negatives.seed)
-    keyed = existence.plan(images, questions, root)
-    first: dict[str, str] = {}
-    for row in samples.select_columns(["sample_id", "image_ref"]).iter_rows():
-        if row["image_ref"] not in first or row["sample_id"] < first[row["image_ref"]]:
-            first[row["image_ref"]] = row["sample_id"]
-    asked = {ref: existence.questions_for(ref, keyed) for ref in first}
-    made = [q for qs in asked.values() if qs for q in qs]
+    shown = ((r["sample_id"], r["image_ref"]) for r in samples.select_columns(["sample_id", "image_ref"]).iter_rows())
+    by_sample, annotated, unannotated = existence.by_representative(shown, existence.plan(images, questions, root))
+    made = [q for qs in by_sample.values() for q in qs]
     planned = {"pairs": len(made), "errors": 0, "generator": "annotations",
                "yes_chosen": sum(q.present for q in made), "no_chosen": sum(not q.present for q in made),
                "by_strategy": dict(Counter(q.strategy for q in made)),
-               "images": sum(qs is not None for qs in asked.values()),
-               "images_without_annotations": sum(qs is None for qs in asked.values())}
-    return keyed, sorted(first[ref] for ref, qs in asked.items() if qs), planned
+               "images": annotated, "images_without_annotations": unannotated}
+    return by_sample, planned
 
 
 def _manifest(counts, samples_in: int, generators: dict, neg, seconds: float) -> dict:
