@@ -11,12 +11,15 @@ from bpo_ray import storage
 
 
 def write_by_kind(rows, out_dir: str, tables: dict[str, tuple[str, tuple[str, ...]]]) -> None:
-    """``tables``: name → (kind value, columns). Writes ``out_dir/<name>/*.parquet`` for each; the folder
-    exists even when no row has that kind, so readers never trip on a missing table."""
+    """``tables``: name → (kind value, columns). Writes ``out_dir/<name>/*.parquet`` for each, in place of
+    whatever the folder held (a reader takes every file in it: a file left from an earlier write would be
+    read as more rows); the folder exists even when no row has that kind, so readers never trip on a
+    missing table."""
     from ray.data.expressions import col
 
     for name, (kind, columns) in tables.items():
         target = storage.join(out_dir, name)
+        storage.remove_dir(target)
         storage.make_dir(target)
         rows.filter(expr=col("kind") == kind).select_columns(list(columns)).write_parquet(target)
 
