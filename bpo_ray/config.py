@@ -190,6 +190,10 @@ class TrainConfig(Section):
     # lowering the chosen answer's likelihood along with the rejected one's (0: off, as in the paper).
     anchor_weight: float = Field(0.0, ge=0.0, json_schema_extra=KEYED_IF_SET)
     anchor_margin: float = Field(0.0, json_schema_extra=KEYED_IF_SET)
+    # The conditional preference of mDPO: + image_weight × −log σ(β·((π_c − ref_c) − (π_c|weak − ref_c|weak))),
+    # the chosen answer preferred on the original image over the same answer on the weakened image
+    # (negatives.weakening.distortions, seeded per sample: the image its weakening negative came from). 0: off.
+    image_weight: float = Field(0.0, ge=0.0, json_schema_extra=KEYED_IF_SET)
     # precomputed: reference log-probs in a Ray Data pass before training (default);
     # live: a frozen reference model on every worker; adapter_disabled: the LoRA policy without adapters.
     reference: Literal["precomputed", "live", "adapter_disabled"] = "precomputed"
@@ -419,6 +423,8 @@ def _impossible_combinations(cfg: RunConfig):
         yield "train.reference 'adapter_disabled' needs train.lora.enabled=true (the reference is the base without adapters)"
     if train.loss == "robust" and train.label_smoothing == 0.0:
         yield "train.loss 'robust' needs train.label_smoothing > 0 (with 0 it is plain sigmoid DPO)"
+    if train.image_weight and not neg.weakening.distortions:
+        yield "train.image_weight needs negatives.weakening.distortions: they make the image the term prefers less"
     if train.loss != "robust" and train.loss != "sigmoid" and train.label_smoothing > 0:
         yield f"train.label_smoothing applies to 'sigmoid'/'robust' losses, not {train.loss!r}"
     if cfg.sft.enabled and not cfg.resources.use_gpu and cfg.sft.precision in ("bf16", "fp16"):

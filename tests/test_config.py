@@ -73,6 +73,8 @@ def test_typo_in_yaml_file(tmp_path):
     (["train.precision=bf16"], "train.precision 'bf16' needs GPUs"),
     (["train.offload_params=true", "train.zero_stage=2"], "zero_stage=3"),
     (["train.loss=robust"], "label_smoothing > 0"),
+    (["train.image_weight=1", "negatives.weakening.enabled=false", "negatives.weakening.distortions=[]"],
+     "train.image_weight needs negatives.weakening.distortions"),
     (["serve.host=0.0.0.0"], "serve.api_key"),
     (["data.format=parquet"], "data.path is required"),
     (["model.name_or_path=tiny://llm"], "must be a vision model"),

@@ -116,3 +116,42 @@ def test_the_anchor_resists_lowering_both_answers_which_dpo_alone_cannot_see():
 
     assert gradient_along_both_down(TrainConfig(beta=0.1)) == pytest.approx(0.0, abs=1e-9)
     assert gradient_along_both_down(TrainConfig(beta=0.1, anchor_weight=1.0)) > 1e-3  # lowering both costs
+
+
+def test_image_conditional_term_matches_hand_computed_and_enters_the_objective():
+    from types import SimpleNamespace
+
+    from bpo_ray.config import TrainConfig
+    from bpo_ray.train.losses import image_conditional_loss, training_objective
+
+    # Chosen on the image: π − ref = −1 + 2 = 1; on the weakened image: −4 + 3 = −1 → β·(1 − (−1)) = 0.2.
+    pcw, rcw = torch.tensor([-4.0]), torch.tensor([-3.0])
+    assert image_conditional_loss(PC, RC, pcw, rcw, beta=0.1).item() == pytest.approx(-math.log(sigmoid(0.2)), rel=1e-6)
+    logps = SimpleNamespace(chosen=PC, rejected=PR, chosen_token_sum=PC, chosen_tokens=torch.tensor([1]),
+                            chosen_weak=pcw)
+    loss, terms = training_objective(logps, RC, RR, TrainConfig(beta=0.1, image_weight=0.5), rcw)
+    assert loss.item() == pytest.approx(-math.log(sigmoid(0.2)) * 1.5, rel=1e-6)  # the DPO term is also −log σ(0.2)
+    assert to_floats(terms)["image_margin"] == pytest.approx(0.2, rel=1e-6)
+    with pytest.raises(ValueError, match="weakened image"):  # the term without its inputs is an error, not a no-op
+        training_objective(SimpleNamespace(**{**vars(logps), "chosen_weak": None}), RC, RR,
+                           TrainConfig(beta=0.1, image_weight=0.5))
+
+
+def test_the_image_term_moves_the_answer_on_the_weakened_image_which_dpo_cannot_see():
+    """DPO and the anchor never read the chosen answer's log-prob on the weakened image: their gradient there is
+    zero. The image term pushes it down (the answer should need the image), so its gradient is positive."""
+    from types import SimpleNamespace
+
+    from bpo_ray.config import TrainConfig
+    from bpo_ray.train.losses import training_objective
+
+    def gradient_on_the_weakened_image(train):
+        chosen, weak = (torch.tensor([v], requires_grad=True) for v in (-1.0, -4.0))
+        logps = SimpleNamespace(chosen=chosen, rejected=PR, chosen_token_sum=chosen, chosen_tokens=torch.tensor([1]),
+                                chosen_weak=weak)
+        loss, _ = training_objective(logps, RC, RR, train, torch.tensor([-3.0]))
+        loss.backward()
+        return 0.0 if weak.grad is None else weak.grad.item()
+
+    assert gradient_on_the_weakened_image(TrainConfig(beta=0.1, anchor_weight=1.0)) == 0.0
+    assert gradient_on_the_weakened_image(TrainConfig(beta=0.1, image_weight=1.0)) > 1e-3

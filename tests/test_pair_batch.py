@@ -223,3 +223,47 @@ def test_vision_lr_with_a_frozen_tower_is_a_config_error():
     with pytest.raises(ConfigError, match="sft.vision_lr is set, but the vision tower is frozen"):
         load_config(REPO / "configs" / "tiny.yaml", ["sft.freeze_vision_tower=true"])  # tiny.yaml sets sft.vision_lr
     assert load_config(REPO / "configs" / "tiny.yaml").sft.vision_lr == 5e-4
+
+
+def test_the_chosen_answer_is_scored_on_the_image_its_weakening_negative_came_from(tiny_models):
+    """With train.image_weight each pair also carries its chosen answer on the weakened image. That image is
+    rebuilt, not stored: it must be the negatives stage's image for the sample, and the reference scorer and
+    the batch must score it like any other sequence."""
+    import numpy as np
+    import pandas as pd
+
+    from bpo_ray.config import DistortionConfig
+    from bpo_ray.data.records import decode_image
+    from bpo_ray.models.prompts import encode_prompt_response
+    from bpo_ray.models.vision import model_input_size
+    from bpo_ray.negatives.batches import weaken_batch
+    from bpo_ray.train.batch import WeakImages
+    from bpo_ray.train.reference import WEAK_COLUMN, ReferenceScorer
+
+    model, processor = load_vlm(str(tiny_models["llava"]))
+    pairs = [{**p, "sample_id": f"s{i}"} for i, p in enumerate(PAIRS)]
+    distortions = [DistortionConfig().model_dump()]
+    weak = WeakImages(distortions, seed=3).sized_for(processor)
+    samples = {"sample_id": np.array([p["sample_id"] for p in pairs]), "record_id": np.array(["r0", "r1"]),
+               "image": np.array([p["image"] for p in pairs], dtype=object), "image_ref": np.array(["a", "b"]),
+               "messages": np.array([p["messages"] for p in pairs]), "prompt": np.array(["q", "q"]),
+               "answer": np.array([p["chosen"] for p in pairs])}
+    made = weaken_batch(samples, distortions, seed=3, size=model_input_size(processor.image_processor))
+    assert [weak(p) for p in pairs] == list(made["gen_image"])
+
+    encoded = [encode_pair(processor, p, 512, weak=weak) for p in pairs]
+    with torch.no_grad():
+        out = pair_logps(model, collate(encoded, pad_id(processor)))
+        expected = [_alone(model, encode_prompt_response(processor, json.loads(p["messages"]),
+                                                         decode_image(weak(p)), p["chosen"], 512)) for p in pairs]
+        plain = pair_logps(model, collate([encode_pair(processor, p, 512) for p in pairs], pad_id(processor)))
+    assert out.chosen_weak.tolist() == pytest.approx(expected, abs=1e-3)
+    assert out.chosen.tolist() == pytest.approx(plain.chosen.tolist(), abs=1e-4)  # the third group changes nothing
+    assert out.rejected.tolist() == pytest.approx(plain.rejected.tolist(), abs=1e-4)
+    assert out.chosen_weak.tolist() != pytest.approx(out.chosen.tolist(), abs=1e-3)  # the model sees the image
+
+    scorer = ReferenceScorer(str(tiny_models["llava"]), ModelConfig(), average=False, precision="fp32",
+                             weak=WeakImages(distortions, seed=3))
+    scored = scorer(pd.DataFrame(pairs))
+    assert scored[WEAK_COLUMN].tolist() == pytest.approx(expected, abs=1e-3)
+    assert scored["ref_chosen_logp"].tolist() == pytest.approx(plain.chosen.tolist(), abs=1e-3)

@@ -105,13 +105,18 @@ def _answers(model_dir) -> list[str]:
 
 
 def test_lora_zero3_llava_loss_falls_and_exports(prepared, tmp_path, tiny_models, ray_local):
+    """With the image-conditional term on: the reference stage scores each chosen answer on its weakened image
+    too, and each worker rebuilds that image. The same image on both sides, or the term would not start at ln 2."""
     root = _copy(prepared, tmp_path)
-    cfg = _cfg(root, tiny_models["llava"], "train.max_steps=8")
+    cfg = _cfg(root, tiny_models["llava"], "train.max_steps=8", "train.image_weight=1")
     run = RunDir.for_config(cfg)
+    assert reference.run(cfg, run, KEY)["scored"] > 0  # again, with the weakened image's column
     manifest = run_train(cfg, run)
     losses = _losses(run)
     assert sorted(losses) == list(range(1, 9))
-    assert losses[1] == pytest.approx(0.6931, abs=1e-3)  # policy = reference at the start (LoRA B = 0)
+    first = run.read_training_log()[0]  # policy = reference at the start (LoRA B = 0), on either image
+    assert first["dpo_loss"] == pytest.approx(math.log(2), abs=1e-3)
+    assert first["image_loss"] == pytest.approx(math.log(2), abs=1e-3) and losses[1] == pytest.approx(2 * math.log(2), abs=2e-3)
     assert sum(losses[s] for s in (7, 8)) / 2 < losses[1] - 0.05
     assert manifest["workers"] == 2 and manifest["final_metrics"]["step"] == 8
     metrics = run.read_training_log()[-1]
@@ -251,13 +256,18 @@ def test_live_reference_modes_train(prepared, tmp_path, tiny_models, ray_local, 
     projector trains too (in full): turning the adapter off must turn that off as well."""
     root = _copy(prepared, tmp_path)
     projector = ["train.freeze_projector=false"] if mode == "adapter_disabled" else []
-    cfg = _cfg(root, tiny_models["llava"], "train.max_steps=6", f"train.reference={mode}", *projector)
+    image = ["train.image_weight=1"] if mode == "live" else []  # the frozen copy scores the weakened image too
+    cfg = _cfg(root, tiny_models["llava"], "train.max_steps=6", f"train.reference={mode}", *projector, *image)
     run = RunDir.for_config(cfg)
     manifest = reference.run(cfg, run, KEY)  # length checks only in these modes
     assert manifest["mode"] == mode and manifest["scored"] == manifest["pairs_in"]
     run_train(cfg, run)
     losses = _losses(run)
-    assert losses[1] == pytest.approx(math.log(2), abs=1e-4)
+    first = run.read_training_log()[0]
+    assert first["dpo_loss"] == pytest.approx(math.log(2), abs=1e-4)
+    if image:
+        assert first["image_loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert losses[1] == pytest.approx(math.log(2) * (2 if image else 1), abs=2e-4)
     assert losses[6] < losses[1] - 0.005  # a wrong reference (= the policy) keeps every loss at exactly ln 2
     exported = load_file(str(root / "bpo-tiny" / "model" / "model.safetensors"))
     base = load_file(str(tiny_models["llava"] / "model.safetensors"))

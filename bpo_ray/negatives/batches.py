@@ -81,16 +81,27 @@ def chosen_too_long_errors(batch: dict, max_words: int) -> dict:
     return _columns(rows, OUT_COLUMNS)
 
 
+def weakening_seed(seed: int, sample_id: str) -> int:
+    """The seed that weakens a sample's image: the same for its weakening negative and, in training, for the
+    image-conditional term (``weakened_image``)."""
+    return stable_seed(seed, IMAGE_WEAKENING, sample_id)
+
+
+def weakened_image(image: bytes, sample_id: str, distortions: list[dict], seed: int, size=None) -> bytes:
+    """The weakened image a sample's weakening negative was generated on (PNG), rebuilt from the original:
+    seeded per sample, so it is the same image wherever it is made and need not be stored with the pairs."""
+    return distort.weaken_bytes(image, distortions, weakening_seed(seed, sample_id), size)
+
+
 def weaken_batch(batch: dict, distortions: list[dict], seed: int, size=None) -> dict:
     """``size``: the policy's ``ModelInputSize``, at which images are weakened."""
     rows = _rows(batch)
-    seeds = [stable_seed(seed, IMAGE_WEAKENING, r["sample_id"]) for r in rows]
     return {
         "carry": _carry(rows),
         "gen_messages": np.array([r["messages"] for r in rows], dtype=object),
-        "gen_image": np.array([distort.weaken_bytes(r["image"], distortions, s, size)
-                               for r, s in zip(rows, seeds, strict=True)], dtype=object),
-        "seed": np.array(seeds, dtype=np.int64),
+        "gen_image": np.array([weakened_image(r["image"], r["sample_id"], distortions, seed, size) for r in rows],
+                              dtype=object),
+        "seed": np.array([weakening_seed(seed, r["sample_id"]) for r in rows], dtype=np.int64),
     }
 
 

@@ -32,10 +32,13 @@ VARIANTS = {
     "beta0.05": ["train.beta=0.05"],
     "beta0.5": ["train.beta=0.5"],
     "companion-q": ["data.synthetic.companion_questions=1.0"],
-    # Grounding yes/no answers (not in the paper): balanced existence pairs, the mDPO anchor, both.
+    # Grounding yes/no answers (not in the paper): balanced existence pairs, mDPO's anchor and its
+    # image-conditional term, and combinations.
     "existence": ["negatives.existence.enabled=true"],
     "anchor": ["train.anchor_weight=1.0"],
     "existence+anchor": ["negatives.existence.enabled=true", "train.anchor_weight=1.0"],
+    "image": ["train.image_weight=1.0"],
+    "existence+image": ["negatives.existence.enabled=true", "train.image_weight=1.0"],
 }
 
 

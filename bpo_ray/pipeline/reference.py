@@ -1,5 +1,6 @@
 """reference: the frozen base model's log-probs of every pair, in an autoscaling Ray Data actor pool →
-``reference/pairs`` (the pairs with ``ref_chosen_logp``/``ref_rejected_logp``) + ``reference/errors``
+``reference/pairs`` (the pairs with ``ref_chosen_logp``/``ref_rejected_logp``, and ``ref_chosen_weak_logp``
+with ``train.image_weight``) + ``reference/errors``
 (pairs whose prompt leaves no room for the response). With ``train.reference`` ``live`` or
 ``adapter_disabled`` training scores the reference itself and this stage only checks lengths."""
 
@@ -10,7 +11,8 @@ from bpo_ray.negatives.batches import ERROR_COLUMNS
 from bpo_ray.pipeline.rundir import RunDir, policy_path
 from bpo_ray.raydata import count_by, write_by_kind
 from bpo_ray.resources import pool_request, torch_threads
-from bpo_ray.train.reference import SCORED_COLUMNS, ReferenceScorer
+from bpo_ray.train.batch import WeakImages
+from bpo_ray.train.reference import ReferenceScorer, scored_columns
 from bpo_ray.train.setup import precision
 
 
@@ -20,16 +22,17 @@ def run(cfg: RunConfig, run_dir: RunDir, key: str) -> dict:
     pairs = ray.data.read_parquet(run_dir.pairs)
     pairs_in = pairs.count()
     pool = cfg.train.reference_pool
+    weak = WeakImages.for_config(cfg)
     rows = pairs.map_batches(
         ReferenceScorer, batch_format="pandas", batch_size=pool.batch_size,
         fn_constructor_kwargs={"model_path": policy_path(cfg, run_dir), "model_cfg": cfg.model,
                                "average": cfg.train.loss == "ipo", "score": cfg.train.reference == "precomputed",
                                "precision": precision(cfg.train, cfg.resources.use_gpu),
-                               "threads": torch_threads(pool.num_cpus)},
+                               "threads": torch_threads(pool.num_cpus), "weak": weak},
         compute=ray.data.ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size),
         **pool_request(pool)).materialize()
     write_by_kind(rows, run_dir.stage_dir("reference"),
-                  {"pairs": ("pair", SCORED_COLUMNS), "errors": ("error", ERROR_COLUMNS)})
+                  {"pairs": ("pair", scored_columns(weak)), "errors": ("error", ERROR_COLUMNS)})
     counts = count_by(rows, ["kind", "reason"])
     scored = counts.get(("pair", ""), 0)
     errors = {reason: n for (kind, reason), n in counts.items() if kind == "error"}

@@ -1,4 +1,5 @@
-"""Preference pairs → one concatenated, left-padded batch (chosen rows, then rejected rows) → log-probs.
+"""Preference pairs → one concatenated, left-padded batch (chosen rows, then rejected rows, then, for the
+image-conditional term, the chosen answer again on the weakened image) → log-probs.
 
 One forward over chosen and rejected together. Sequences are left-padded so every response ends at the
 right edge; the model returns logits only for the last ``K + 1`` positions (``logits_to_keep``), K being
@@ -15,18 +16,50 @@ import torch
 
 from bpo_ray.data.records import decode_image
 from bpo_ray.models.prompts import Encoded, encode_prompt_response, tokenizer_of
+from bpo_ray.models.vision import ModelInputSize, model_input_size
+from bpo_ray.negatives.batches import weakened_image
 from bpo_ray.train.logprobs import IGNORE, sequence_logps
 
 
-def encode_pair(processor, pair: dict, max_length: int, min_response_tokens: int = 1) -> tuple[Encoded, Encoded]:
-    """A pairs-table row → (chosen, rejected) encodings; raises SampleTooLong."""
+@dataclass(frozen=True)
+class WeakImages:
+    """How each pair's weakened image is rebuilt for the image-conditional term (``train.image_weight``): the
+    negatives stage's distortions and seed, at the model's input size, so it is the image the weakening
+    negative was generated on."""
+
+    distortions: list[dict]
+    seed: int
+    size: ModelInputSize | None = None
+
+    @classmethod
+    def for_config(cls, cfg) -> WeakImages | None:
+        """None when the run has no image-conditional term. ``cfg``: the run config."""
+        if not cfg.train.image_weight:
+            return None
+        return cls([d.model_dump() for d in cfg.negatives.weakening.distortions], cfg.negatives.seed)
+
+    def sized_for(self, processor) -> WeakImages:
+        return WeakImages(self.distortions, self.seed, model_input_size(processor.image_processor))
+
+    def __call__(self, pair: dict) -> bytes:
+        return weakened_image(pair["image"], pair["sample_id"], self.distortions, self.seed, self.size)
+
+
+def encode_pair(processor, pair: dict, max_length: int, min_response_tokens: int = 1,
+                weak: WeakImages | None = None) -> tuple[Encoded, ...]:
+    """A pairs-table row → (chosen, rejected) encodings, and with ``weak`` the chosen answer on the weakened
+    image third; raises SampleTooLong."""
     messages = json.loads(pair["messages"])
     image = decode_image(pair["image"])
     chosen = encode_prompt_response(processor, messages, image, pair["chosen"], max_length, min_response_tokens)
     cut = bool(pair.get("rejected_truncated") or False)  # a negative kept though cut at max_new_tokens
     rejected = encode_prompt_response(processor, messages, image, pair["rejected"], max_length, min_response_tokens,
                                       ends_turn=not cut)
-    return chosen, rejected
+    if weak is None:
+        return chosen, rejected
+    chosen_weak = encode_prompt_response(processor, messages, decode_image(weak(pair)), pair["chosen"], max_length,
+                                         min_response_tokens)
+    return chosen, rejected, chosen_weak
 
 
 @dataclass
@@ -37,8 +70,10 @@ class PairBatch:
     num_pairs: int
 
 
-def collate(pairs: list[tuple[Encoded, Encoded]], pad_token_id: int) -> PairBatch:
-    inputs, labels, keep = collate_rows([c for c, _ in pairs] + [r for _, r in pairs], pad_token_id)
+def collate(pairs: list[tuple[Encoded, ...]], pad_token_id: int) -> PairBatch:
+    """``encode_pair`` results → one batch: every pair's first encoding, then every second one, ..."""
+    groups = len(pairs[0])
+    inputs, labels, keep = collate_rows([p[g] for g in range(groups) for p in pairs], pad_token_id)
     return PairBatch(inputs, labels, keep, len(pairs))
 
 
@@ -76,10 +111,12 @@ class PairLogps:
     rejected: torch.Tensor
     chosen_token_sum: torch.Tensor  # summed log-probs of chosen (for the SFT term, whatever ``average``)
     chosen_tokens: torch.Tensor
+    chosen_weak: torch.Tensor | None = None  # the chosen answer on the weakened image, when the batch has it
 
 
 def pair_logps(model, batch: PairBatch, average: bool = False) -> PairLogps:
-    """Forward the concatenated batch; (mean, for IPO) response log-probs for chosen and rejected."""
+    """Forward the concatenated batch; (mean, for IPO) response log-probs for chosen and rejected (and the
+    chosen answer on the weakened image, for batches of ``encode_pair(..., weak=...)``)."""
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in batch.inputs.items()}
     logits = model(**inputs, logits_to_keep=batch.logits_to_keep, use_cache=False).logits[:, :-1]
@@ -87,7 +124,8 @@ def pair_logps(model, batch: PairBatch, average: bool = False) -> PairLogps:
     logps, counts = sequence_logps(logits, labels, average=average)
     summed = logps * counts if average else logps
     b = batch.num_pairs
-    return PairLogps(logps[:b], logps[b:], summed[:b], counts[:b])
+    weak = logps[2 * b:] if len(logps) == 3 * b else None
+    return PairLogps(logps[:b], logps[b:2 * b], summed[:b], counts[:b], weak)
 
 
 def pad_id(processor) -> int:

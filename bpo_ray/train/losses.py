@@ -69,18 +69,29 @@ def anchor_loss(policy_chosen: torch.Tensor, ref_chosen: torch.Tensor, beta: flo
     return -F.logsigmoid(beta * (policy_chosen - ref_chosen) - margin).mean()
 
 
+def image_conditional_loss(policy_chosen: torch.Tensor, ref_chosen: torch.Tensor, policy_chosen_weak: torch.Tensor,
+                           ref_chosen_weak: torch.Tensor, beta: float) -> torch.Tensor:
+    """−log σ(β·((π_c − ref_c) − (π_c|weak − ref_c|weak))), mean over pairs: the conditional preference of mDPO
+    (Wang et al. 2024), with BPO's weakened image as the worse image. The same chosen answer is preferred on the
+    original image over the weakened one, so its likelihood has to come from the image and not from the text
+    alone, which the answer pairs cannot tell apart."""
+    return -F.logsigmoid(beta * ((policy_chosen - ref_chosen) - (policy_chosen_weak - ref_chosen_weak))).mean()
+
+
 def sft_loss(chosen_token_logps_sum: torch.Tensor, chosen_token_counts: torch.Tensor) -> torch.Tensor:
     """Negative log-likelihood per token of the chosen answers (the optional SFT term)."""
     return -(chosen_token_logps_sum.sum() / chosen_token_counts.sum().clamp(min=1))
 
 
-def training_objective(logps, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
-                       train) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """What a DPO step minimises: the ``train.loss`` DPO loss, plus ``train.anchor_weight`` × the anchor and
-    ``train.sft_weight`` × the SFT term on the chosen answers, and its metric terms (``loss`` is the whole
-    objective; ``dpo_loss``, ``anchor_loss`` and ``sft_loss`` its parts; ``to_floats`` reads them).
-    ``logps``: the policy's ``PairLogps``; reference log-probs (precomputed ones come from a table, on the
-    CPU) enter on the policy's device. ``train``: the train config."""
+def training_objective(logps, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, train,
+                       ref_chosen_weak: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """What a DPO step minimises: the ``train.loss`` DPO loss, plus ``train.anchor_weight`` × the anchor,
+    ``train.image_weight`` × the image-conditional term and ``train.sft_weight`` × the SFT term on the chosen
+    answers, and its metric terms (``loss`` is the whole objective; ``dpo_loss``, ``anchor_loss``,
+    ``image_loss`` and ``sft_loss`` its parts; ``to_floats`` reads them). ``logps``: the policy's
+    ``PairLogps``; reference log-probs (precomputed ones come from a table, on the CPU) enter on the policy's
+    device; ``ref_chosen_weak``: the reference's for the chosen answer on the weakened image (the
+    image-conditional term only). ``train``: the train config."""
     ref_chosen, ref_rejected = on_device(ref_chosen, logps.chosen), on_device(ref_rejected, logps.rejected)
     out = dpo_loss(logps.chosen, logps.rejected, ref_chosen, ref_rejected, train.beta, train.loss,
                    train.label_smoothing)
@@ -90,6 +101,15 @@ def training_objective(logps, ref_chosen: torch.Tensor, ref_rejected: torch.Tens
         anchor = anchor_loss(logps.chosen, ref_chosen, train.beta, train.anchor_margin)
         loss = loss + train.anchor_weight * anchor
         terms["anchor_loss"] = anchor.detach()
+    if train.image_weight:
+        if logps.chosen_weak is None or ref_chosen_weak is None:
+            raise ValueError("train.image_weight needs the chosen answer scored on the weakened image, by the policy "
+                             "and by the reference")
+        ref_weak = on_device(ref_chosen_weak, logps.chosen_weak)
+        image = image_conditional_loss(logps.chosen, ref_chosen, logps.chosen_weak, ref_weak, train.beta)
+        loss = loss + train.image_weight * image
+        terms["image_loss"] = image.detach()
+        terms["image_margin"] = (train.beta * ((logps.chosen - ref_chosen) - (logps.chosen_weak - ref_weak))).mean().detach()
     if train.sft_weight:
         sft = sft_loss(logps.chosen_token_sum, logps.chosen_tokens)
         loss = loss + train.sft_weight * sft

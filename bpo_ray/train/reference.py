@@ -16,16 +16,22 @@ from bpo_ray.models.device import DTYPES, actor_device
 from bpo_ray.models.loader import load_processor, load_vlm
 from bpo_ray.models.prompts import SampleTooLong
 from bpo_ray.negatives.batches import PAIR_COLUMNS
-from bpo_ray.train.batch import collate, encode_pair, pad_id, pair_logps
+from bpo_ray.train.batch import WeakImages, collate, encode_pair, pad_id, pair_logps
 
 SCORED_COLUMNS = (*PAIR_COLUMNS, "ref_chosen_logp", "ref_rejected_logp")
+WEAK_COLUMN = "ref_chosen_weak_logp"  # the chosen answer on the weakened image (train.image_weight)
+
+
+def scored_columns(weak: WeakImages | None) -> tuple[str, ...]:
+    return (*SCORED_COLUMNS, WEAK_COLUMN) if weak else SCORED_COLUMNS
 
 
 class ReferenceScorer:
-    """Ray Data actor: the frozen reference model scores (chosen, rejected) for a batch of pairs."""
+    """Ray Data actor: the frozen reference model scores (chosen, rejected) for a batch of pairs, and with
+    ``weak`` the chosen answer on the weakened image too."""
 
     def __init__(self, model_path: str, model_cfg: ModelConfig, average: bool, precision: str, score: bool = True,
-                 threads: int = 1):
+                 threads: int = 1, weak: WeakImages | None = None):
         torch.set_num_threads(threads)
         self.cfg = model_cfg
         if score:  # in the policy's training precision: another dtype offsets every pair's margin
@@ -35,6 +41,7 @@ class ReferenceScorer:
         else:  # length checks only: the reference is scored live during training
             self.model, self.processor = None, load_processor(model_path, self.cfg)
         self.average = average
+        self.weak = weak.sized_for(self.processor) if weak else None
 
     @torch.inference_mode()
     def __call__(self, batch):
@@ -42,17 +49,21 @@ class ReferenceScorer:
         encoded, valid, problems = [], [], {}
         for i, row in enumerate(rows):
             try:
-                encoded.append(encode_pair(self.processor, row, self.cfg.max_length, self.cfg.min_response_tokens))
+                encoded.append(encode_pair(self.processor, row, self.cfg.max_length, self.cfg.min_response_tokens,
+                                           self.weak))
                 valid.append(i)
             except SampleTooLong as err:
                 problems[i] = str(err)
-        chosen = rejected = [np.nan] * len(encoded)
+        columns = ["ref_chosen_logp", "ref_rejected_logp"] + ([WEAK_COLUMN] if self.weak else [])
+        scored = [[np.nan] * len(encoded) for _ in columns]
         if encoded and self.model is not None:
             logps = pair_logps(self.model, collate(encoded, pad_id(self.processor)), average=self.average)
-            chosen, rejected = logps.chosen.tolist(), logps.rejected.tolist()
-        scores = dict(zip(valid, zip(chosen, rejected, strict=True), strict=True))
-        batch["ref_chosen_logp"] = [scores.get(i, (np.nan, np.nan))[0] for i in range(len(rows))]
-        batch["ref_rejected_logp"] = [scores.get(i, (np.nan, np.nan))[1] for i in range(len(rows))]
+            scored = [logps.chosen.tolist(), logps.rejected.tolist()]
+            if self.weak:
+                scored.append(logps.chosen_weak.tolist())
+        for name, values in zip(columns, scored, strict=True):
+            by_row = dict(zip(valid, values, strict=True))
+            batch[name] = [by_row.get(i, np.nan) for i in range(len(rows))]
         batch["kind"] = ["error" if i in problems else "pair" for i in range(len(rows))]
         batch["stage"] = "reference"
         batch["reason"] = [SampleTooLong.reason if i in problems else "" for i in range(len(rows))]

@@ -22,8 +22,17 @@ from bpo_ray.config import RunConfig
 from bpo_ray.data.records import decode_image
 from bpo_ray.models.loader import load_vlm
 from bpo_ray.models.prompts import SampleTooLong, encode_prompt_response
-from bpo_ray.train.batch import collate, collate_rows, encode_pair, pad_id, pair_logps, response_nll
+from bpo_ray.train.batch import (
+    WeakImages,
+    collate,
+    collate_rows,
+    encode_pair,
+    pad_id,
+    pair_logps,
+    response_nll,
+)
 from bpo_ray.train.losses import to_floats, training_objective
+from bpo_ray.train.reference import WEAK_COLUMN
 from bpo_ray.train.setup import (
     deepspeed_config,
     disable_dropout,
@@ -77,18 +86,25 @@ def _forever(shard, batch_size: int, encode, what: str, train):
 
 
 def _batches(shard, batch_size: int, processor, cfg: RunConfig):
-    """Encoded micro-batches of pairs with their reference log-probs, forever (epochs repeat the shard)."""
+    """Encoded micro-batches of pairs with their reference log-probs (chosen, rejected, and the chosen answer on
+    the weakened image or None), forever (epochs repeat the shard)."""
+    weak = WeakImages.for_config(cfg)
+    weak = weak.sized_for(processor) if weak else None
+    columns = ["ref_chosen_logp", "ref_rejected_logp"] + ([WEAK_COLUMN] if weak else [])
+
     def encode(rows):
-        pairs, ref_c, ref_r = [], [], []
+        pairs, refs = [], []
         for row in rows:
             try:
-                pairs.append(encode_pair(processor, row, cfg.model.max_length, cfg.model.min_response_tokens))
+                pairs.append(encode_pair(processor, row, cfg.model.max_length, cfg.model.min_response_tokens, weak))
             except SampleTooLong:  # the reference stage recorded and dropped these; a guard only
                 continue
             # Unscored (live reference modes) columns are all-null in parquet: None → NaN.
-            ref_c.append(float("nan") if row["ref_chosen_logp"] is None else row["ref_chosen_logp"])
-            ref_r.append(float("nan") if row["ref_rejected_logp"] is None else row["ref_rejected_logp"])
-        return (collate(pairs, pad_id(processor)), torch.tensor(ref_c), torch.tensor(ref_r)) if pairs else None
+            refs.append([float("nan") if row[c] is None else row[c] for c in columns])
+        if not pairs:
+            return None
+        scores = torch.tensor(refs).T
+        return collate(pairs, pad_id(processor)), scores[0], scores[1], scores[2] if weak else None
     return _forever(shard, batch_size, encode, "pair", cfg.train)
 
 
@@ -173,10 +189,10 @@ def train_loop_per_worker(job: FitJob) -> None:
             loss = response_nll(engine, inputs, labels, keep)
             step_metrics, weight = {"loss": loss.item()}, rows
         else:
-            batch, ref_c, ref_r = next(batches)
+            batch, ref_c, ref_r, ref_weak = next(batches)
             if reference is not None:
-                ref_c, ref_r = reference(batch, average)
-            loss, terms = training_objective(pair_logps(engine, batch, average=average), ref_c, ref_r, train)
+                ref_c, ref_r, ref_weak = reference(batch, average)
+            loss, terms = training_objective(pair_logps(engine, batch, average=average), ref_c, ref_r, train, ref_weak)
             step_metrics, weight = to_floats(terms), batch.num_pairs
         engine.backward(loss)
         lr = float(scheduler.get_last_lr()[0])  # the rate this step uses (step() moves the schedule on)
@@ -216,7 +232,8 @@ def train_loop_per_worker(job: FitJob) -> None:
 
 
 def _reference_scorer(cfg: RunConfig, policy_path: str, ds_config: dict, engine):
-    """None when reference log-probs were precomputed; else a function scoring a batch live."""
+    """None when reference log-probs were precomputed; else a function scoring a batch live: (chosen,
+    rejected, chosen on the weakened image or None)."""
     import deepspeed
 
     mode = cfg.train.reference
@@ -226,7 +243,7 @@ def _reference_scorer(cfg: RunConfig, policy_path: str, ds_config: dict, engine)
         def score(batch, average):
             with torch.no_grad(), engine.module.disable_adapter():
                 logps = pair_logps(engine, batch, average=average)
-            return logps.chosen, logps.rejected
+            return logps.chosen, logps.rejected, logps.chosen_weak
         return score
     # live: a frozen copy of the base under the same ZeRO stage, with no optimizer state
     frozen = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler")}
@@ -240,7 +257,7 @@ def _reference_scorer(cfg: RunConfig, policy_path: str, ds_config: dict, engine)
     def score(batch, average):
         with torch.no_grad():
             logps = pair_logps(ref_engine, batch, average=average)
-        return logps.chosen, logps.rejected
+        return logps.chosen, logps.rejected, logps.chosen_weak
     return score
 
 
