@@ -167,7 +167,7 @@ def _serve(args) -> int:
     if args.model:
         path = resolve_model_path(args.model, cfg.cache_dir)
     else:
-        path = RunDir.for_config(cfg).model
+        path = RunDir.for_config(cfg).at_round(cfg.rounds).model  # the last bootstrapping round's
         if not storage.exists(path):
             print(f"error: no --model given and {path} does not exist (train first, or pass --model)",
                   file=sys.stderr)

@@ -351,6 +351,10 @@ class RunConfig(Section):
     # Built tiny models and bundled data are cached here so every run reuses them.
     cache_dir: str = ".cache/bpo-ray"
     seed: int = 0
+    # Bootstrapping rounds: round k+1 makes its weakened-image negatives with round k's aligned model (the
+    # model's current prior), scores them with it as the reference and trains on from it (1: the paper's one
+    # round). Round 1 is the same whatever this says, so a finished run can be extended with more rounds.
+    rounds: int = Field(1, ge=1, le=20)
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     sft: SFTConfig = SFTConfig()
@@ -423,6 +427,9 @@ def _impossible_combinations(cfg: RunConfig):
         yield "train.reference 'adapter_disabled' needs train.lora.enabled=true (the reference is the base without adapters)"
     if train.loss == "robust" and train.label_smoothing == 0.0:
         yield "train.loss 'robust' needs train.label_smoothing > 0 (with 0 it is plain sigmoid DPO)"
+    if cfg.rounds > 1 and train.lora.enabled and not train.merge_lora_on_export:
+        yield ("rounds > 1 needs train.merge_lora_on_export=true: each round starts from the model the round "
+               "before exported, which must be a whole model")
     if train.image_weight and not neg.weakening.distortions:
         yield "train.image_weight needs negatives.weakening.distortions: they make the image the term prefers less"
     if train.loss != "robust" and train.loss != "sigmoid" and train.label_smoothing > 0:

@@ -35,9 +35,11 @@ TINY_SFT = ["sft.max_steps=2", "sft.data.synthetic.num_images=8", "sft.per_devic
 
 
 def test_job_runs_the_embedded_default_and_resumes(tmp_path):
+    """Two bootstrapping rounds: round 2 makes its weakened-image negatives with round 1's aligned model and
+    trains on from it."""
     common = [f"storage_path={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}", "resources.ray_address=local",
               "data.synthetic.num_images=8", "train.max_steps=3", "negatives.weakening.sampling.max_new_tokens=8", "negatives.truncated=keep", "eval.enabled=false",
-              *TINY_SFT]
+              "rounds=2", *TINY_SFT]
     first = run_cli("run", "--config", "configs/tiny.yaml", *common)
     assert first.returncode == 0, first.stderr[-3000:]
     run_dir = tmp_path / "runs" / "bpo-tiny"
@@ -55,11 +57,17 @@ def test_job_runs_the_embedded_default_and_resumes(tmp_path):
     sft = json.loads((run_dir / "sft" / "manifest.json").read_text())
     assert sft["finished"] and sft["steps"] == 2 and (run_dir / "sft" / "model" / "model.safetensors").is_file()
     assert f"sft: 2 steps on {sft['samples']} samples" in first.stdout
-    pairs = pq.read_table(run_dir / "negatives" / "pairs", columns=["negative_type", "generator"]).to_pylist()
-    assert {p["generator"] for p in pairs if p["negative_type"] == "image_weakening"} == {str(run_dir / "sft" / "model")}
+    for pairs_dir, generator in ((run_dir / "negatives", run_dir / "sft" / "model"),
+                                 (run_dir / "round-2" / "negatives", run_dir / "model")):
+        pairs = pq.read_table(pairs_dir / "pairs", columns=["negative_type", "generator"]).to_pylist()
+        assert {p["generator"] for p in pairs if p["negative_type"] == "image_weakening"} == {str(generator)}
+    round_2 = json.loads((run_dir / "round-2" / "train" / "manifest.json").read_text())
+    assert round_2["finished"] and round_2["steps"] == 3 and round_2["model_dir"] == str(run_dir / "round-2" / "model")
+    assert (run_dir / "round-2" / "model" / "model.safetensors").is_file() and "round-2/train: 3 steps" in first.stdout
 
     finished = {stage: json.loads((run_dir / stage / "manifest.json").read_text())
-                for stage in ("sft", "data", "negatives", "reference", "train")}
+                for stage in ("sft", "data", "negatives", "reference", "train", "round-2/negatives",
+                              "round-2/reference", "round-2/train")}
     again = run_cli("jobs/bpo.py", "--config", "configs/tiny.yaml", *common)
     assert again.returncode == 0, again.stderr[-3000:]
     for stage, before in finished.items():  # skipped: the same output, not a re-run that wrote a new one

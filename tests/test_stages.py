@@ -139,3 +139,57 @@ def test_a_run_directory_from_before_the_pipeline_package_resumes(tmp_path):
     # sft checkpoints were named by the config hash alone then; an interrupted sft resumes from that folder.
     sft_dir = _checkpoints(cfg, run, run.read_manifest("sft")["inputs_hash"])
     assert sft_dir == run.path("checkpoints", "sft-18552de4e9df") and latest_checkpoint(sft_dir)[1] == 2
+
+
+def test_bootstrapping_rounds_each_align_the_model_the_round_before_made_and_extend_a_finished_run(tmp_path):
+    """rounds: N repeats negatives → reference → train in round-<k>/ after round 1's, each round's stages on the
+    previous round's model; eval comes after the last. Round 1 does not depend on N: a finished one-round run
+    extended to two rounds runs round 2 and what follows it, nothing else."""
+    from bpo_ray.pipeline.job import stages_for, stages_until
+    from bpo_ray.pipeline.rundir import policy_path
+    from bpo_ray.pipeline.summary import stage_rows
+
+    calls: list[tuple[str, int]] = []
+
+    def make(kind):
+        def fn(cfg, run, key):
+            calls.append((kind, run.round))
+            out = {"negatives": run.pairs, "reference": run.scored_pairs, "train": run.model}.get(kind)
+            storage.write_text(storage.join(out or run.stage_dir(kind), "out.txt"), kind)
+            used = policy_path(cfg, run) if run.round > 1 else "base"
+            return {"policy": used, "steps": 1, "pairs": 2, "scored": 2}
+        return fn
+
+    table = [Stage(kind, make(kind), (kind,) if kind in ("data", "train") else ()) for kind in
+             ("data", "negatives", "reference", "train", "eval")]
+    two = stages_for(2, table)
+    assert [s.name for s in two] == ["data", "negatives", "reference", "train", "round-2/negatives",
+                                     "round-2/reference", "round-2/train", "eval"]
+    assert [s.name for s in stages_until("train", two)][-1] == "round-2/train"
+    assert [s.name for s in stages_for(1, table)] == [s.name for s in table]
+
+    one_round = load_config(None, [f"storage_path={tmp_path}"])
+    Pipeline(one_round, RunDir.for_config(one_round), stages_for(1, table)).run_all()
+    calls.clear()
+    three = load_config(None, [f"storage_path={tmp_path}", "rounds=3"])
+    run = RunDir.for_config(three)
+    with pytest.raises(ValueError, match="unknown stage"):
+        Pipeline(three, run, stages_for(3, table), only_stage="round-4/train")
+    pipeline = Pipeline(three, run, stages_for(3, table))
+    pipeline.run_all()
+    assert calls == [("negatives", 2), ("reference", 2), ("train", 2), ("negatives", 3), ("reference", 3),
+                     ("train", 3), ("eval", 3)]
+    root = Path(run.root)
+    assert (root / "round-2" / "negatives" / "pairs" / "out.txt").is_file()
+    assert (root / "round-3" / "model" / "out.txt").is_file() and (root / "model" / "out.txt").is_file()
+    manifests = run.read_manifests()
+    assert manifests["round-2/negatives"]["policy"] == str(root / "model")  # round 1's aligned model
+    assert manifests["round-3/train"]["policy"] == str(root / "round-2" / "model")
+    assert manifests["eval"]["policy"] == str(root / "round-2" / "model")  # eval's view is the last round's
+    assert [name for name, _, _ in stage_rows(manifests)] == [
+        "data", "negatives", "reference", "train", "round-2/negatives", "round-2/reference", "round-2/train",
+        "round-3/negatives", "round-3/reference", "round-3/train", "eval"]
+
+    calls.clear()  # everything finished: a rerun runs nothing
+    Pipeline(three, run, stages_for(3, table)).run_all()
+    assert calls == []

@@ -1,4 +1,4 @@
-"""eval: serve the base and the aligned model side by side (Ray Serve, OpenAI-compatible), score both over
+"""eval: serve the base and the aligned model (the last bootstrapping round's) side by side (Ray Serve, OpenAI-compatible), score both over
 HTTP the same way (POPE + CHAIR on held-out images; POPE on COCO when configured) → ``eval/metrics.json``
 and ``eval/predictions.jsonl`` (every request, its answer or its error)."""
 
@@ -24,7 +24,7 @@ def run(cfg: RunConfig, run_dir: RunDir, key: str) -> dict:
     if not cfg.eval.enabled:
         return {"skipped": "eval.enabled is false"}
     dataset = heldout_dir(cfg)
-    models = {"base": (policy_path(cfg, run_dir), f"{cfg.serve.model_id}-base"),
+    models = {"base": (policy_path(cfg, run_dir.at_round(1)), f"{cfg.serve.model_id}-base"),
               "aligned": (run_dir.model, cfg.serve.model_id)}
     if not cfg.eval.base:
         del models["base"]

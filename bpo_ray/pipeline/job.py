@@ -13,11 +13,15 @@ are skipped, so a crashed or cancelled job resumes where it stopped (training fr
     train      DPO on Ray Train × DeepSpeed ZeRO-3, export             → train/ checkpoints/ model/
     eval       serve base and aligned (Ray Serve), POPE + CHAIR over HTTP → eval/
     report     training curves and the base-vs-aligned table           → report.json report.md plots/
+
+With ``rounds: N`` (bootstrapping), negatives → reference → train run again for rounds 2 … N before eval,
+each on the model the round before aligned (``round-<k>/``); eval compares the base with the last round's.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -28,7 +32,7 @@ from bpo_ray.eval.compare import format_table, headline
 from bpo_ray.models.loader import resolve_model_path
 from bpo_ray.pipeline import data, negatives, reference, report, sft, train
 from bpo_ray.pipeline import eval as evaluation
-from bpo_ray.pipeline.rundir import RunDir
+from bpo_ray.pipeline.rundir import RunDir, round_prefix
 from bpo_ray.pipeline.runner import Pipeline, Stage
 from bpo_ray.pipeline.summary import summary
 from bpo_ray.runtime import init_ray, setup_logging
@@ -48,18 +52,33 @@ STAGES = (
 )
 
 
+ROUND_STAGES = ("negatives", "reference", "train")  # what a bootstrapping round repeats
+
+
+def stages_for(rounds: int, stages: Sequence[Stage] = STAGES) -> tuple[Stage, ...]:
+    """The stage table of a run with ``rounds`` bootstrapping rounds: rounds 2 … N repeat negatives →
+    reference → train (``round-<k>/negatives``, …) after round 1's, and the stages after training (eval,
+    report) read the last round's model."""
+    last = max(i for i, s in enumerate(stages) if s.name in ROUND_STAGES)
+    again = [dataclasses.replace(s, name=f"{round_prefix(k)}/{s.name}", round=k)
+             for k in range(2, rounds + 1) for s in stages if s.name in ROUND_STAGES]
+    after = [dataclasses.replace(s, round=rounds) for s in stages[last + 1:]]
+    return (*stages[:last + 1], *again, *after)
+
+
 def stages_until(last: str, stages: Sequence[Stage] = STAGES) -> tuple[Stage, ...]:
-    """The stages up to and including ``last`` (``bpo train`` runs sft … train)."""
-    names = [s.name for s in stages]
-    if last not in names:
-        raise ValueError(f"unknown stage {last!r}; stages are: {', '.join(names)}")
-    return tuple(stages[: names.index(last) + 1])
+    """The stages up to and including ``last``, in its last round (``bpo train`` runs sft … train)."""
+    kinds = [s.name.rpartition("/")[2] for s in stages]
+    if last not in kinds:
+        raise ValueError(f"unknown stage {last!r}; stages are: {', '.join(s.name for s in stages)}")
+    return tuple(stages[: len(kinds) - kinds[::-1].index(last)])
 
 
 def run_stages(cfg: RunConfig, *, until: str | None = None, from_stage: str | None = None,
                only_stage: str | None = None, force: bool = False, stages: Sequence[Stage] = STAGES) -> dict[str, dict]:
-    """Run the stages (up to ``until``) in ``cfg``'s run directory on the Ray cluster this process is
-    connected to; every stage's manifest by name."""
+    """Run the stages (up to ``until``; with ``cfg.rounds`` rounds) in ``cfg``'s run directory on the Ray
+    cluster this process is connected to; every stage's manifest by name."""
+    stages = stages_for(cfg.rounds, stages)
     chosen = stages_until(until, stages) if until else stages
     return Pipeline(cfg, RunDir.for_config(cfg), chosen, from_stage=from_stage, only_stage=only_stage,
                     force=force).run_all()
@@ -70,18 +89,18 @@ def parse_args(argv: list[str] | None, stages: Sequence[Stage], prog: str = "bpo
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="run config YAML (default: the embedded tiny default)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-5")
-    stage_names = [s.name for s in stages]
-    parser.add_argument("--from-stage", choices=stage_names, help="run this stage and the ones after it")
-    parser.add_argument("--only-stage", choices=stage_names, help="run just this stage")
+    names = ", ".join(s.name for s in stages)
+    parser.add_argument("--from-stage", metavar="STAGE",
+                        help=f"run this stage and the ones after it ({names}; round-<k>/<stage> for rounds ≥ 2)")
+    parser.add_argument("--only-stage", metavar="STAGE", help="run just this stage")
     parser.add_argument("--force", action="store_true", help="re-run selected stages even if finished")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None, until: str | None = None, prog: str = "bpo run") -> int:
     """``until``: the last stage to run (``bpo train`` stops after training)."""
-    stages = stages_until(until) if until else STAGES
     setup_logging()
-    args = parse_args(argv, stages, prog)
+    args = parse_args(argv, stages_until(until) if until else STAGES, prog)
     try:  # every config problem surfaces here, before Ray starts
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
@@ -90,10 +109,17 @@ def main(argv: list[str] | None = None, until: str | None = None, prog: str = "b
     if "runtime_resources" in os.getcwd() and not (cfg.storage_path.startswith("/") or "://" in cfg.storage_path):
         log.warning("storage_path %r is relative to this job's uploaded working directory; set an absolute "
                     "path or a cloud URI so results outlive the job and a resubmission resumes", cfg.storage_path)
-    run = RunDir.for_config(cfg)
+    stages = stages_for(cfg.rounds, STAGES)
+    stages = stages_until(until, stages) if until else stages
+    try:
+        pipeline = Pipeline(cfg, RunDir.for_config(cfg), stages, from_stage=args.from_stage,
+                            only_stage=args.only_stage, force=args.force)
+    except ValueError as err:  # an unknown stage name
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    run = pipeline.run
     log.info("resolved config (saved to %s):\n%s", run.save_config(cfg), cfg.to_yaml())
 
-    pipeline = Pipeline(cfg, run, stages, from_stage=args.from_stage, only_stage=args.only_stage, force=args.force)
     if args.force or not pipeline.all_finished():  # everything finished for these inputs: no Ray needed
         init_ray(cfg.resources)
         # Tiny models (tiny://...) are built once into cache_dir; real ones resolve to their hub id or path.

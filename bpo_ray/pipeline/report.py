@@ -16,7 +16,7 @@ from bpo_ray.pipeline.summary import stage_table
 
 def run(cfg: RunConfig, run_dir: RunDir, key: str) -> dict:
     manifests = {name: m for name, m in run_dir.read_manifests().items() if name != "report"}
-    train_metrics = run_dir.read_training_log("train")
+    train_metrics = training_log(run_dir)
     eval_metrics = manifests.get("eval", {}).get("metrics", {})
     rows = comparison(eval_metrics)
     report = {
@@ -36,6 +36,18 @@ def run(cfg: RunConfig, run_dir: RunDir, key: str) -> dict:
         plots.append("plots/eval.png")
     storage.write_text(run_dir.report_md, render_markdown(cfg, report, plots))
     return {"report": run_dir.report_md, "plots": plots, "comparison": rows}
+
+
+def training_log(run_dir: RunDir) -> list[dict]:
+    """The training steps of every bootstrapping round up to ``run_dir``'s, as one run: round k's steps are
+    numbered on from round k − 1's, and each step says its ``round`` (one round: its log as written)."""
+    if run_dir.round == 1:
+        return run_dir.read_training_log("train")
+    rows: list[dict] = []
+    for k in range(1, run_dir.round + 1):
+        offset = max((m["step"] for m in rows), default=0)
+        rows += [{**m, "step": m["step"] + offset, "round": k} for m in run_dir.at_round(k).read_training_log("train")]
+    return rows
 
 
 def render_markdown(cfg: RunConfig, report: dict, plots: list[str]) -> str:

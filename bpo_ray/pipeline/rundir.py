@@ -11,6 +11,7 @@ output, the stage key, and the manifests that resume reads.
     model/      the aligned model (Hugging Face folder)
     eval/       metrics.json predictions.jsonl manifest.json
     report/     manifest.json;  report.json report.md plots/  at the root
+    round-<k>/  negatives/ reference/ train/ model/   round k ≥ 2 of bootstrapping (``rounds``)
 """
 
 from __future__ import annotations
@@ -32,13 +33,22 @@ def stage_key(upstream_output: str, cfg: RunConfig, sections: tuple[str, ...]) -
 @dataclass(frozen=True)
 class RunDir:
     root: str  # absolute local path or URI
+    # The bootstrapping round whose outputs the per-round paths name (negatives, reference, train, model):
+    # round 1 at the root, as a one-round run has them, round k ≥ 2 under ``round-<k>/``.
+    round: int = 1
 
     @classmethod
     def for_config(cls, cfg: RunConfig) -> RunDir:
         return cls(storage.absolute(cfg.run_dir))
 
+    def at_round(self, k: int) -> RunDir:
+        return RunDir(self.root, k)
+
     def path(self, *parts: str) -> str:
         return storage.join(self.root, *parts)
+
+    def _in_round(self, *parts: str) -> str:
+        return self.path(*parts) if self.round == 1 else self.path(round_prefix(self.round), *parts)
 
     # ---- what each stage writes (and the next one reads)
     @property
@@ -59,11 +69,11 @@ class RunDir:
 
     @property
     def pairs(self) -> str:
-        return self.path("negatives", "pairs")
+        return self._in_round("negatives", "pairs")
 
     @property
     def scored_pairs(self) -> str:
-        return self.path("reference", "pairs")
+        return self._in_round("reference", "pairs")
 
     @property
     def checkpoints(self) -> str:
@@ -75,7 +85,7 @@ class RunDir:
 
     @property
     def model(self) -> str:
-        return self.path("model")
+        return self._in_round("model")
 
     @property
     def eval_metrics(self) -> str:
@@ -97,22 +107,22 @@ class RunDir:
         return self.path("plots", name)
 
     def stage_dir(self, stage: str) -> str:
-        return self.path(stage)
+        return self._in_round(stage)
 
     def errors(self, stage: str) -> str:
-        return self.path(stage, "errors")
+        return self._in_round(stage, "errors")
 
     def training_log(self, stage: str) -> str:
         """Where a training stage (``sft`` or ``train``) keeps metrics.jsonl and tb/."""
-        return self.path(stage)
+        return self._in_round(stage)
 
     # ---- bookkeeping
     def save_config(self, cfg: RunConfig) -> str:
         storage.write_text(self.config, cfg.to_yaml())
         return self.config
 
-    def read_manifest(self, stage: str) -> dict | None:
-        target = self.path(stage, "manifest.json")
+    def read_manifest(self, *stage: str) -> dict | None:
+        target = self.path(*stage, "manifest.json")
         if not storage.exists(target):
             return None
         try:
@@ -121,8 +131,12 @@ class RunDir:
             return None  # a torn manifest means the stage did not finish
 
     def read_manifests(self) -> dict[str, dict]:
-        """Every stage's manifest in this run directory, by stage name."""
-        found = {name: self.read_manifest(name) for name in storage.list_dir(self.root)}
+        """Every stage's manifest in this run directory, by stage name (``round-<k>/<stage>`` for later rounds')."""
+        names = storage.list_dir(self.root)
+        found = {name: self.read_manifest(name) for name in names}
+        for k in sorted(int(n.split("-")[1]) for n in names if n.startswith("round-") and n.split("-")[1].isdigit()):
+            found.update({f"{round_prefix(k)}/{name}": self.read_manifest(round_prefix(k), name)
+                          for name in storage.list_dir(self.path(round_prefix(k)))})
         return {name: manifest for name, manifest in found.items() if manifest is not None}
 
     def write_manifest(self, stage: str, manifest: dict) -> None:
@@ -137,11 +151,20 @@ def checkpoint_name(stage: str, key: str) -> str:
     return f"{stage}-{key[:12]}"
 
 
+def round_prefix(k: int) -> str:
+    """The folder of bootstrapping round ``k`` ≥ 2 (and the prefix of its stages' names)."""
+    return f"round-{k}"
+
+
 def policy_path(cfg: RunConfig, run: RunDir) -> str:
-    """The model BPO aligns (and the base it is compared with): the sft stage's output when this run
-    fine-tunes one, else ``model.name_or_path`` (tiny models built into the cache on first use)."""
+    """The model ``run``'s round aligns: in round 1 the base (the sft stage's output when this run fine-tunes
+    one, else ``model.name_or_path``; tiny models built into the cache on first use), in round k the model
+    round k − 1 aligned. The same model is that round's reference and the generator of its weakened-image
+    negatives."""
     from bpo_ray.models.loader import resolve_model_path
 
+    if run.round > 1:
+        return run.at_round(run.round - 1).model
     if cfg.sft.enabled:
         if not storage.exists(storage.join(run.sft_model, "config.json")):
             raise RuntimeError(f"sft.enabled is true but {run.sft_model} does not exist yet: run the sft stage "

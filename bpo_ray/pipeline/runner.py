@@ -31,6 +31,9 @@ class Stage:
     # Entries of its folder a re-run leaves in place: a training stage's log, which goes on when its
     # training run resumes from a checkpoint (and which it clears itself when it starts a fresh one).
     keep: tuple[str, ...] = ()
+    # The bootstrapping round it belongs to: it runs on the run directory's view of that round (its
+    # per-round paths, and the previous round's model as its policy).
+    round: int = 1
 
 
 @dataclass
@@ -92,7 +95,7 @@ class Pipeline:
         storage.clear_dir(self.run.stage_dir(stage.name), keep=stage.keep)
         log.info("stage %s: running", stage.name)
         started = time.time()
-        manifest = stage.run(self.cfg, self.run, key)
+        manifest = stage.run(self.cfg, self.run.at_round(stage.round), key)
         # ``inputs_hash`` is the stage key (the name run directories have always used for it).
         manifest.update(stage=stage.name, inputs_hash=key, output_id=uuid.uuid4().hex, finished=True,
                         seconds=round(time.time() - started, 2), finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))

@@ -11,34 +11,60 @@ def _loss(metrics: dict | None, key: str = "loss") -> float:
     return value if isinstance(value, (int, float)) else math.nan
 
 
+def _sft(m: dict) -> str | None:
+    if m.get("skipped"):
+        return None
+    return (f"{m.get('steps')} steps on {m.get('samples')} samples, final loss {_loss(m.get('final_metrics')):.4f}; "
+            f"base: {m.get('model_dir')}")
+
+
+def _data(m: dict) -> str:
+    return (f"{m.get('records_in')} records -> {m.get('samples')} samples, "
+            f"{m.get('records_rejected')} rejected {m.get('errors_by_reason') or ''}").rstrip()
+
+
+def _negatives(m: dict) -> str:
+    by_type = ", ".join(f"{t}: {v['pairs']}" for t, v in m.get("by_type", {}).items())
+    return (f"{m.get('pairs')} pairs ({by_type}) from {m.get('samples_in')} samples at "
+            f"{m.get('samples_per_second')} samples/s; dropped {m.get('errors_by_reason') or '{}'}")
+
+
+def _reference(m: dict) -> str:
+    return (f"{m.get('scored')} of {m.get('pairs_in')} pairs scored ({m.get('mode')}); "
+            f"dropped {m.get('errors_by_reason') or '{}'}")
+
+
+def _train(m: dict) -> str:
+    final = m.get("final_metrics", {})
+    return (f"{m.get('steps')} steps on {m.get('workers')} workers, final loss {_loss(final):.4f}, reward margin "
+            f"{_loss(final, 'reward_margin'):.4f}, accuracy {_loss(final, 'reward_accuracy'):.2f}; "
+            f"model: {m.get('model_dir')}")
+
+
+def _eval(m: dict) -> str:
+    served = " and ".join(m.get("models", {})) or "the models"
+    made = m.get("skipped") or f"{m.get('requests')} requests to {served}"
+    return f"{made}; failed {m.get('errors_by_reason') or '{}'}"
+
+
+# Each stage's line, in the order the stages run; a bootstrapping round's stages (round-<k>/negatives, …) come
+# after round 1's training, and eval after the last round.
+FORMATS = {"sft": _sft, "data": _data, "negatives": _negatives, "reference": _reference, "train": _train,
+           "eval": _eval}
+
+
+def _order(name: str) -> tuple[int, int]:
+    prefix, _, kind = name.rpartition("/")
+    round_ = int(prefix.split("-")[1]) if prefix else 1
+    return (1 << 30 if kind == "eval" else round_), list(FORMATS).index(kind)
+
+
 def stage_rows(manifests: dict[str, dict]) -> list[tuple[str, str, object]]:
     """(stage, what it made and what it dropped, seconds) for every stage with a manifest."""
     rows = []
-    if (sft := manifests.get("sft")) and not sft.get("skipped"):
-        rows.append(("sft", f"{sft.get('steps')} steps on {sft.get('samples')} samples, final loss "
-                            f"{_loss(sft.get('final_metrics')):.4f}; base: {sft.get('model_dir')}", sft.get("seconds")))
-    if data := manifests.get("data"):
-        rows.append(("data", f"{data.get('records_in')} records -> {data.get('samples')} samples, "
-                             f"{data.get('records_rejected')} rejected {data.get('errors_by_reason') or ''}".rstrip(),
-                     data.get("seconds")))
-    if neg := manifests.get("negatives"):
-        by_type = ", ".join(f"{t}: {v['pairs']}" for t, v in neg.get("by_type", {}).items())
-        rows.append(("negatives", f"{neg.get('pairs')} pairs ({by_type}) from {neg.get('samples_in')} samples at "
-                                  f"{neg.get('samples_per_second')} samples/s; dropped {neg.get('errors_by_reason') or '{}'}",
-                     neg.get("seconds")))
-    if ref := manifests.get("reference"):
-        rows.append(("reference", f"{ref.get('scored')} of {ref.get('pairs_in')} pairs scored ({ref.get('mode')}); "
-                                  f"dropped {ref.get('errors_by_reason') or '{}'}", ref.get("seconds")))
-    if train := manifests.get("train"):
-        final = train.get("final_metrics", {})
-        rows.append(("train", f"{train.get('steps')} steps on {train.get('workers')} workers, final loss "
-                              f"{_loss(final):.4f}, reward margin {_loss(final, 'reward_margin'):.4f}, accuracy "
-                              f"{_loss(final, 'reward_accuracy'):.2f}; model: {train.get('model_dir')}",
-                     train.get("seconds")))
-    if ev := manifests.get("eval"):
-        served = " and ".join(ev.get("models", {})) or "the models"
-        made = ev.get("skipped") or f"{ev.get('requests')} requests to {served}"
-        rows.append(("eval", f"{made}; failed {ev.get('errors_by_reason') or '{}'}", ev.get("seconds")))
+    for name in sorted((n for n, m in manifests.items() if m and n.rpartition("/")[2] in FORMATS), key=_order):
+        if text := FORMATS[name.rpartition("/")[2]](manifests[name]):
+            rows.append((name, text, manifests[name].get("seconds")))
     return rows
 
 
