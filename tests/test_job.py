@@ -35,11 +35,12 @@ TINY_SFT = ["sft.max_steps=2", "sft.data.synthetic.num_images=8", "sft.per_devic
 
 
 def test_job_runs_the_embedded_default_and_resumes(tmp_path):
-    """Two bootstrapping rounds: round 2 makes its weakened-image negatives with round 1's aligned model and
-    trains on from it."""
+    """The job on the embedded default, then the same run extended to two bootstrapping rounds: round 1 is
+    skipped as finished, round 2 makes its weakened-image negatives with round 1's aligned model and trains on
+    from it; then once more, with everything finished, nothing runs."""
     common = [f"storage_path={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}", "resources.ray_address=local",
               "data.synthetic.num_images=8", "train.max_steps=3", "negatives.weakening.sampling.max_new_tokens=8", "negatives.truncated=keep", "eval.enabled=false",
-              "rounds=2", *TINY_SFT]
+              *TINY_SFT]
     first = run_cli("run", "--config", "configs/tiny.yaml", *common)
     assert first.returncode == 0, first.stderr[-3000:]
     run_dir = tmp_path / "runs" / "bpo-tiny"
@@ -57,20 +58,28 @@ def test_job_runs_the_embedded_default_and_resumes(tmp_path):
     sft = json.loads((run_dir / "sft" / "manifest.json").read_text())
     assert sft["finished"] and sft["steps"] == 2 and (run_dir / "sft" / "model" / "model.safetensors").is_file()
     assert f"sft: 2 steps on {sft['samples']} samples" in first.stdout
+    assert not (run_dir / "round-2").exists()
+
+    round_1 = {stage: json.loads((run_dir / stage / "manifest.json").read_text())
+               for stage in ("sft", "data", "negatives", "reference", "train")}
+    extended = run_cli("jobs/bpo.py", "--config", "configs/tiny.yaml", *common, "rounds=2")
+    assert extended.returncode == 0, extended.stderr[-3000:]
+    for stage, before in round_1.items():  # skipped: the same output, not a re-run that wrote a new one
+        assert json.loads((run_dir / stage / "manifest.json").read_text()) == before, stage
     for pairs_dir, generator in ((run_dir / "negatives", run_dir / "sft" / "model"),
                                  (run_dir / "round-2" / "negatives", run_dir / "model")):
         pairs = pq.read_table(pairs_dir / "pairs", columns=["negative_type", "generator"]).to_pylist()
         assert {p["generator"] for p in pairs if p["negative_type"] == "image_weakening"} == {str(generator)}
     round_2 = json.loads((run_dir / "round-2" / "train" / "manifest.json").read_text())
     assert round_2["finished"] and round_2["steps"] == 3 and round_2["model_dir"] == str(run_dir / "round-2" / "model")
-    assert (run_dir / "round-2" / "model" / "model.safetensors").is_file() and "round-2/train: 3 steps" in first.stdout
+    assert (run_dir / "round-2" / "model" / "model.safetensors").is_file()
 
-    finished = {stage: json.loads((run_dir / stage / "manifest.json").read_text())
-                for stage in ("sft", "data", "negatives", "reference", "train", "round-2/negatives",
-                              "round-2/reference", "round-2/train")}
-    again = run_cli("jobs/bpo.py", "--config", "configs/tiny.yaml", *common)
+    finished = {**round_1, **{stage: json.loads((run_dir / stage / "manifest.json").read_text())
+                              for stage in ("round-2/negatives", "round-2/reference", "round-2/train")}}
+    again = run_cli("run", "--config", "configs/tiny.yaml", *common, "rounds=2")
     assert again.returncode == 0, again.stderr[-3000:]
-    for stage, before in finished.items():  # skipped: the same output, not a re-run that wrote a new one
+    assert "round-2/train: 3 steps" in again.stdout  # the closing summary lists every round's stages
+    for stage, before in finished.items():
         assert json.loads((run_dir / stage / "manifest.json").read_text()) == before, stage
 
 

@@ -134,22 +134,36 @@ def _llava_file(tmp_path, shapes_dir):
     return tmp_path / "user.json"
 
 
+def _ray_sessions() -> set[str]:
+    """The session folders of every Ray instance started on this machine (one per ``ray.init``/``ray start``
+    of a new cluster), in Ray's temp root."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    root = Path(os.environ.get("RAY_TMPDIR", tempfile.gettempdir())) / "ray"
+    return {p.name for p in root.glob("session_2*")}
+
+
 def test_bpo_generate_without_config(tmp_path, shapes_dir):
     data = _llava_file(tmp_path, shapes_dir)
     out = tmp_path / "out"
     args = ["generate", "--data", str(data), "--image-root", str(shapes_dir), "--out", str(out),
             "resources.ray_address=local", "negatives.weakening.sampling.max_new_tokens=8", "negatives.truncated=keep"]
+    before = _ray_sessions()
     first = run_cli(*args, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
+    assert _ray_sessions() - before  # the first run started its local Ray (what the rerun must not do)
     manifest = json.loads((out / "negatives" / "manifest.json").read_text())
     assert set(manifest["by_type"]) == {IMAGE_WEAKENING, ERROR_INJECTION}
     assert "negatives:" in first.stdout and "samples/s" in first.stdout
     assert (tmp_path / ".cache" / "bpo-ray" / "models" / "tiny-llava-v2").is_dir()  # embedded tiny model
 
+    sessions = _ray_sessions()
     again = run_cli(*args, cwd=tmp_path)  # complete for the same inputs: nothing runs, Ray not even started
-    assert again.returncode == 0 and "finished earlier for the same inputs, skipped" in again.stderr
-    assert "Started a local Ray instance" not in again.stderr
-    assert json.loads((out / "negatives" / "manifest.json").read_text()) == manifest
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((out / "negatives" / "manifest.json").read_text()) == manifest  # not re-run (same output id)
+    assert _ray_sessions() == sessions  # no local Ray instance was started
 
     # Other settings (another seed, rules only: the overwrite need not load a model again) for the same --out.
     other = ["negatives.seed=5", "negatives.weakening.enabled=false"]
