@@ -194,6 +194,10 @@ class TrainConfig(Section):
     # the chosen answer preferred on the original image over the same answer on the weakened image
     # (negatives.weakening.distortions, seeded per sample: the image its weakening negative came from). 0: off.
     image_weight: float = Field(0.0, ge=0.0, json_schema_extra=KEYED_IF_SET)
+    # The worse image of that term, if not the weakening negatives' own (None). Diffusion step 900 leaves
+    # almost pure noise, easy to tell from any picture; mDPO's worse image is a crop that keeps under 20%
+    # of the picture: [{kind: crop, strength: 0.85}].
+    image_distortions: list[DistortionConfig] | None = Field(None, json_schema_extra=KEYED_IF_SET)
     # precomputed: reference log-probs in a Ray Data pass before training (default);
     # live: a frozen reference model on every worker; adapter_disabled: the LoRA policy without adapters.
     reference: Literal["precomputed", "live", "adapter_disabled"] = "precomputed"
@@ -430,8 +434,10 @@ def _impossible_combinations(cfg: RunConfig):
     if cfg.rounds > 1 and train.lora.enabled and not train.merge_lora_on_export:
         yield ("rounds > 1 needs train.merge_lora_on_export=true: each round starts from the model the round "
                "before exported, which must be a whole model")
-    if train.image_weight and not neg.weakening.distortions:
-        yield "train.image_weight needs negatives.weakening.distortions: they make the image the term prefers less"
+    image_distortions = neg.weakening.distortions if train.image_distortions is None else train.image_distortions
+    if train.image_weight and not image_distortions:
+        yield ("train.image_weight needs distortions to make the image it prefers less: train.image_distortions, "
+               "or negatives.weakening.distortions when that is unset")
     if train.loss != "robust" and train.loss != "sigmoid" and train.label_smoothing > 0:
         yield f"train.label_smoothing applies to 'sigmoid'/'robust' losses, not {train.loss!r}"
     if cfg.sft.enabled and not cfg.resources.use_gpu and cfg.sft.precision in ("bf16", "fp16"):

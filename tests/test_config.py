@@ -74,7 +74,8 @@ def test_typo_in_yaml_file(tmp_path):
     (["train.offload_params=true", "train.zero_stage=2"], "zero_stage=3"),
     (["train.loss=robust"], "label_smoothing > 0"),
     (["train.image_weight=1", "negatives.weakening.enabled=false", "negatives.weakening.distortions=[]"],
-     "train.image_weight needs negatives.weakening.distortions"),
+     "train.image_weight needs distortions"),
+    (["train.image_weight=1", "train.image_distortions=[]"], "train.image_weight needs distortions"),
     (["serve.host=0.0.0.0"], "serve.api_key"),
     (["data.format=parquet"], "data.path is required"),
     (["model.name_or_path=tiny://llm"], "must be a vision model"),
@@ -163,3 +164,17 @@ def test_bpo_config_prints_resolved_yaml():
     assert yaml.safe_load(result.stdout)["train"]["beta"] == 0.2
     bad = run_cli("config", "train.reference=adapter_disabled", "train.lora.enabled=false")
     assert bad.returncode == 2 and "train.reference 'adapter_disabled'" in bad.stderr
+
+
+def test_the_image_terms_worse_image_is_the_weakening_negatives_unless_it_names_its_own():
+    from bpo_ray.train.batch import WeakImages
+
+    assert WeakImages.for_config(load_config(None, [])) is None  # no term, nothing to rebuild
+    same = WeakImages.for_config(load_config(None, ["train.image_weight=1"]))
+    assert same.distortions == [{"kind": "diffusion", "step": 900, "strength": 0.5}] and same.seed == 0
+    cropped = load_config(None, ["train.image_weight=1", "train.image_distortions=[{kind: crop, strength: 0.85}]"])
+    assert WeakImages.for_config(cropped).distortions == [{"kind": "crop", "step": 900, "strength": 0.85}]
+    # Unset, it is no part of the training key (old run directories resume); set, it is.
+    plain = load_config(None, ["train.image_weight=1"])
+    assert cropped.section_hash("train") != plain.section_hash("train")
+    assert load_config(None, []).section_hash("train") == load_config(None, ["train.image_distortions=null"]).section_hash("train")

@@ -39,6 +39,7 @@ VARIANTS = {
     "existence+anchor": ["negatives.existence.enabled=true", "train.anchor_weight=1.0"],
     "image": ["train.image_weight=1.0"],
     "existence+image": ["negatives.existence.enabled=true", "train.image_weight=1.0"],
+    "image-crop": ["train.image_weight=1.0", "train.image_distortions=[{kind: crop, strength: 0.85}]"],
     # Bootstrapping: a second round on the model the first aligned.
     "rounds2": ["rounds=2"],
 }

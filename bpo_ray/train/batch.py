@@ -24,8 +24,8 @@ from bpo_ray.train.logprobs import IGNORE, sequence_logps
 @dataclass(frozen=True)
 class WeakImages:
     """How each pair's weakened image is rebuilt for the image-conditional term (``train.image_weight``): the
-    negatives stage's distortions and seed, at the model's input size, so it is the image the weakening
-    negative was generated on."""
+    negatives stage's distortions (or ``train.image_distortions``) and seed, at the model's input size, so it
+    is the image the weakening negative was generated on unless the term names its own."""
 
     distortions: list[dict]
     seed: int
@@ -36,7 +36,9 @@ class WeakImages:
         """None when the run has no image-conditional term. ``cfg``: the run config."""
         if not cfg.train.image_weight:
             return None
-        return cls([d.model_dump() for d in cfg.negatives.weakening.distortions], cfg.negatives.seed)
+        own = cfg.train.image_distortions
+        distortions = cfg.negatives.weakening.distortions if own is None else own
+        return cls([d.model_dump() for d in distortions], cfg.negatives.seed)
 
     def sized_for(self, processor) -> WeakImages:
         return WeakImages(self.distortions, self.seed, model_input_size(processor.image_processor))
