@@ -67,6 +67,12 @@ def test_mentions_and_chair_on_hand_made_captions():
     m = chair_metrics([clean, wrong, bare], exact=[True, False, False])
     assert m["chair_i"] == pytest.approx(3 / 6) and m["chair_s"] == pytest.approx(2 / 3)
     assert m["attribute_error_rate"] == pytest.approx(1 / 6)
+    # Shape only: the green square is no hallucination there (a square is in the image); the triangles are.
+    assert (clean["hallucinated_shapes"], wrong["hallucinated_shapes"], bare["hallucinated_shapes"]) == (0, 1, 1)
+    assert m["chair_s_shape"] == pytest.approx(2 / 3) and m["chair_i_shape"] == pytest.approx(2 / 6)
+    recoloured = chair_caption("A green circle.", truth, COLORS, SHAPES)  # only the colour is wrong
+    both = chair_metrics([clean, recoloured])
+    assert both["chair_s"] == pytest.approx(1 / 2) and both["chair_s_shape"] == 0.0
     assert m["object_recall"] == pytest.approx(3 / 6) and m["exact_caption"] == pytest.approx(1 / 3)
 
 

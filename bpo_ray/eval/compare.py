@@ -9,6 +9,7 @@ import math
 HEADLINE = [
     ("CHAIR_s (captions with a hallucination)", ("chair", "chair_s"), True),
     ("CHAIR_i (hallucinated mentions)", ("chair", "chair_i"), True),
+    ("CHAIR_s, shapes only (CHAIR proper)", ("chair", "chair_s_shape"), True),
     ("companion hallucination (prior)", ("chair", "companion_hallucination", "rate"), True),
     ("attribute errors", ("chair", "attribute_error_rate"), True),
     ("object recall", ("chair", "object_recall"), False),

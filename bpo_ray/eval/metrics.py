@@ -64,17 +64,23 @@ def chair_caption(caption: str, objects: Sequence[tuple[str, str]], colors: Iter
     attribute = [m for m in hallucinated if m[0] is not None and m[1] in present_shapes]
     named = {m for m in mentions if m[0] is not None}
     return {"mentions": len(mentions), "hallucinated": len(hallucinated), "attribute_errors": len(attribute),
+            # CHAIR proper counts object categories: here a shape not in the image at all, whatever its colour.
+            "hallucinated_shapes": sum(m[1] not in present_shapes for m in mentions),
             "hallucinated_objects": sorted({f"{c} {s}" if c else s for c, s in hallucinated}),
             "objects_named": len(names & named), "objects": len(names)}
 
 
 def chair_metrics(scored: Sequence[dict], exact: Sequence[bool] | None = None) -> dict:
-    """Aggregate per-caption scores: CHAIR_i, CHAIR_s, attribute errors, object recall, exact captions."""
+    """Aggregate per-caption scores: CHAIR_i, CHAIR_s (colour and shape; and shape only), attribute errors,
+    object recall, exact captions."""
     mentions = sum(s["mentions"] for s in scored)
     out = {
         "n": len(scored),
         "chair_i": sum(s["hallucinated"] for s in scored) / mentions if mentions else 0.0,
         "chair_s": sum(s["hallucinated"] > 0 for s in scored) / len(scored) if scored else math.nan,
+        # Shape-only (CHAIR as defined on COCO categories: a green square where a blue one is is no hallucination).
+        "chair_i_shape": sum(s["hallucinated_shapes"] for s in scored) / mentions if mentions else 0.0,
+        "chair_s_shape": sum(s["hallucinated_shapes"] > 0 for s in scored) / len(scored) if scored else math.nan,
         "attribute_error_rate": sum(s["attribute_errors"] for s in scored) / mentions if mentions else 0.0,
         "object_recall": (sum(s["objects_named"] for s in scored) / total
                           if (total := sum(s["objects"] for s in scored)) else math.nan),

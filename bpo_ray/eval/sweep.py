@@ -12,6 +12,7 @@ from bpo_ray.eval.compare import lower_is_better, metric_value
 SWEPT = [
     ("CHAIR_s", ("chair", "chair_s")),
     ("CHAIR_i", ("chair", "chair_i")),
+    ("CHAIR_s shape only", ("chair", "chair_s_shape")),
     ("companion halluc.", ("chair", "companion_hallucination", "rate")),
     ("exact captions", ("chair", "exact_caption")),
     ("POPE acc adversarial", ("pope", "adversarial", "accuracy")),
