@@ -28,7 +28,8 @@ demo: $(STAMP)
 	$(BIN)/python jobs/bpo.py --config configs/tiny.yaml
 
 # Does BPO work? The demo over 3 seeds with ablations (injection only, weakening only, beta, companion questions)
-# and the yes/no grounding options (existence pairs, anchor, both); about 2 hours on 2 CPUs.
+# and the yes/no grounding options (existence pairs, the anchor, the image-conditional term, two bootstrapping
+# rounds); about 3 hours on 2 CPUs (`--variants`, `--seeds` pick a part).
 effect: $(STAMP)
 	$(BIN)/python jobs/effect.py --config configs/tiny.yaml
 
