@@ -1,6 +1,6 @@
-"""eval: serve the base and the aligned model (the last bootstrapping round's) side by side (Ray Serve, OpenAI-compatible), score both over
-HTTP the same way (POPE + CHAIR on held-out images; POPE on COCO when configured) → ``eval/metrics.json``
-and ``eval/predictions.jsonl`` (every request, its answer or its error)."""
+"""eval: serve the base and the aligned model (the last bootstrapping round's) side by side (Ray Serve,
+OpenAI-compatible), score both over HTTP the same way (POPE + CHAIR on held-out images; POPE on COCO when
+configured) → ``eval/metrics.json`` and ``eval/predictions.jsonl`` (every request, its answer or its error)."""
 
 from __future__ import annotations
 

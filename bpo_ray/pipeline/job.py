@@ -32,7 +32,7 @@ from bpo_ray.eval.compare import format_table, headline
 from bpo_ray.models.loader import resolve_model_path
 from bpo_ray.pipeline import data, negatives, reference, report, sft, train
 from bpo_ray.pipeline import eval as evaluation
-from bpo_ray.pipeline.rundir import RunDir, round_prefix
+from bpo_ray.pipeline.rundir import RunDir, round_prefix, split_stage_name
 from bpo_ray.pipeline.runner import Pipeline, Stage
 from bpo_ray.pipeline.summary import summary
 from bpo_ray.runtime import init_ray, setup_logging
@@ -68,7 +68,7 @@ def stages_for(rounds: int, stages: Sequence[Stage] = STAGES) -> tuple[Stage, ..
 
 def stages_until(last: str, stages: Sequence[Stage] = STAGES) -> tuple[Stage, ...]:
     """The stages up to and including ``last``, in its last round (``bpo train`` runs sft … train)."""
-    kinds = [s.name.rpartition("/")[2] for s in stages]
+    kinds = [split_stage_name(s.name)[1] for s in stages]
     if last not in kinds:
         raise ValueError(f"unknown stage {last!r}; stages are: {', '.join(s.name for s in stages)}")
     return tuple(stages[: len(kinds) - kinds[::-1].index(last)])

@@ -156,6 +156,12 @@ def round_prefix(k: int) -> str:
     return f"round-{k}"
 
 
+def split_stage_name(name: str) -> tuple[int, str]:
+    """A stage's name → (its round, what it is): ``round-2/train`` → (2, "train"), ``train`` → (1, "train")."""
+    prefix, _, kind = name.rpartition("/")
+    return (int(prefix.removeprefix("round-")) if prefix else 1), kind
+
+
 def policy_path(cfg: RunConfig, run: RunDir) -> str:
     """The model ``run``'s round aligns: in round 1 the base (the sft stage's output when this run fine-tunes
     one, else ``model.name_or_path``; tiny models built into the cache on first use), in round k the model

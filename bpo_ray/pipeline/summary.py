@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+from bpo_ray.pipeline.rundir import split_stage_name
+
 
 def _loss(metrics: dict | None, key: str = "loss") -> float:
     value = (metrics or {}).get(key, math.nan)
@@ -54,16 +56,15 @@ FORMATS = {"sft": _sft, "data": _data, "negatives": _negatives, "reference": _re
 
 
 def _order(name: str) -> tuple[int, int]:
-    prefix, _, kind = name.rpartition("/")
-    round_ = int(prefix.split("-")[1]) if prefix else 1
-    return (1 << 30 if kind == "eval" else round_), list(FORMATS).index(kind)
+    k, kind = split_stage_name(name)
+    return (1 << 30 if kind == "eval" else k), list(FORMATS).index(kind)
 
 
 def stage_rows(manifests: dict[str, dict]) -> list[tuple[str, str, object]]:
     """(stage, what it made and what it dropped, seconds) for every stage with a manifest."""
     rows = []
-    for name in sorted((n for n, m in manifests.items() if m and n.rpartition("/")[2] in FORMATS), key=_order):
-        if text := FORMATS[name.rpartition("/")[2]](manifests[name]):
+    for name in sorted((n for n, m in manifests.items() if m and split_stage_name(n)[1] in FORMATS), key=_order):
+        if text := FORMATS[split_stage_name(name)[1]](manifests[name]):
             rows.append((name, text, manifests[name].get("seconds")))
     return rows
 
