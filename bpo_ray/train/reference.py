@@ -18,12 +18,18 @@ from bpo_ray.models.prompts import SampleTooLong
 from bpo_ray.negatives.batches import PAIR_COLUMNS
 from bpo_ray.train.batch import WeakImages, collate, encode_pair, pad_id, pair_logps
 
-SCORED_COLUMNS = (*PAIR_COLUMNS, "ref_chosen_logp", "ref_rejected_logp")
+SCORES = ("ref_chosen_logp", "ref_rejected_logp")
 WEAK_COLUMN = "ref_chosen_weak_logp"  # the chosen answer on the weakened image (train.image_weight)
 
 
+def reference_columns(weak: WeakImages | None) -> tuple[str, ...]:
+    """The reference log-prob columns, in ``pair_logps`` order (chosen, rejected, chosen on the weakened image):
+    what this scorer writes and the training workers read."""
+    return (*SCORES, WEAK_COLUMN) if weak else SCORES
+
+
 def scored_columns(weak: WeakImages | None) -> tuple[str, ...]:
-    return (*SCORED_COLUMNS, WEAK_COLUMN) if weak else SCORED_COLUMNS
+    return (*PAIR_COLUMNS, *reference_columns(weak))
 
 
 class ReferenceScorer:
@@ -54,7 +60,7 @@ class ReferenceScorer:
                 valid.append(i)
             except SampleTooLong as err:
                 problems[i] = str(err)
-        columns = ["ref_chosen_logp", "ref_rejected_logp"] + ([WEAK_COLUMN] if self.weak else [])
+        columns = reference_columns(self.weak)
         scored = [[np.nan] * len(encoded) for _ in columns]
         if encoded and self.model is not None:
             logps = pair_logps(self.model, collate(encoded, pad_id(self.processor)), average=self.average)

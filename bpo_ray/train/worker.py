@@ -32,7 +32,7 @@ from bpo_ray.train.batch import (
     response_nll,
 )
 from bpo_ray.train.losses import to_floats, training_objective
-from bpo_ray.train.reference import WEAK_COLUMN
+from bpo_ray.train.reference import reference_columns
 from bpo_ray.train.setup import (
     deepspeed_config,
     disable_dropout,
@@ -90,7 +90,7 @@ def _batches(shard, batch_size: int, processor, cfg: RunConfig):
     the weakened image or None), forever (epochs repeat the shard)."""
     weak = WeakImages.for_config(cfg)
     weak = weak.sized_for(processor) if weak else None
-    columns = ["ref_chosen_logp", "ref_rejected_logp"] + ([WEAK_COLUMN] if weak else [])
+    columns = reference_columns(weak)
 
     def encode(rows):
         pairs, refs = [], []
