@@ -156,7 +156,8 @@ def _train_workers() -> set[int]:
     found = set()
     for p in psutil.Process().children(recursive=True):
         try:
-            if p.cmdline()[:1] and p.cmdline()[0].startswith("ray::RayTrainWorker"):
+            title = p.cmdline()[:1]  # read once: a process exiting between two reads has an empty command line
+            if title and title[0].startswith("ray::RayTrainWorker"):
                 found.add(p.pid)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
