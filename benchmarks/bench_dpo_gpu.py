@@ -32,6 +32,7 @@ from bpo_ray.data.synthetic import DESCRIBE_PROMPT, describe  # noqa: E402
 from bpo_ray.data.synthetic import generate as shapes  # noqa: E402
 from bpo_ray.models.tiny import LLAVA_CHAT_TEMPLATE, train_tokenizer  # noqa: E402
 from bpo_ray.negatives.inject import rules_inject  # noqa: E402
+from bpo_ray.negatives.vocabulary import SHAPES  # noqa: E402
 from bpo_ray.train.batch import collate, encode_pair, pad_id, pair_logps  # noqa: E402
 from bpo_ray.train.losses import dpo_loss  # noqa: E402
 
@@ -85,7 +86,7 @@ def rows(n: int) -> list[dict]:
         buf = io.BytesIO()
         sample.image.save(buf, format="PNG")
         chosen = describe(sample.objects)
-        rejected = rules_inject(chosen, seed=len(out))[0]
+        rejected = rules_inject(chosen, seed=len(out), vocabulary=SHAPES)[0]
         out.append({"image": buf.getvalue(), "pil": sample.image, "chosen": chosen, "rejected": rejected,
                     "messages": json.dumps([{"role": "user", "content": DESCRIBE_PROMPT}])})
     return out

@@ -143,6 +143,10 @@ class InjectionConfig(Section):
     # Text LLM that rewrites answers (engines hf / vllm): hub id, path, or tiny://llm.
     model: str = "tiny://llm"
     mode: Literal["description", "qa", "auto"] = "auto"
+    # The rules engine's words (negatives/vocabulary.py): general (COCO's categories, colours, counts,
+    # spatial relations), shapes (the bundled data's own), or a JSON file (COCO categories or our layout).
+    # auto: shapes for data.format synthetic, general otherwise.
+    vocabulary: str = Field("auto", min_length=1, json_schema_extra=KEYED_IF_SET)
     sampling: SamplingConfig = SamplingConfig(temperature=0.8, top_p=0.95, max_new_tokens=256)
     pool: ActorPoolConfig = ActorPoolConfig()
 
@@ -411,6 +415,14 @@ def _impossible_combinations(cfg: RunConfig):
     neg = cfg.negatives
     if not neg.weakening.enabled and not neg.injection.enabled and not neg.existence.enabled:
         yield "negatives: weakening, injection and existence are all disabled, so no rejected answers can be made"
+    vocabulary = neg.injection.vocabulary
+    if neg.injection.enabled and neg.injection.engine == "rules" and vocabulary not in ("auto", "general", "shapes"):
+        from bpo_ray.negatives.vocabulary import load
+
+        try:
+            load(vocabulary)
+        except ValueError as err:
+            yield f"negatives.injection.vocabulary: {err}"
     if neg.existence.enabled and neg.existence.annotations is None and cfg.data.format != "synthetic":
         yield ("negatives.existence needs object annotations for these images: set negatives.existence.annotations "
                "(a COCO instances file); only the bundled shapes carry their own")

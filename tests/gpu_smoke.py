@@ -122,13 +122,14 @@ def pair_rows(n: int) -> list[dict]:
     from bpo_ray.data.synthetic import DESCRIBE_PROMPT, describe
     from bpo_ray.data.synthetic import generate as shapes
     from bpo_ray.negatives.inject import rules_inject
+    from bpo_ray.negatives.vocabulary import SHAPES
 
     rows = []
     for sample in shapes(n, seed=5, image_size=336):
         buf = io.BytesIO()
         sample.image.save(buf, format="PNG")
         chosen = describe(sample.objects)
-        rows.append({"image": buf.getvalue(), "chosen": chosen, "rejected": rules_inject(chosen, seed=len(rows))[0],
+        rows.append({"image": buf.getvalue(), "chosen": chosen, "rejected": rules_inject(chosen, seed=len(rows), vocabulary=SHAPES)[0],
                      "messages": json.dumps([{"role": "user", "content": DESCRIBE_PROMPT}])})
     return rows
 

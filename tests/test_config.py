@@ -84,6 +84,7 @@ def test_typo_in_yaml_file(tmp_path):
     (["negatives.weakening.distortions=[{kind: diffusion, step: 1000}]"], "step"),
     (["eval.seed=0"], "the evaluation images would be the training images"),
     (["eval.coco_annotations=/x/instances.json"], "eval.coco_image_root"),
+    (["negatives.injection.vocabulary=/x/words.json"], "negatives.injection.vocabulary: '/x/words.json' is not"),
     (["serve.engine=vllm", "serve.num_gpus_per_replica=1", "serve.api_key=k"], "not enforced by the vllm engine"),
     (["serve.min_replicas=3", "serve.max_replicas=2"], "min_replicas (3) > max_replicas (2)"),
 ])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+from collections import Counter
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -60,6 +61,11 @@ def test_both_negative_types_with_bad_records_and_conservation(tmp_path, tiny_mo
             assert pair["generator"] == str(tiny_models["llava"])
         else:
             assert pair["generator"] == "rules" and json.loads(pair["edits"])
+    # The edit mix in the manifest: every rules edit counted once, by kind; LLaVA records get COCO's words.
+    injected = neg["by_type"][ERROR_INJECTION]
+    made = Counter(e.split(":")[0] for p in pairs if p["negative_type"] == ERROR_INJECTION
+                   for e in json.loads(p["edits"]))
+    assert injected["vocabulary"] == "general" and injected["edits"] == dict(made) and made
     errors = pq.read_table(run.errors("negatives")).to_pylist() if neg["errors_by_reason"] else []
     assert len(errors) == sum(neg["errors_by_reason"].values())
     assert all(e["reason"] and e["detail"] for e in errors)

@@ -23,6 +23,7 @@ from bpo_ray.negatives.pairs import (
     stable_seed,
     word_count,
 )
+from bpo_ray.negatives.vocabulary import Vocabulary
 
 PAIR_COLUMNS = ("sample_id", "record_id", "image", "image_ref", "messages", "prompt", "chosen", "rejected",
                 "negative_type", "distortion", "edits", "generator", "seed", "rejected_truncated")
@@ -135,14 +136,23 @@ def finish_generated(batch: dict, negative_type: str, generator: str, max_words:
     return _columns(out, OUT_COLUMNS)
 
 
-def rules_batch(batch: dict, seed: int, max_words: int) -> dict:
+def rules_batch(batch: dict, seed: int, max_words: int, vocabulary: Vocabulary) -> dict:
     out = []
     for r in _rows(batch):
         s = stable_seed(seed, ERROR_INJECTION, r["sample_id"])
-        rejected, edits = inject.rules_inject(r["answer"], s)
+        rejected, edits = inject.rules_inject(r["answer"], s, vocabulary=vocabulary)
         out.append(_finish(r, ERROR_INJECTION, rejected, "", max_words, edits=json.dumps(edits),
                            generator="rules", seed=s))
     return _columns(out, OUT_COLUMNS)
+
+
+def rules_edit_kinds(batch: dict) -> dict:
+    """One row per edit the rules made in a pair (``color``, ``count``, ``object``, ``add``, …): the
+    negatives manifest's edit mix."""
+    kinds = [label.split(":", 1)[0] for r in _rows(batch)
+             if r["kind"] == "pair" and r["negative_type"] == ERROR_INJECTION and r["generator"] == "rules"
+             for label in json.loads(r["edits"] or "[]")]
+    return {"edit": np.array(kinds, dtype=object)}
 
 
 def existence_batch(batch: dict, questions: dict[str, list]) -> dict:

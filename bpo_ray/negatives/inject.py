@@ -1,7 +1,7 @@
 """Error injection: rewrite a correct answer into a wrong but plausible one.
 
 Two ways: prompts for a text LLM (``description`` and few-shot ``qa`` modes, as in the paper), and the
-``rules`` injector, which needs no model: seeded edits from word lists — swap a colour, change a count,
+``rules`` injector, which needs no model: seeded edits from word lists (``vocabulary.py``) — swap a colour, change a count,
 mirror a position, swap an object for one that usually co-occurs with it, add a companion object that is
 not there, drop a sentence. Pure functions; every rules output differs from its input.
 """
@@ -11,23 +11,7 @@ from __future__ import annotations
 import random
 import re
 
-from bpo_ray.data.synthetic import COMPANIONS
-
-COLORS = ("red", "green", "blue", "yellow", "purple", "orange", "black", "white", "brown", "pink", "gray")
-NUMBERS = ("two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
-POSITION_SWAPS = {"left": "right", "right": "left", "top": "bottom", "bottom": "top", "above": "below",
-                  "below": "above", "upper": "lower", "lower": "upper", "inside": "outside", "outside": "inside",
-                  "front": "back", "back": "front"}
-# Objects that appear together in images (and so in a model's prior): the natural substitutes/additions.
-COOCCURRING = {
-    "circle": ("square", "triangle"), "square": ("circle", "triangle"), "triangle": ("square", "circle"),
-    "dog": ("cat", "frisbee", "leash"), "cat": ("dog", "sofa"), "person": ("bicycle", "umbrella"),
-    "man": ("woman", "hat"), "woman": ("man", "handbag"), "car": ("truck", "traffic light"),
-    "table": ("chair", "cup"), "chair": ("table", "lamp"), "cup": ("plate", "spoon"), "plate": ("fork", "cup"),
-    "bed": ("pillow", "lamp"), "horse": ("fence", "rider"), "boat": ("dock", "bird"), "tree": ("bench", "bird"),
-    "pizza": ("knife", "plate"), "laptop": ("mouse", "keyboard"), "sink": ("toilet", "mirror"),
-}
-COMPANION_NAMES = {f"{a[0]} {a[1]}": f"{c[0]} {c[1]}" for a, c in COMPANIONS.items()}
+from bpo_ray.negatives.vocabulary import GENERAL, Vocabulary
 
 
 def _replace_word(text: str, start: int, end: int, new: str) -> str:
@@ -42,17 +26,29 @@ def _word_matches(text: str, words) -> list[re.Match]:
     return list(re.finditer(pattern, text, flags=re.IGNORECASE))
 
 
-def swap_color(text: str, rng: random.Random) -> tuple[str, str] | None:
-    found = _word_matches(text, COLORS)
+def _article(text: str, start: int, new: str) -> tuple[str, int]:
+    """``a``/``an`` before ``new`` where the word before ``start`` is an article."""
+    m = re.search(r"\b(an?)\s+$", text[:start], flags=re.IGNORECASE)
+    if not m:
+        return text, start
+    wanted = "an" if new[:1].lower() in "aeiou" else "a"
+    if m.group(1)[:1].isupper():
+        wanted = wanted.capitalize()
+    fixed = text[:m.start(1)] + wanted + text[m.end(1):]
+    return fixed, start + len(fixed) - len(text)
+
+
+def swap_color(text: str, rng: random.Random, vocab: Vocabulary = GENERAL) -> tuple[str, str] | None:
+    found = _word_matches(text, vocab.colors)
     if not found:
         return None
     m = rng.choice(found)
-    new = rng.choice([c for c in COLORS if c != m.group(0).lower()])
+    new = rng.choice([c for c in vocab.colors if c != m.group(0).lower()])
     return _replace_word(text, m.start(), m.end(), new), f"color:{m.group(0).lower()}->{new}"
 
 
-def change_count(text: str, rng: random.Random) -> tuple[str, str] | None:
-    found = _word_matches(text, NUMBERS) + list(re.finditer(r"\b([2-9]|[1-9]\d)\b", text))
+def change_count(text: str, rng: random.Random, vocab: Vocabulary = GENERAL) -> tuple[str, str] | None:
+    found = _word_matches(text, vocab.numbers) + list(re.finditer(r"\b([2-9]|[1-9]\d)\b", text))
     if not found:
         return None
     m = rng.choice(found)
@@ -60,40 +56,42 @@ def change_count(text: str, rng: random.Random) -> tuple[str, str] | None:
     if old.isdigit():
         new = str(int(old) + rng.choice([-1, 1, 2]) if int(old) > 2 else int(old) + 1)
     else:
-        new = rng.choice([n for n in NUMBERS if n != old])
+        new = rng.choice([n for n in vocab.numbers if n != old])
     return _replace_word(text, m.start(), m.end(), new), f"count:{old}->{new}"
 
 
-def mirror_position(text: str, rng: random.Random) -> tuple[str, str] | None:
-    found = _word_matches(text, POSITION_SWAPS)
+def mirror_position(text: str, rng: random.Random, vocab: Vocabulary = GENERAL) -> tuple[str, str] | None:
+    found = _word_matches(text, vocab.relations)
     if not found:
         return None
     m = rng.choice(found)
-    new = POSITION_SWAPS[m.group(0).lower()]
+    new = vocab.relations[m.group(0).lower()]
     return _replace_word(text, m.start(), m.end(), new), f"position:{m.group(0).lower()}->{new}"
 
 
-def swap_object(text: str, rng: random.Random) -> tuple[str, str] | None:
-    found = _word_matches(text, COOCCURRING)
+def swap_object(text: str, rng: random.Random, vocab: Vocabulary = GENERAL) -> tuple[str, str] | None:
+    """An object for another of its kind, in the same number (``vocab.swaps``), its article agreeing."""
+    found = _word_matches(text, vocab.swaps)
     if not found:
         return None
     m = rng.choice(found)
-    new = rng.choice(COOCCURRING[m.group(0).lower()])
-    return _replace_word(text, m.start(), m.end(), new), f"object:{m.group(0).lower()}->{new}"
+    new = rng.choice(vocab.swaps[m.group(0).lower()])
+    fixed, start = _article(text, m.start(), new)
+    return _replace_word(fixed, start, start + len(m.group(0)), new), f"object:{m.group(0).lower()}->{new}"
 
 
-def add_companion(text: str, rng: random.Random) -> tuple[str, str]:
+def add_companion(text: str, rng: random.Random, vocab: Vocabulary = GENERAL) -> tuple[str, str]:
     """Name an object the prior suggests but the image does not have: the hallucination BPO targets.
     Always applicable, so it is the fallback that guarantees a change."""
     lower = text.lower()
-    companions = [c for a, c in COMPANION_NAMES.items() if a in lower and c not in lower]
-    companions += [c for obj, cs in COOCCURRING.items() if re.search(rf"\b{obj}\b", lower)
-                   for c in cs if c not in lower]
+    companions = [c for obj, cs in vocab.companions.items() if re.search(rf"\b{re.escape(obj)}\b", lower)
+                  for c in cs if c not in lower]
     if not companions:
-        companions = [c for c in COMPANION_NAMES.values() if c not in lower] or ["dog"]
+        companions = [c for c in vocab.fallback_companions if c not in lower] or ["dog"]
     companion = rng.choice(companions)
-    where = rng.choice(["left", "right", "top", "bottom", "center"])
-    sentence = f"There is also a small {companion} at the {where}."
+    where = rng.choice(vocab.places)
+    article = "an" if companion[:1] in "aeiou" else "a"
+    sentence = vocab.added.format(a=article, object=companion, place=where)
     joiner = "" if not text or text.endswith((" ", "\n")) else " "
     return text + joiner + sentence, f"add:{companion}"
 
@@ -118,12 +116,18 @@ def flip_polarity(text: str, rng: random.Random) -> tuple[str, str] | None:
         if flipped == rest:
             flipped = re.sub(r"\b(it is|they are)\b", r"\1 not", rest, count=1, flags=re.IGNORECASE)
         return "No, " + (flipped if flipped != rest else "that is not in the image."), "polarity:yes->no"
-    flipped = re.sub(r"\b(there (?:is|are)) no (\w)", lambda g: f"{g.group(1)} " +
-                     ("an " if g.group(2).lower() in "aeiou" else "a ") + g.group(2), rest, count=1,
-                     flags=re.IGNORECASE)
+    flipped = re.sub(r"\b(there (?:is|are)) no (\w)", lambda g: f"{g.group(1)} " + _article_for(g), rest,
+                     count=1, flags=re.IGNORECASE)
     if flipped == rest:
         flipped = re.sub(r"\b(it is|they are) not\b", r"\1", rest, count=1, flags=re.IGNORECASE)
     return "Yes, " + (flipped if flipped != rest else "it is in the image."), "polarity:no->yes"
+
+
+def _article_for(g: re.Match) -> str:
+    """"there is no X" → "there is a/an X"; "there are no Xs" → "there are Xs"."""
+    if g.group(1).lower().endswith("are"):
+        return g.group(2)
+    return ("an " if g.group(2).lower() in "aeiou" else "a ") + g.group(2)
 
 
 EDITS = (swap_color, change_count, mirror_position, swap_object, drop_sentence)
@@ -133,7 +137,7 @@ def _normalized(text: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
 
 
-def rules_inject(answer: str, seed: int, max_edits: int = 2) -> tuple[str, list[str]]:
+def rules_inject(answer: str, seed: int, max_edits: int = 2, vocabulary: Vocabulary = GENERAL) -> tuple[str, list[str]]:
     """Seeded edits of a correct answer; the result always differs from it (after normalisation)."""
     rng = random.Random(seed)
     flipped = flip_polarity(answer, rng)
@@ -145,12 +149,12 @@ def rules_inject(answer: str, seed: int, max_edits: int = 2) -> tuple[str, list[
     for edit in edits:
         if len(applied) >= max(1, rng.randint(1, max_edits)):
             break
-        result = edit(text, rng)
+        result = edit(text, rng) if edit is drop_sentence else edit(text, rng, vocabulary)
         if result is not None and _normalized(result[0]) != _normalized(text):
             text, label = result
             applied.append(label)
     if rng.random() < 0.3 or _normalized(text) == _normalized(answer):
-        text, label = add_companion(text, rng)
+        text, label = add_companion(text, rng, vocabulary)
         applied.append(label)
     return text, applied
 

@@ -20,7 +20,7 @@ from bpo_ray.data.synthetic import COLORS, SHAPES
 from bpo_ray.eval.probes import coco_images, synthetic_images
 from bpo_ray.models.loader import load_processor, resolve_model_path
 from bpo_ray.models.vision import model_input_size
-from bpo_ray.negatives import distort, existence
+from bpo_ray.negatives import distort, existence, vocabulary
 from bpo_ray.negatives.batches import (
     ERROR_COLUMNS,
     PAIR_COLUMNS,
@@ -29,6 +29,7 @@ from bpo_ray.negatives.batches import (
     finish_generated,
     injection_prompts,
     rules_batch,
+    rules_edit_kinds,
     split_on_chosen_length,
     weaken_batch,
 )
@@ -73,7 +74,9 @@ def run(cfg: RunConfig, run_dir: RunDir, key: str) -> dict:
         inj = neg.injection
         if inj.engine == "rules":
             generators[ERROR_INJECTION] = "rules"
-            outputs.append(ok.map_batches(rules_batch, fn_kwargs={"seed": neg.seed, "max_words": neg.max_words}))
+            words = vocabulary.for_data(inj.vocabulary, cfg.data.format)
+            outputs.append(ok.map_batches(rules_batch, fn_kwargs={"seed": neg.seed, "max_words": neg.max_words,
+                                                                  "vocabulary": words}))
         else:
             generators[ERROR_INJECTION] = inj.model
             rewriter = resolve_model_path(inj.model, cfg.cache_dir)
@@ -95,6 +98,10 @@ def run(cfg: RunConfig, run_dir: RunDir, key: str) -> dict:
     write_by_kind(rows, run_dir.stage_dir("negatives"), {"pairs": ("pair", PAIR_COLUMNS), "errors": ("error", ERROR_COLUMNS)})
     counts = count_by(rows, ["kind", "negative_type", "reason"])
     manifest = _manifest(counts, samples_in, generators, neg, time.time() - started)
+    if generators.get(ERROR_INJECTION) == "rules":
+        edits = count_by(rows.map_batches(rules_edit_kinds), ["edit"])
+        manifest["by_type"][ERROR_INJECTION].update(vocabulary=words.name,
+                                                    edits={k: n for (k,), n in sorted(edits.items())})
     if planned is not None:
         made = counts.get(("pair", EXISTENCE, ""), 0)
         if made != planned["pairs"]:
