@@ -66,8 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "train", help="DPO on Ray Train with DeepSpeed ZeRO-3 (runs the stages before it when needed)",
         description="Runs data → negatives → reference → train into the config's run directory, skipping "
-                    "finished stages; training resumes from its latest checkpoint. Exports model/.")
+                    "finished stages; training resumes from its latest checkpoint. Exports model/. With "
+                    "--pairs, trains on existing preference pairs instead of bootstrapping them.")
     _add_config_args(p)
+    p.add_argument("--pairs", help="existing preference pairs (TRL, RLAIF-V or scored-completions layout; .json, "
+                                   ".jsonl, parquet, a save_to_disk folder or a load_dataset name): "
+                                   "train on them alone (negatives.extra_pairs with bootstrapping off)")
 
     p = sub.add_parser(
         "serve", help="serve a model over an OpenAI-compatible HTTP endpoint (Ray Serve) until interrupted",
@@ -104,6 +108,12 @@ def _load(config: str | None, overrides: list[str]):
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return None
+
+
+def pairs_overrides(path: str) -> list[str]:
+    """``bpo train --pairs PATH``: the existing pairs alone, nothing bootstrapped."""
+    return [f"negatives.extra_pairs.path={path}", "negatives.weakening.enabled=false",
+            "negatives.injection.enabled=false", "negatives.existence.enabled=false"]
 
 
 def _run_job(flags: list[str], overrides, until: str | None = None, prog: str = "bpo run") -> int:
@@ -246,7 +256,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return _run_job(["--config", args.config] if args.config else [], args.overrides, until="sft", prog="bpo sft")
     if args.command == "train":
-        return _run_job(["--config", args.config] if args.config else [], args.overrides, until="train", prog="bpo train")
+        overrides = list(args.overrides)
+        if args.pairs:
+            overrides = [*pairs_overrides(args.pairs), *overrides]
+        return _run_job(["--config", args.config] if args.config else [], overrides, until="train", prog="bpo train")
     if args.command == "run":
         flags = ([f"--config={args.config}"] if args.config else []) + (["--force"] if args.force else [])
         for flag in ("from_stage", "only_stage"):

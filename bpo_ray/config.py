@@ -163,10 +163,28 @@ class ExistenceConfig(Section):
         ["random", "popular", "adversarial"], min_length=1)
 
 
+class PairsConfig(Section):
+    """Preference pairs that already exist (``data/preferences.py``): TRL's vision format, RLAIF-V's, or
+    scored completions (VLFeedback, the BPO authors' release), validated as records are."""
+
+    # A .json/.jsonl file, parquet file(s), a datasets.save_to_disk folder, or a load_dataset name.
+    path: str = Field(min_length=1)
+    format: Literal["auto", "json", "jsonl", "parquet", "hf_disk", "hub"] = "auto"
+    layout: Literal["auto", "trl", "rlaif_v", "completions"] = "auto"
+    image_root: str | None = None  # where relative image paths resolve
+    split: str = "train"           # for hf_disk (a DatasetDict) and hub
+    max_rows: int | None = Field(None, ge=1)
+    max_image_pixels: int = Field(4096 * 4096, ge=1)
+    max_image_bytes: int = Field(64 * 1024 * 1024, ge=1)
+
+
 class NegativesConfig(Section):
     weakening: WeakeningConfig = WeakeningConfig()
     injection: InjectionConfig = InjectionConfig()
     existence: ExistenceConfig = Field(ExistenceConfig(), json_schema_extra=KEYED_IF_SET)
+    # Existing pairs trained beside the bootstrapped ones (or alone: bpo train --pairs PATH turns the
+    # bootstrapping branches off); the manifest's by_type.external says how many came in and which failed.
+    extra_pairs: PairsConfig | None = Field(None, json_schema_extra=KEYED_IF_SET)
     # Samples with any response longer than this (words) are dropped, as in the paper.
     max_words: int = Field(350, ge=1)
     # A generated negative cut at max_new_tokens (it never ended): "drop" records it in errors/ (reason
@@ -405,6 +423,13 @@ def _dump(value: Any) -> Any:
     return value.model_dump(mode="json", exclude=unkeyed)
 
 
+def bootstraps(cfg: RunConfig) -> bool:
+    """Whether the negatives stage makes pairs from the run's own data (else it only reads extra_pairs, and
+    the data stage has nothing to do)."""
+    neg = cfg.negatives
+    return neg.weakening.enabled or neg.injection.enabled or neg.existence.enabled
+
+
 def _impossible_combinations(cfg: RunConfig):
     model = cfg.model.name_or_path
     if model.startswith(TINY_SCHEME) and model[len(TINY_SCHEME):] not in ("llava", "qwen2_vl"):
@@ -413,8 +438,9 @@ def _impossible_combinations(cfg: RunConfig):
     if injector.startswith(TINY_SCHEME) and injector[len(TINY_SCHEME):] not in TINY_ARCHS:
         yield f"negatives.injection.model {injector!r}: unknown tiny arch (choose from {', '.join(TINY_ARCHS)})"
     neg = cfg.negatives
-    if not neg.weakening.enabled and not neg.injection.enabled and not neg.existence.enabled:
-        yield "negatives: weakening, injection and existence are all disabled, so no rejected answers can be made"
+    if not bootstraps(cfg) and neg.extra_pairs is None:
+        yield ("negatives: weakening, injection and existence are all disabled and there are no extra_pairs, "
+               "so no rejected answers can be made")
     vocabulary = neg.injection.vocabulary
     if neg.injection.enabled and neg.injection.engine == "rules" and vocabulary not in ("auto", "general", "shapes"):
         from bpo_ray.negatives.vocabulary import load

@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 
 from bpo_ray import storage
-from bpo_ray.config import DataConfig, SyntheticDataConfig
+from bpo_ray.config import DataConfig, PairsConfig, SyntheticDataConfig
 from bpo_ray.data import readers
 from bpo_ray.data.records import ImageLimits, validate_record
 from bpo_ray.raydata import count_by, write_by_kind
@@ -100,3 +100,92 @@ def read_validated(data: DataConfig, cache_dir: str, out_dir: str, name: str) ->
     }
     log.info("%s: %d records → %d samples, %d rejected %s", name, records_in, num_samples, rejected, reasons)
     return manifest
+
+
+# ------------------------------------------------------------------------------ existing preference pairs
+def pairs_format(pairs: PairsConfig) -> str:
+    """``auto``: by the path — .jsonl / .json files, parquet files or folders, ``save_to_disk`` folders, and
+    anything else a ``datasets.load_dataset`` name (a Hub id, or a local dataset folder)."""
+    if pairs.format != "auto":
+        return pairs.format
+    path = pairs.path.rstrip("/")
+    if path.endswith(".jsonl"):
+        return "jsonl"
+    if path.endswith(".json"):
+        return "json"
+    if path.endswith(".parquet"):
+        return "parquet"
+    if not storage.is_uri(path) and Path(path).is_dir():
+        if (Path(path) / "state.json").exists() or (Path(path) / "dataset_dict.json").exists():
+            return "hf_disk"
+        if any(Path(path).glob("*.parquet")) and not any(Path(path).glob("*.json*")):
+            return "parquet"
+    return "hub"
+
+
+def _parse_line(row: dict) -> list[dict]:
+    """A JSONL line → the row carrying it (none for a blank line)."""
+    if not row["text"].strip():
+        return []
+    try:
+        item = json.loads(row["text"])
+    except json.JSONDecodeError as err:
+        return [{"__json": "", "malformed": f"not JSON: {err}"}]
+    return [{"__json": row["text"] if isinstance(item, dict) else "",
+             "malformed": "" if isinstance(item, dict) else f"a JSON {type(item).__name__}, not an object"}]
+
+
+def read_pairs_raw(pairs: PairsConfig):
+    """Rows of an existing preference dataset as a Ray dataset. JSONL and parquet are read by Ray workers in
+    parallel blocks; a JSON list is parsed on the driver; ``save_to_disk`` and ``load_dataset`` sources go
+    through ``datasets`` (images as encoded bytes, never decoded). JSON rows travel as their text (``__json``),
+    so rows of different shapes never have to share an Arrow schema."""
+    import ray.data
+
+    fmt = pairs_format(pairs)
+    if fmt == "jsonl":
+        ds = ray.data.read_text(storage.absolute(pairs.path)).flat_map(_parse_line)
+    elif fmt == "json":
+        items = json.loads(storage.read_text(pairs.path))
+        if not isinstance(items, list):
+            raise ValueError(f"{pairs.path}: a JSON file of pairs holds a list of objects (or use .jsonl)")
+        rows = [{"__json": json.dumps(item) if isinstance(item, dict) else "", "source_index": i,
+                 "malformed": "" if isinstance(item, dict) else f"a JSON {type(item).__name__}, not an object"}
+                for i, item in enumerate(items)]
+        ds = ray.data.from_items(rows, override_num_blocks=max(1, min(64, len(rows) // 256)))
+    elif fmt == "parquet":
+        ds = ray.data.read_parquet(storage.absolute(pairs.path))
+    elif storage.is_uri(pairs.path) or not Path(pairs.path).exists():  # a Hub id: Ray reads its parquet files
+        ds = ray.data.from_huggingface(_hf_pairs(pairs, fmt))
+    else:  # on this disk: from_huggingface would first ask the Hub for the files, and wait for its timeout
+        ds = ray.data.from_arrow(_hf_pairs(pairs, fmt).with_format("arrow")[:])
+    if pairs.max_rows:
+        ds = ds.limit(pairs.max_rows)
+    return ds, fmt
+
+
+def pairs_image_root(pairs: PairsConfig, fmt: str) -> str | None:
+    """Where relative image paths resolve: ``image_root``, else (JSON sources) next to the file, as for
+    LLaVA records; absolute, since Ray workers have another working directory."""
+    if pairs.image_root:
+        return storage.absolute(pairs.image_root)
+    if fmt in ("json", "jsonl"):
+        return storage.split(storage.absolute(pairs.path))[0]
+    return None
+
+
+def _hf_pairs(pairs: PairsConfig, fmt: str):
+    import datasets
+
+    if fmt == "hf_disk":
+        ds = datasets.load_from_disk(storage.absolute(pairs.path))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds[pairs.split]
+    else:  # the Hub, or a local folder of data files: the same call
+        ds = datasets.load_dataset(pairs.path, split=pairs.split)
+    for name, feature in ds.features.items():  # keep images encoded: validation decodes them once, with limits
+        if isinstance(feature, datasets.Image):
+            ds = ds.cast_column(name, datasets.Image(decode=False))
+        elif isinstance(getattr(feature, "feature", None), datasets.Image):
+            ds = ds.cast_column(name, type(feature)(datasets.Image(decode=False)))
+    return ds

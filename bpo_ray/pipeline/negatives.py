@@ -4,18 +4,26 @@ Two branches from the validated samples (``data/samples``):
 - image weakening: distort each image (seeded per sample), let the policy MLLM answer on it;
 - error injection: rewrite the annotated answer (``rules``, or a text LLM on ``hf`` / ``vllm``).
 - balanced existence pairs (optional): yes/no questions about objects present and absent, from the training
-  images' object annotations (``negatives/existence.py``).
+  images' object annotations (``negatives/existence.py``);
+- existing pairs (``negatives.extra_pairs``, optional): TRL / RLAIF-V / scored-completions data read and
+  validated (``data/preferences.py``), beside the bootstrapped pairs or alone.
 Output: ``negatives/pairs``, ``negatives/errors`` and the manifest, whose counts satisfy, per branch,
-``samples_in − chosen_too_long == pairs + errors`` (existence: pairs == the questions planned).
+``samples_in − chosen_too_long == pairs + errors`` (existence: pairs == the questions planned; existing
+pairs: rows in == rows that made pairs + rows rejected).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 
-from bpo_ray.config import RunConfig
-from bpo_ray.data.dataset import synthetic_dir
+import numpy as np
+
+from bpo_ray.config import RunConfig, bootstraps
+from bpo_ray.data.dataset import pairs_image_root, read_pairs_raw, synthetic_dir
+from bpo_ray.data.preferences import EXTERNAL, preference_rows
+from bpo_ray.data.records import ImageLimits
 from bpo_ray.data.synthetic import COLORS, SHAPES
 from bpo_ray.eval.probes import coco_images, synthetic_images
 from bpo_ray.models.loader import load_processor, resolve_model_path
@@ -47,13 +55,14 @@ def run(cfg: RunConfig, run_dir: RunDir, key: str) -> dict:
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # reproducible batches
     neg = cfg.negatives
     started = time.time()
-    samples = ray.data.read_parquet(run_dir.samples)
-    samples_in = samples.count()
-    marked = samples.map_batches(split_on_chosen_length, fn_kwargs={"max_words": neg.max_words})
-    ok = marked.filter(expr=col("too_long") == False).drop_columns(["too_long"])  # noqa: E712
-    too_long = marked.filter(expr=col("too_long") == True).drop_columns(["too_long"])  # noqa: E712
-    outputs = [too_long.map_batches(chosen_too_long_errors, fn_kwargs={"max_words": neg.max_words})]
-    generators: dict[str, str] = {}
+    outputs, generators, samples_in = [], {}, 0
+    if bootstraps(cfg):
+        samples = ray.data.read_parquet(run_dir.samples)
+        samples_in = samples.count()
+        marked = samples.map_batches(split_on_chosen_length, fn_kwargs={"max_words": neg.max_words})
+        ok = marked.filter(expr=col("too_long") == False).drop_columns(["too_long"])  # noqa: E712
+        too_long = marked.filter(expr=col("too_long") == True).drop_columns(["too_long"])  # noqa: E712
+        outputs.append(too_long.map_batches(chosen_too_long_errors, fn_kwargs={"max_words": neg.max_words}))
 
     if neg.weakening.enabled:
         policy = policy_path(cfg, run_dir)
@@ -94,7 +103,16 @@ def run(cfg: RunConfig, run_dir: RunDir, key: str) -> dict:
         questions, planned = _existence_plan(cfg, samples)
         outputs.append(samples.map_batches(existence_batch, fn_kwargs={"questions": questions}))
 
-    rows = outputs[0].union(*outputs[1:]).materialize()
+    external_in = None
+    if neg.extra_pairs is not None:
+        raw, fmt = read_pairs_raw(neg.extra_pairs)
+        external_in = raw.count()
+        limits = ImageLimits(neg.extra_pairs.max_image_pixels, neg.extra_pairs.max_image_bytes)
+        outputs.append(raw.flat_map(preference_rows, fn_kwargs={
+            "layout": neg.extra_pairs.layout, "image_root": pairs_image_root(neg.extra_pairs, fmt), "limits": limits,
+            "source": neg.extra_pairs.path}))
+
+    rows = (outputs[0].union(*outputs[1:]) if len(outputs) > 1 else outputs[0]).materialize()
     write_by_kind(rows, run_dir.stage_dir("negatives"), {"pairs": ("pair", PAIR_COLUMNS), "errors": ("error", ERROR_COLUMNS)})
     counts = count_by(rows, ["kind", "negative_type", "reason"])
     manifest = _manifest(counts, samples_in, generators, neg, time.time() - started)
@@ -108,7 +126,30 @@ def run(cfg: RunConfig, run_dir: RunDir, key: str) -> dict:
             raise RuntimeError(f"negatives/{EXISTENCE}: {planned['pairs']} questions planned but {made} pairs out")
         manifest["by_type"][EXISTENCE] = planned
         manifest["pairs"] += made
+    if external_in is not None:
+        manifest["by_type"][EXTERNAL] = _external_counts(rows, counts, external_in, neg.extra_pairs, fmt)
+        manifest["pairs"] += manifest["by_type"][EXTERNAL]["pairs"]
     return manifest
+
+
+def _first_pairs(batch: dict) -> dict:
+    """Per block: external rows that made pairs (each has one pair numbered 0) and the layouts they had."""
+    layouts = [json.loads(e)["layout"] for kind, t, sid, e in zip(batch["kind"], batch["negative_type"],
+                                                                  batch["sample_id"], batch["edits"], strict=True)
+               if kind == "pair" and t == EXTERNAL and sid.endswith("#0")]
+    return {"layout": np.array(layouts, dtype=object)}
+
+
+def _external_counts(rows, counts, rows_in: int, pairs_cfg, fmt: str) -> dict:
+    """Existing pairs read in: rows in = rows that made pairs + rows rejected (conservation), by layout."""
+    layouts = count_by(rows.map_batches(_first_pairs), ["layout"])
+    rows_ok = sum(layouts.values())
+    rejected = sum(n for (k, t, _), n in counts.items() if k == "error" and t == EXTERNAL)
+    if rows_in != rows_ok + rejected:
+        raise RuntimeError(f"negatives/{EXTERNAL}: {rows_in} rows in but {rows_ok} made pairs + {rejected} rejected")
+    return {"pairs": counts.get(("pair", EXTERNAL, ""), 0), "errors": rejected, "rows_in": rows_in,
+            "rows_ok": rows_ok, "by_layout": {k: n for (k,), n in sorted(layouts.items())},
+            "generator": pairs_cfg.path, "format": fmt}
 
 
 def _annotated_images(cfg: RunConfig):
