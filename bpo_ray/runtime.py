@@ -33,6 +33,7 @@ def init_ray(resources: ResourcesConfig) -> None:
     otherwise join a cluster already running on this machine, or start a local one.
     ``ray_address: local`` always starts a private cluster (what tests use)."""
     import ray
+    import ray.data
 
     if ray.is_initialized():
         return
@@ -46,8 +47,12 @@ def init_ray(resources: ResourcesConfig) -> None:
     kwargs: dict = {"runtime_env": {"env_vars": env_vars} if env_vars else None, "log_to_driver": True}
     if address in (None, "local"):
         kwargs["num_cpus"] = resources.local_num_cpus
-    ray.init(address=address, **kwargs)
+    context = ray.init(address=address, **kwargs)
+    # One progress bar per dataset (done/total, rate, ETA), not one per operator on top of it.
+    ray.data.DataContext.get_current().enable_operator_progress_bars = False
     log.info("ray: %s", ray.cluster_resources())
+    if context.dashboard_url:
+        log.info("ray dashboard: http://%s", context.dashboard_url)
 
 
 def _job_env_vars() -> set[str]:

@@ -297,3 +297,17 @@ def test_epochs_reshuffle_and_a_rerun_sees_the_same_batches(ray_local):
     assert epochs(TrainConfig(shuffle_buffer=64)) == first
     assert epochs(TrainConfig(shuffle_buffer=64, seed=1)) != first
     assert epochs(TrainConfig(shuffle_buffer=0))[0] == list(range(64))  # off: the stored order
+
+
+def test_step_lines_show_rate_and_eta(tmp_path):
+    """Over this attempt's own steps: a run resumed at step 2 that did 4 more in 4 s has 4 to go, 4 s."""
+    from bpo_ray.train.worker import TrainingLog
+
+    progress = TrainingLog(str(tmp_path), trainable=1, total=2, total_steps=10, first_step=2)
+    start = progress.since[0]
+    assert progress.progress(6, now=start + 4.0) == " | 1.00 steps/s, ETA 0m 04s"
+    progress.since = (start, 0)
+    assert progress.progress(1, now=start + 150.0) == " | 0.01 steps/s, ETA 22m 30s"
+    assert progress.progress(3, now=start) == ""  # no time yet: no rate
+    assert TrainingLog(str(tmp_path), 1, 2).progress(3) == ""  # no total known: no ETA
+    progress.close()

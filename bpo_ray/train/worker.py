@@ -175,7 +175,8 @@ def train_loop_per_worker(job: FitJob) -> None:
     batches = (_sft_batches if sft else _batches)(shard, train.per_device_batch_size, processor, cfg)
     for _ in range(micro_done):  # same order as before the interruption: skip what was already trained on
         next(batches)
-    training_log = TrainingLog(job.log_dir, trainable, total) if rank == 0 else None
+    training_log = TrainingLog(job.log_dir, trainable, total, job.total_steps, micro_done // accumulation) \
+        if rank == 0 else None
     window, started = [], time.time()
     average = train.loss == "ipo"
     # DeepSpeed's fp32 ZeRO-0 path clips gradients but keeps no norm (get_global_grad_norm() stays None):
@@ -312,8 +313,10 @@ class TrainingLog:
     on from what the last sync saved, as training goes on from the last checkpoint. Only these two entries
     move: ``out_dir`` may hold other outputs (the sft stage's samples)."""
 
-    def __init__(self, out_dir: str, trainable: int, total: int):
+    def __init__(self, out_dir: str, trainable: int, total: int, total_steps: int = 0, first_step: int = 0):
         self.out_dir, self.trainable, self.total = out_dir, trainable, total
+        # Progress: steps done since this attempt started (a resumed run's rate is its own), and how many remain.
+        self.total_steps, self.since = total_steps, (time.time(), first_step)
         self._scratch = tempfile.TemporaryDirectory(prefix="bpo-train-log-")
         self.local = self._scratch.name
         metrics, events = storage.join(out_dir, METRICS_FILE), storage.join(out_dir, EVENTS_DIR)
@@ -333,8 +336,18 @@ class TrainingLog:
                     self.writer.add_scalar(f"train/{key}", value, metrics["step"])
         dpo = (f" margin {metrics['reward_margin']:.4f} acc {metrics['reward_accuracy']:.2f}"
                if "reward_margin" in metrics else "")
-        log.info("step %d loss %.4f%s lr %.2e (%d/%d params trainable)", metrics["step"], metrics["loss"], dpo,
-                 metrics["lr"], self.trainable, self.total)
+        log.info("step %d/%d loss %.4f%s lr %.2e (%d/%d params trainable)%s", metrics["step"], self.total_steps,
+                 metrics["loss"], dpo, metrics["lr"], self.trainable, self.total, self.progress(metrics["step"]))
+
+    def progress(self, step: int, now: float | None = None) -> str:
+        """`` | 2.41 steps/s, ETA 1m 40s`` over this attempt's steps so far."""
+        start, first = self.since
+        done, seconds = step - first, (time.time() if now is None else now) - start
+        if done <= 0 or seconds <= 0 or not self.total_steps:
+            return ""
+        rate = done / seconds
+        eta = int(max(0, self.total_steps - step) / rate)
+        return f" | {rate:.2f} steps/s, ETA {eta // 60}m {eta % 60:02d}s"
 
     def sync(self) -> None:
         if self.writer:
