@@ -418,9 +418,21 @@ class RunConfig(Section):
 def _dump(value: Any) -> Any:
     if not isinstance(value, BaseModel):
         return value
-    unkeyed = {name for name, field in type(value).model_fields.items() if field.json_schema_extra == NOT_KEYED
-               or (field.json_schema_extra == KEYED_IF_SET and getattr(value, name) == field.get_default())}
-    return value.model_dump(mode="json", exclude=unkeyed)
+    return value.model_dump(mode="json", exclude=_unkeyed(value))
+
+
+def _unkeyed(value: BaseModel) -> dict:
+    """The fields outside the stage keys, at any depth (``negatives.injection.vocabulary`` as well as
+    ``train.image_weight``), as pydantic's nested ``exclude``."""
+    out: dict = {}
+    for name, field in type(value).model_fields.items():
+        current = getattr(value, name)
+        if field.json_schema_extra == NOT_KEYED or (field.json_schema_extra == KEYED_IF_SET
+                                                    and current == field.get_default()):
+            out[name] = True
+        elif isinstance(current, BaseModel) and (inner := _unkeyed(current)):
+            out[name] = inner
+    return out
 
 
 def bootstraps(cfg: RunConfig) -> bool:
