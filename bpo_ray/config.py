@@ -355,6 +355,15 @@ class EvalConfig(Section):
     coco_image_root: str | None = None
 
 
+# --------------------------------------------------------------------------------------------- export
+class ExportConfig(Section):
+    """What happens to the aligned model (``model/``) once the run is done: its card is always written."""
+
+    # A Hub repo ("user/name") to push the model and its card to at the end of the run (None: no push).
+    push_to_hub: str | None = Field(None, pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+    private: bool = True
+
+
 # ------------------------------------------------------------------------------------------ resources
 class ResourcesConfig(Section):
     # Ray address: None starts a private local cluster when none is running; "auto" joins a running one.
@@ -388,6 +397,7 @@ class RunConfig(Section):
     train: TrainConfig = TrainConfig()
     serve: ServeConfig = ServeConfig()
     eval: EvalConfig = EvalConfig()
+    export: ExportConfig = ExportConfig()
     resources: ResourcesConfig = ResourcesConfig()
 
     @model_validator(mode="after")

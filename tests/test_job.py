@@ -59,6 +59,10 @@ def test_job_runs_the_embedded_default_and_resumes(tmp_path):
     assert sft["finished"] and sft["steps"] == 2 and (run_dir / "sft" / "model" / "model.safetensors").is_file()
     assert f"sft: 2 steps on {sft['samples']} samples" in first.stdout
     assert not (run_dir / "round-2").exists()
+    negatives = json.loads((run_dir / "negatives" / "manifest.json").read_text())
+    card = (run_dir / "model" / "README.md").read_text()  # the model's card: its pairs, training, no eval
+    assert f"{negatives['pairs']} preference pairs from {negatives['samples_in']} samples" in card
+    assert "3 steps on 2 workers" in card and "Not evaluated" in card
 
     round_1 = {stage: json.loads((run_dir / stage / "manifest.json").read_text())
                for stage in ("sft", "data", "negatives", "reference", "train")}
@@ -73,6 +77,7 @@ def test_job_runs_the_embedded_default_and_resumes(tmp_path):
     round_2 = json.loads((run_dir / "round-2" / "train" / "manifest.json").read_text())
     assert round_2["finished"] and round_2["steps"] == 3 and round_2["model_dir"] == str(run_dir / "round-2" / "model")
     assert (run_dir / "round-2" / "model" / "model.safetensors").is_file()
+    assert "2 bootstrapping rounds" in (run_dir / "round-2" / "model" / "README.md").read_text()
 
     finished = {**round_1, **{stage: json.loads((run_dir / stage / "manifest.json").read_text())
                               for stage in ("round-2/negatives", "round-2/reference", "round-2/train")}}
@@ -279,3 +284,5 @@ def test_ray_job_submit_runs_the_whole_job_and_resumes_after_a_stop(head_node, t
     assert "| pope adversarial f1 |" in markdown and "CHAIR_s" in markdown
     assert (run_dir / "plots" / "training.png").stat().st_size > 1000 and (run_dir / "plots" / "eval.png").is_file()
     assert f"report: {run_dir}/report.md" in logs
+    card = (run_dir / "model" / "README.md").read_text()  # the card carries the eval table the report has
+    assert "| pope adversarial f1 |" in card and "Base vs aligned on 4 held-out images" in card

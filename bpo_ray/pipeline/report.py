@@ -12,6 +12,7 @@ from bpo_ray.eval.compare import aligned_only, comparison, format_table
 from bpo_ray.eval.plots import eval_plot, training_plot
 from bpo_ray.pipeline.rundir import RunDir
 from bpo_ray.pipeline.summary import stage_table
+from bpo_ray.train.publish import model_card, push_to_hub
 
 
 def run(cfg: RunConfig, run_dir: RunDir, key: str) -> dict:
@@ -35,7 +36,19 @@ def run(cfg: RunConfig, run_dir: RunDir, key: str) -> dict:
         storage.write_bytes(run_dir.plot("eval.png"), eval_plot(rows))
         plots.append("plots/eval.png")
     storage.write_text(run_dir.report_md, render_markdown(cfg, report, plots))
-    return {"report": run_dir.report_md, "plots": plots, "comparison": rows}
+    out = {"report": run_dir.report_md, "plots": plots, "comparison": rows}
+    if storage.exists(storage.join(run_dir.model, "config.json")):  # the model's card, now that eval has run
+        card = storage.join(run_dir.model, "README.md")
+        storage.write_text(card, model_card(cfg, manifests, rows, _base_name(cfg, manifests)))
+        out["model_card"] = card
+        if cfg.export.push_to_hub:
+            out["pushed_to"] = push_to_hub(run_dir.model, cfg.export.push_to_hub, cfg.export.private)
+    return out
+
+
+def _base_name(cfg: RunConfig, manifests: dict) -> str:
+    sft = manifests.get("sft", {})
+    return f"{cfg.model.name_or_path} (+ sft stage)" if sft and not sft.get("skipped") else cfg.model.name_or_path
 
 
 def training_log(run_dir: RunDir) -> list[dict]:
