@@ -446,8 +446,7 @@ def _unkeyed(value: BaseModel) -> dict:
 
 
 def bootstraps(cfg: RunConfig) -> bool:
-    """Whether the negatives stage makes pairs from the run's own data (else it only reads extra_pairs, and
-    the data stage has nothing to do)."""
+    """Whether the negatives stage makes pairs from the run's own data (else it only reads extra_pairs)."""
     neg = cfg.negatives
     return neg.weakening.enabled or neg.injection.enabled or neg.existence.enabled
 

@@ -33,10 +33,10 @@ def init_ray(resources: ResourcesConfig) -> None:
     otherwise join a cluster already running on this machine, or start a local one.
     ``ray_address: local`` always starts a private cluster (what tests use)."""
     import ray
-    import ray.data
 
     if ray.is_initialized():
         return
+    import ray.data
     # Workers inherit these: one BLAS thread per worker on small machines, quiet tokenizers.
     env_vars = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "TOKENIZERS_PARALLELISM": "false"}
     # A submitted job (ray job submit) already has a runtime env; Ray refuses to merge one that sets the

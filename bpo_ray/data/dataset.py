@@ -123,16 +123,21 @@ def pairs_format(pairs: PairsConfig) -> str:
     return "hub"
 
 
+def _carried(item, text: str | None = None) -> dict:
+    """The row that carries one JSON item (``__json``, its text; ``malformed`` says why one is not a row)."""
+    if not isinstance(item, dict):
+        return {"__json": "", "malformed": f"a JSON {type(item).__name__}, not an object"}
+    return {"__json": json.dumps(item) if text is None else text, "malformed": ""}
+
+
 def _parse_line(row: dict) -> list[dict]:
     """A JSONL line → the row carrying it (none for a blank line)."""
     if not row["text"].strip():
         return []
     try:
-        item = json.loads(row["text"])
+        return [_carried(json.loads(row["text"]), row["text"])]
     except json.JSONDecodeError as err:
         return [{"__json": "", "malformed": f"not JSON: {err}"}]
-    return [{"__json": row["text"] if isinstance(item, dict) else "",
-             "malformed": "" if isinstance(item, dict) else f"a JSON {type(item).__name__}, not an object"}]
 
 
 def read_pairs_raw(pairs: PairsConfig):
@@ -149,9 +154,7 @@ def read_pairs_raw(pairs: PairsConfig):
         items = json.loads(storage.read_text(pairs.path))
         if not isinstance(items, list):
             raise ValueError(f"{pairs.path}: a JSON file of pairs holds a list of objects (or use .jsonl)")
-        rows = [{"__json": json.dumps(item) if isinstance(item, dict) else "", "source_index": i,
-                 "malformed": "" if isinstance(item, dict) else f"a JSON {type(item).__name__}, not an object"}
-                for i, item in enumerate(items)]
+        rows = [{**_carried(item), "source_index": i} for i, item in enumerate(items)]
         ds = ray.data.from_items(rows, override_num_blocks=max(1, min(64, len(rows) // 256)))
     elif fmt == "parquet":
         ds = ray.data.read_parquet(storage.absolute(pairs.path))

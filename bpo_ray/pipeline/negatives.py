@@ -55,7 +55,7 @@ def run(cfg: RunConfig, run_dir: RunDir, key: str) -> dict:
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # reproducible batches
     neg = cfg.negatives
     started = time.time()
-    outputs, generators, samples_in = [], {}, 0
+    outputs, generators, samples_in, words = [], {}, 0, None
     if bootstraps(cfg):
         samples = ray.data.read_parquet(run_dir.samples)
         samples_in = samples.count()
@@ -116,7 +116,7 @@ def run(cfg: RunConfig, run_dir: RunDir, key: str) -> dict:
     write_by_kind(rows, run_dir.stage_dir("negatives"), {"pairs": ("pair", PAIR_COLUMNS), "errors": ("error", ERROR_COLUMNS)})
     counts = count_by(rows, ["kind", "negative_type", "reason"])
     manifest = _manifest(counts, samples_in, generators, neg, time.time() - started)
-    if generators.get(ERROR_INJECTION) == "rules":
+    if words is not None:  # the rules' edit mix
         edits = count_by(rows.map_batches(rules_edit_kinds), ["edit"])
         manifest["by_type"][ERROR_INJECTION].update(vocabulary=words.name,
                                                     edits={k: n for (k,), n in sorted(edits.items())})

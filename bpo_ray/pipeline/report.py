@@ -37,18 +37,20 @@ def run(cfg: RunConfig, run_dir: RunDir, key: str) -> dict:
         plots.append("plots/eval.png")
     storage.write_text(run_dir.report_md, render_markdown(cfg, report, plots))
     out = {"report": run_dir.report_md, "plots": plots, "comparison": rows}
-    if storage.exists(storage.join(run_dir.model, "config.json")):  # the model's card, now that eval has run
+    if storage.exists(storage.join(run_dir.model, "config.json")):  # after eval: the card carries its table
         card = storage.join(run_dir.model, "README.md")
-        storage.write_text(card, model_card(cfg, manifests, rows, _base_name(cfg, manifests)))
+        base = f"{cfg.model.name_or_path} (+ sft stage)" if _sft_trained(manifests) else cfg.model.name_or_path
+        storage.write_text(card, model_card(cfg, manifests, rows, base))
         out["model_card"] = card
         if cfg.export.push_to_hub:
             out["pushed_to"] = push_to_hub(run_dir.model, cfg.export.push_to_hub, cfg.export.private)
     return out
 
 
-def _base_name(cfg: RunConfig, manifests: dict) -> str:
-    sft = manifests.get("sft", {})
-    return f"{cfg.model.name_or_path} (+ sft stage)" if sft and not sft.get("skipped") else cfg.model.name_or_path
+def _sft_trained(stages: dict) -> bool:
+    """Whether the sft stage fine-tuned the base that BPO aligned (rather than being off)."""
+    sft = stages.get("sft", {})
+    return bool(sft) and not sft.get("skipped")
 
 
 def training_log(run_dir: RunDir) -> list[dict]:
@@ -68,9 +70,7 @@ def render_markdown(cfg: RunConfig, report: dict, plots: list[str]) -> str:
     final = (report["training"]["final"] or {})
     first = (report["training"]["first"] or {})
     images = stages.get("eval", {}).get("dataset", "")
-    sft = stages.get("sft", {})
-    trained_base = bool(sft) and not sft.get("skipped")
-    policy = f"`{cfg.model.name_or_path}` fine-tuned by the sft stage" if trained_base else f"`{cfg.model.name_or_path}`"
+    policy = f"`{cfg.model.name_or_path}`" + (" fine-tuned by the sft stage" if _sft_trained(stages) else "")
     lines = [
         f"# BPO run report: {cfg.run_name}", "",
         f"Policy {policy}; run directory `{report['run_dir']}`.", "",
