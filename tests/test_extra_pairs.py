@@ -64,6 +64,13 @@ def sources(tmp_path_factory):
     (root / "rlaif_hub" / "data").mkdir(parents=True)
     ds.to_parquet(str(root / "rlaif_hub" / "data" / "train-00000-of-00001.parquet"))
     ds.to_parquet(str(root / "rlaif.parquet"))
+    # TRL's own columnar shape: a list of images per row (one here), kept encoded through the cast.
+    trl_features = datasets.Features({"images": datasets.Sequence(datasets.Image()), "prompt": datasets.Value("string"),
+                                      "chosen": datasets.Value("string"), "rejected": datasets.Value("string")})
+    datasets.Dataset.from_dict({"images": [[{"bytes": (root / f"{i}.png").read_bytes(), "path": None}] for i in range(3)],
+                                "prompt": ["Describe it."] * 3, "chosen": ["A square.", "A circle.", "Same."],
+                                "rejected": ["A dog.", "A cat.", "same."]},
+                               features=trl_features).save_to_disk(str(root / "trl_disk"))
     return root
 
 
@@ -76,6 +83,7 @@ def sources(tmp_path_factory):
     ("rlaif.parquet", "parquet", 3, {PairReason.EMPTY_RESPONSE: 1}),
     ("rlaif_disk", "hf_disk", 3, {PairReason.EMPTY_RESPONSE: 1}),
     ("rlaif_hub", "hub", 3, {PairReason.EMPTY_RESPONSE: 1}),
+    ("trl_disk", "hf_disk", 2, {PairReason.IDENTICAL_RESPONSES: 1}),
 ])
 def test_every_format_is_read_on_the_cluster(sources, ray_local, name, fmt, pairs, rejected):
     cfg = PairsConfig(path=str(sources / name), image_root=str(sources), format="hub" if fmt == "hub" else "auto")
