@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -364,6 +365,30 @@ class ExportConfig(Section):
     private: bool = True
 
 
+# ------------------------------------------------------------------------------------------- tracking
+class MlflowConfig(Section):
+    # None: what the driver's MLflow resolves (MLFLOW_TRACKING_URI, or its default); a relative local path
+    # is made absolute there. Training workers log to the same URI, so it must be reachable from them.
+    tracking_uri: str | None = None
+    experiment: str = Field("bpo-ray", min_length=1)
+
+
+class WandbConfig(Section):
+    project: str = Field("bpo-ray", min_length=1)
+    entity: str | None = None
+    # offline: runs are written under ``dir`` (or WANDB_DIR) and uploaded later with ``wandb sync``.
+    mode: Literal["online", "offline"] = "online"
+    dir: str | None = None
+
+
+class TrackingConfig(Section):
+    """Experiment trackers a run logs to (off unless a backend is set; ``pip install 'bpo-ray[tracking]'``).
+    No stage reads this section: switching tracking on never re-runs a finished stage."""
+
+    mlflow: MlflowConfig | None = None
+    wandb: WandbConfig | None = None
+
+
 # ------------------------------------------------------------------------------------------ resources
 class ResourcesConfig(Section):
     # Ray address: None starts a private local cluster when none is running; "auto" joins a running one.
@@ -398,6 +423,7 @@ class RunConfig(Section):
     serve: ServeConfig = ServeConfig()
     eval: EvalConfig = EvalConfig()
     export: ExportConfig = ExportConfig()
+    tracking: TrackingConfig = TrackingConfig()
     resources: ResourcesConfig = ResourcesConfig()
 
     @model_validator(mode="after")
@@ -515,6 +541,9 @@ def _impossible_combinations(cfg: RunConfig):
         yield "eval.seed equals data.synthetic.seed: the evaluation images would be the training images"
     if bool(cfg.eval.coco_annotations) != bool(cfg.eval.coco_image_root):
         yield "eval.coco_annotations and eval.coco_image_root go together (the file and where its images are)"
+    for backend, module in (("mlflow", "mlflow"), ("wandb", "wandb")):
+        if getattr(cfg.tracking, backend) is not None and importlib.util.find_spec(module) is None:
+            yield f"tracking.{backend} is set but {module} is not installed: pip install 'bpo-ray[tracking]'"
     yield from serve_problems(cfg.serve)
 
 

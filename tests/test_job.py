@@ -28,19 +28,24 @@ from ray.job_submission import JobDetails, JobStatus, JobSubmissionClient, JobTy
 from conftest import REPO, free_ports, run_cli
 from ray_jobs import JobFailed, SubmittedJob, died_before_entrypoint
 from ray_procs import processes_of, running, stop_processes_of
+from wandb_records import read_offline
 
 RAY = str(Path(sys.executable).parent / "ray")
 # The embedded default trains its SFT base first: a few steps on a few images here.
 TINY_SFT = ["sft.max_steps=2", "sft.data.synthetic.num_images=8", "sft.per_device_batch_size=4"]
 
 
-def test_job_runs_the_embedded_default_and_resumes(tmp_path):
+def test_job_runs_the_embedded_default_and_resumes(tmp_path, monkeypatch):
     """The job on the embedded default, then the same run extended to two bootstrapping rounds: round 1 is
     skipped as finished, round 2 makes its weakened-image negatives with round 1's aligned model and trains on
-    from it; then once more, with everything finished, nothing runs."""
+    from it; then once more, with everything finished, nothing runs. All three jobs log to one MLflow run and
+    one W&B run (offline), rank 0 of each training stage live."""
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3's opt-in to its file store
+    tracked = [f"tracking.mlflow.tracking_uri={tmp_path / 'mlruns'}", "tracking.wandb.mode=offline",
+               f"tracking.wandb.dir={tmp_path / 'wandb'}"]
     common = [f"storage_path={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}", "resources.ray_address=local",
               "data.synthetic.num_images=8", "train.max_steps=3", "negatives.weakening.sampling.max_new_tokens=8", "negatives.truncated=keep", "eval.enabled=false",
-              *TINY_SFT]
+              *TINY_SFT, *tracked]
     first = run_cli("run", "--config", "configs/tiny.yaml", *common)
     assert first.returncode == 0, first.stderr[-3000:]
     run_dir = tmp_path / "runs" / "bpo-tiny"
@@ -86,6 +91,20 @@ def test_job_runs_the_embedded_default_and_resumes(tmp_path):
     assert "round-2/train: 3 steps" in again.stdout  # the closing summary lists every round's stages
     for stage, before in finished.items():
         assert json.loads((run_dir / stage / "manifest.json").read_text()) == before, stage
+
+    from mlflow.tracking import MlflowClient
+
+    ids = json.loads((run_dir / "tracking.json").read_text())
+    client = MlflowClient(ids["mlflow"]["tracking_uri"])
+    [run] = client.search_runs([client.get_experiment_by_name("bpo-ray").experiment_id])
+    assert run.info.run_id == ids["mlflow"]["run_id"] and run.info.status == "FINISHED"
+    for series, steps in (("sft/loss", 2), ("train/loss", 3), ("round-2/train/loss", 3)):  # from Ray Train's rank 0
+        assert [m.step for m in client.get_metric_history(run.info.run_id, series)] == list(range(1, steps + 1))
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "manifests")}
+    assert {"manifests/sft.json", "manifests/train.json", "manifests/report.json"} <= logged
+    offline = read_offline(tmp_path / "wandb")
+    assert offline.run_ids == {ids["wandb"]["run_id"]}
+    assert [step for step, _ in offline.series("round-2/train/loss", "round-2/train/step")] == [1, 2, 3]
 
 
 # ------------------------------------------------------------------------------------- ray job submit

@@ -2,6 +2,7 @@
 output, the stage key, and the manifests that resume reads.
 
     config.yaml                   the resolved config of the latest job
+    tracking.json                 the MLflow / W&B run ids it logs to (``tracking``)
     sft/        samples/ errors/ model/ metrics.jsonl tb/ manifest.json       (sft.enabled)
     data/       samples/ errors/ manifest.json
     negatives/  pairs/ errors/ manifest.json
@@ -54,6 +55,15 @@ class RunDir:
     @property
     def config(self) -> str:
         return self.path("config.yaml")
+
+    @property
+    def tracking(self) -> str:
+        """The ids of the MLflow / W&B runs this run logs to (``cfg.tracking``), so a resumed job logs on."""
+        return self.path("tracking.json")
+
+    def stage_name(self, kind: str) -> str:
+        """The name of this round's stage of ``kind``: ``train``, or ``round-2/train`` in round 2."""
+        return kind if self.round == 1 else f"{round_prefix(self.round)}/{kind}"
 
     @property
     def sft_samples(self) -> str:

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from bpo_ray import storage
+from bpo_ray import storage, tracking
 from bpo_ray.config import RunConfig
 from bpo_ray.pipeline.rundir import RunDir, stage_key
 
@@ -77,13 +77,19 @@ class Pipeline:
         return True
 
     def run_all(self) -> dict[str, dict]:
+        tracked = tracking.open_run(self.cfg, self.run.tracking)  # None unless cfg.tracking names a backend
         upstream = ""
-        for index, stage in enumerate(self.stages):
-            manifest = self._run_one(index, stage, stage_key(upstream, self.cfg, stage.reads))
-            upstream = manifest.get("output_id", "")
+        try:
+            for index, stage in enumerate(self.stages):
+                manifest = self._run_one(index, stage, stage_key(upstream, self.cfg, stage.reads), tracked)
+                upstream = manifest.get("output_id", "")
+        except BaseException:
+            tracking.finish(tracked, ok=False)
+            raise
+        tracking.finish(tracked, ok=True)
         return self.manifests
 
-    def _run_one(self, index: int, stage: Stage, key: str) -> dict:
+    def _run_one(self, index: int, stage: Stage, key: str, tracked: tracking.TrackedRun | None = None) -> dict:
         finished, previous = self._finished(stage, key)
         if not self._selected(index) or (finished and not self.force):
             if not finished and not self._selected(index):
@@ -101,5 +107,6 @@ class Pipeline:
                         seconds=round(time.time() - started, 2), finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
         self.run.write_manifest(stage.name, manifest)
         self.manifests[stage.name] = manifest
+        tracking.log_stage(tracked, stage.name, manifest, self.run.root)
         return manifest
 

@@ -16,6 +16,7 @@ from bpo_ray.config import RunConfig
 from bpo_ray.data.dataset import read_validated
 from bpo_ray.models.loader import resolve_model_path
 from bpo_ray.pipeline.rundir import RunDir
+from bpo_ray.tracking import recorded_run
 from bpo_ray.train.fit import RAY_TRAIN_SNAPSHOT, fit
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,8 @@ def run(cfg: RunConfig, run_dir: RunDir, key: str) -> dict:
     samples = ray.data.read_parquet(run_dir.sft_samples)
     base = resolve_model_path(cfg.model.name_or_path, cfg.cache_dir)
     trained = fit(sft_cfg, samples, objective="sft", checkpoints=_checkpoints(cfg, run_dir, key), base=base,
-                  export_dir=run_dir.sft_model, log_dir=run_dir.training_log("sft"))
+                  export_dir=run_dir.sft_model, log_dir=run_dir.training_log("sft"),
+                  tracked=recorded_run(cfg, run_dir.tracking), stage="sft")
     final = trained["final_metrics"]
     log.info("sft: %d steps, final loss %.4f; base for BPO: %s", trained["steps"], final.get("loss", float("nan")),
              trained["model_dir"])

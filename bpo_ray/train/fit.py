@@ -16,6 +16,7 @@ from bpo_ray import storage
 from bpo_ray.config import RunConfig
 from bpo_ray.raydata import worker_parts
 from bpo_ray.resources import train_worker_request
+from bpo_ray.tracking import TrackedRun
 from bpo_ray.train.setup import optimizer_steps
 from bpo_ray.train.worker import EVENTS_DIR, METRICS_FILE, STATE_FILE, train_loop_per_worker, worker_dataset
 
@@ -36,9 +37,12 @@ class FitJob:
     total_steps: int
     log_dir: str  # metrics.jsonl and tb/ (rank 0)
     export_dir: str
+    tracked: TrackedRun | None = None  # rank 0 logs its steps there too, as ``<stage>/<metric>``
+    stage: str = "train"
 
 
-def fit(cfg: RunConfig, rows, objective: str, checkpoints: str, base: str, export_dir: str, log_dir: str) -> dict:
+def fit(cfg: RunConfig, rows, objective: str, checkpoints: str, base: str, export_dir: str, log_dir: str,
+        tracked: TrackedRun | None = None, stage: str = "train") -> dict:
     """Train ``base`` on ``rows`` with ``cfg.train``, one DeepSpeed engine per Ray Train worker; export it.
 
     ``objective``: "dpo" (rows are scored pairs) or "sft" (rows are samples). ``checkpoints``: this training
@@ -57,7 +61,7 @@ def fit(cfg: RunConfig, rows, objective: str, checkpoints: str, base: str, expor
     micro_per_epoch, total_steps = optimizer_steps(num_rows, train, train.num_workers)
     storage.make_dir(log_dir)
     job = FitJob(cfg=cfg, objective=objective, policy_path=base, total_steps=total_steps, log_dir=log_dir,
-                 export_dir=export_dir)
+                 export_dir=export_dir, tracked=tracked, stage=stage)
     resumed = latest_checkpoint(checkpoints)
     if not resumed:  # a fresh training run starts a fresh log; a resumed one goes on with its own
         storage.remove_file(storage.join(log_dir, METRICS_FILE))

@@ -22,6 +22,7 @@ from bpo_ray.config import RunConfig
 from bpo_ray.data.records import decode_image
 from bpo_ray.models.loader import load_vlm
 from bpo_ray.models.prompts import SampleTooLong, encode_prompt_response
+from bpo_ray.tracking import Session, TrackedRun
 from bpo_ray.train.batch import (
     WeakImages,
     collate,
@@ -175,8 +176,8 @@ def train_loop_per_worker(job: FitJob) -> None:
     batches = (_sft_batches if sft else _batches)(shard, train.per_device_batch_size, processor, cfg)
     for _ in range(micro_done):  # same order as before the interruption: skip what was already trained on
         next(batches)
-    training_log = TrainingLog(job.log_dir, trainable, total, job.total_steps, micro_done // accumulation) \
-        if rank == 0 else None
+    training_log = TrainingLog(job.log_dir, trainable, total, job.total_steps, micro_done // accumulation,
+                               job.tracked, job.stage) if rank == 0 else None
     window, started = [], time.time()
     average = train.loss == "ipo"
     # DeepSpeed's fp32 ZeRO-0 path clips gradients but keeps no norm (get_global_grad_norm() stays None):
@@ -313,8 +314,11 @@ class TrainingLog:
     on from what the last sync saved, as training goes on from the last checkpoint. Only these two entries
     move: ``out_dir`` may hold other outputs (the sft stage's samples)."""
 
-    def __init__(self, out_dir: str, trainable: int, total: int, total_steps: int = 0, first_step: int = 0):
+    def __init__(self, out_dir: str, trainable: int, total: int, total_steps: int = 0, first_step: int = 0,
+                 tracked: TrackedRun | None = None, stage: str = "train"):
         self.out_dir, self.trainable, self.total = out_dir, trainable, total
+        # Experiment trackers (cfg.tracking) get every step live, as ``<stage>/<metric>``.
+        self.tracker, self.stage = (Session(tracked) if tracked else None), stage
         # Progress: steps done since this attempt started (a resumed run's rate is its own), and how many remain.
         self.total_steps, self.since = total_steps, (time.time(), first_step)
         self._scratch = tempfile.TemporaryDirectory(prefix="bpo-train-log-")
@@ -334,6 +338,9 @@ class TrainingLog:
             for key, value in metrics.items():
                 if key != "step":
                     self.writer.add_scalar(f"train/{key}", value, metrics["step"])
+        if self.tracker:
+            self.tracker.metrics({f"{self.stage}/{k}": v for k, v in metrics.items() if k != "step"},
+                                 step=metrics["step"], step_metric=f"{self.stage}/step")
         dpo = (f" margin {metrics['reward_margin']:.4f} acc {metrics['reward_accuracy']:.2f}"
                if "reward_margin" in metrics else "")
         log.info("step %d/%d loss %.4f%s lr %.2e (%d/%d params trainable)%s", metrics["step"], self.total_steps,
@@ -360,6 +367,8 @@ class TrainingLog:
             storage.upload_dir(os.path.join(self.local, EVENTS_DIR), storage.join(self.out_dir, EVENTS_DIR))
 
     def close(self) -> None:
+        if self.tracker:
+            self.tracker.close()
         if self.writer:
             self.writer.close()
         self.sync()
