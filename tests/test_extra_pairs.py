@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from bpo_ray import storage
 from bpo_ray.cli import pairs_overrides
 from bpo_ray.config import PairsConfig, bootstraps, load_config
 from bpo_ray.data.dataset import pairs_format, read_pairs_raw
@@ -109,6 +110,8 @@ def test_training_on_existing_pairs_alone_and_mixed(sources, tmp_path, tiny_mode
     alone = _cfg(tmp_path / "alone", tiny_models, *pairs_overrides(path))  # images next to the file
     assert not bootstraps(alone) and alone.negatives.extra_pairs.path == path
     manifests = run_stages(alone, until="train")
+    assert "nothing is bootstrapped" in manifests["data"]["skipped"]  # no sample was read for nothing
+    assert not storage.exists(RunDir.for_config(alone).samples)
     external = manifests["negatives"]["by_type"]
     assert list(external) == [EXTERNAL]
     assert external[EXTERNAL] == {"pairs": 8, "errors": 6, "rows_in": 13, "rows_ok": 7,
@@ -124,6 +127,7 @@ def test_training_on_existing_pairs_alone_and_mixed(sources, tmp_path, tiny_mode
     mixed = _cfg(tmp_path / "mixed", tiny_models, f"negatives.extra_pairs.path={path}",
                  f"negatives.extra_pairs.image_root={sources}")
     manifests = run_stages(mixed, until="train")
+    assert manifests["data"]["samples"] == manifests["negatives"]["samples_in"] > 0
     neg = manifests["negatives"]
     bootstrapped = neg["by_type"][ERROR_INJECTION]["pairs"]
     assert bootstrapped > 0 and neg["pairs"] == bootstrapped + 8

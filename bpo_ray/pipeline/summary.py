@@ -21,6 +21,8 @@ def _sft(m: dict) -> str | None:
 
 
 def _data(m: dict) -> str:
+    if m.get("skipped"):
+        return f"skipped: {m['skipped']}"
     return (f"{m.get('records_in')} records -> {m.get('samples')} samples, "
             f"{m.get('records_rejected')} rejected {m.get('errors_by_reason') or ''}").rstrip()
 
