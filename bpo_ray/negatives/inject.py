@@ -8,6 +8,7 @@ not there, drop a sentence. Pure functions; every rules output differs from its 
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 
@@ -22,8 +23,24 @@ def _replace_word(text: str, start: int, end: int, new: str) -> str:
 
 
 def _word_matches(text: str, words) -> list[re.Match]:
-    pattern = r"\b(" + "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True)) + r")\b"
-    return list(re.finditer(pattern, text, flags=re.IGNORECASE))
+    return list(_any_word(tuple(words)).finditer(text))
+
+
+@functools.lru_cache(maxsize=64)
+def _any_word(words: tuple[str, ...]) -> re.Pattern:
+    """One pattern for a vocabulary's list, longest first ("traffic light" before "light"); built once."""
+    return re.compile(r"\b(" + "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True)) + r")\b",
+                      flags=re.IGNORECASE)
+
+
+@functools.lru_cache(maxsize=16)
+def _each_word(words: tuple[str, ...]) -> tuple[re.Pattern, ...]:
+    """A pattern per word, in order: which of them a text names (overlapping names each count)."""
+    return tuple(re.compile(rf"\b{re.escape(w)}\b") for w in words)
+
+
+def indefinite_article(word: str) -> str:
+    return "an" if word[:1].lower() in ("a", "e", "i", "o", "u") else "a"
 
 
 def _article(text: str, start: int, new: str) -> tuple[str, int]:
@@ -31,7 +48,7 @@ def _article(text: str, start: int, new: str) -> tuple[str, int]:
     m = re.search(r"\b(an?)\s+$", text[:start], flags=re.IGNORECASE)
     if not m:
         return text, start
-    wanted = "an" if new[:1].lower() in "aeiou" else "a"
+    wanted = indefinite_article(new)
     if m.group(1)[:1].isupper():
         wanted = wanted.capitalize()
     fixed = text[:m.start(1)] + wanted + text[m.end(1):]
@@ -84,14 +101,13 @@ def add_companion(text: str, rng: random.Random, vocab: Vocabulary = GENERAL) ->
     """Name an object the prior suggests but the image does not have: the hallucination BPO targets.
     Always applicable, so it is the fallback that guarantees a change."""
     lower = text.lower()
-    companions = [c for obj, cs in vocab.companions.items() if re.search(rf"\b{re.escape(obj)}\b", lower)
-                  for c in cs if c not in lower]
+    anchors = zip(vocab.companions.items(), _each_word(tuple(vocab.companions)), strict=True)
+    companions = [c for (_, cs), named in anchors if named.search(lower) for c in cs if c not in lower]
     if not companions:
         companions = [c for c in vocab.fallback_companions if c not in lower] or ["dog"]
     companion = rng.choice(companions)
     where = rng.choice(vocab.places)
-    article = "an" if companion[:1] in "aeiou" else "a"
-    sentence = vocab.added.format(a=article, object=companion, place=where)
+    sentence = vocab.added.format(a=indefinite_article(companion), object=companion, place=where)
     joiner = "" if not text or text.endswith((" ", "\n")) else " "
     return text + joiner + sentence, f"add:{companion}"
 
@@ -127,7 +143,7 @@ def _article_for(g: re.Match) -> str:
     """"there is no X" → "there is a/an X"; "there are no Xs" → "there are Xs"."""
     if g.group(1).lower().endswith("are"):
         return g.group(2)
-    return ("an " if g.group(2).lower() in "aeiou" else "a ") + g.group(2)
+    return f"{indefinite_article(g.group(2))} {g.group(2)}"
 
 
 EDITS = (swap_color, change_count, mirror_position, swap_object, drop_sentence)
