@@ -34,7 +34,9 @@ from common import models, parameters, save, table  # noqa: E402
 def samples(run_dir: str) -> list[dict]:
     import pyarrow.parquet as pq
 
-    return pq.read_table(f"{run_dir}/data/samples").to_pylist()
+    from bpo_ray.data.images import rows_with_images
+
+    return rows_with_images(pq.read_table(f"{run_dir}/data/samples").to_pylist(), run_dir)
 
 
 def in_process(model: Path, rows: list[dict], cfg, batch_size: int) -> float:

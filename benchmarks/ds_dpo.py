@@ -34,6 +34,7 @@ def main() -> int:
     import pyarrow.parquet as pq
 
     from bpo_ray.config import RunConfig
+    from bpo_ray.data.images import rows_with_images
     from bpo_ray.train.batch import collate, encode_pair, pad_id, pair_logps
     from bpo_ray.train.losses import training_objective
     from bpo_ray.train.setup import deepspeed_config, disable_dropout
@@ -50,7 +51,8 @@ def main() -> int:
     disable_dropout(model)  # as the Ray worker does for DPO
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                       config=ds_config)
-    rows = pq.read_table(args.pairs).to_pylist()[rank::world]
+    rows = rows_with_images(pq.read_table(args.pairs).to_pylist()[rank::world],
+                            str(Path(args.pairs).resolve().parents[1]))  # <run>/reference/pairs
     size = train.per_device_batch_size
     ends = []
     for step in range(total):

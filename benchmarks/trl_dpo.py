@@ -51,7 +51,10 @@ def main() -> int:
     from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    rows = pq.read_table(args.pairs, columns=["image", "messages", "chosen", "rejected"]).to_pylist()
+    from bpo_ray.data.images import rows_with_images
+
+    rows = pq.read_table(args.pairs, columns=["image", "image_file", "messages", "chosen", "rejected"]).to_pylist()
+    rows = rows_with_images(rows, str(Path(args.pairs).resolve().parents[1]))  # <run>/reference/pairs
     data = Dataset.from_list([conversation(r) for r in rows])
     model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(args.model)

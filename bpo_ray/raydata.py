@@ -41,6 +41,43 @@ def count_by(ds, columns: list[str]) -> Counter:
     return totals
 
 
+def read_json_items(path: str, layout: str = "auto", rows_per_block: int = 4096):
+    """A JSON list (or JSONL) file as a Ray dataset of ``{"index", "text"}`` rows, one per item: a Ray worker
+    streams the file and splits it block by block (``readers.json_items``), so neither the driver nor that
+    worker ever holds the whole file; the items are parsed where the rows are used, in parallel."""
+    import pyarrow as pa
+    import ray.data
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    from bpo_ray.data.readers import json_items, text_chunks
+
+    path = storage.absolute(path)
+    fs, local = storage.resolve(path)
+    size = fs.get_file_info(local).size
+
+    def read():
+        index, text = [], []
+        for i, item in json_items(text_chunks(path), path, layout):
+            index.append(i)
+            text.append(item)
+            if len(index) == rows_per_block:
+                yield pa.table({"index": index, "text": text})
+                index, text = [], []
+        if index or not size:
+            yield pa.table({"index": pa.array(index, pa.int64()), "text": pa.array(text, pa.string())})
+
+    class JsonItems(Datasource):
+        def estimate_inmemory_data_size(self) -> int | None:
+            return size
+
+        def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
+            meta = BlockMetadata(num_rows=None, size_bytes=size, input_files=[path], exec_stats=None)
+            return [ReadTask(read, meta)]
+
+    return ray.data.read_datasource(JsonItems())
+
+
 ORDER_COLUMN = "__order"
 
 

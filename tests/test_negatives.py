@@ -6,6 +6,7 @@ import io
 import json
 import pickle
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -51,9 +52,15 @@ def test_both_negative_types_with_bad_records_and_conservation(tmp_path, tiny_mo
     pairs = _pairs(run)
     assert len(pairs) == neg["pairs"]
     samples = {s["sample_id"]: s for s in pq.read_table(run.samples).to_pylist()}
+    # Each image is stored once in the run directory, as the source's bytes; samples and pairs reference it.
+    stored = {s["image_file"] for s in samples.values()}
+    assert {f"data/images/{p.name}" for p in (Path(run.root) / "data" / "images").iterdir()} == stored
+    for s in samples.values():  # the mixed records name their images by absolute path
+        assert s["image"] == b"" and Path(run.root, s["image_file"]).read_bytes() == Path(s["image_ref"]).read_bytes()
     for pair in pairs:
         sample = samples[pair["sample_id"]]
-        assert pair["chosen"] == sample["answer"] and pair["image"] == sample["image"]
+        assert pair["chosen"] == sample["answer"] and pair["image_file"] == sample["image_file"]
+        assert pair["image"] == b""
         assert pair["rejected"] and pair["rejected"] != pair["chosen"]
         assert pair["seed"] > 0
         if pair["negative_type"] == IMAGE_WEAKENING:
@@ -83,6 +90,40 @@ def test_same_seed_same_pairs(tmp_path, tiny_models, shapes_dir, ray_local):
     assert {p["negative_type"] for p in a} == {IMAGE_WEAKENING, ERROR_INJECTION}
     injected = [p["rejected"] for p in a if p["negative_type"] == ERROR_INJECTION]
     assert injected != [p["rejected"] for p in c]
+
+
+def test_tables_with_inline_images_from_before_the_image_store_make_the_same_pairs(tmp_path, tiny_models, shapes_dir,
+                                                                                     ray_local):
+    """Run directories written before images were stored once carry each image's bytes in every row and have no
+    ``image_file`` column: the negatives and reference stages read them and make the same pairs and scores,
+    and their tables go on carrying the bytes."""
+    import shutil
+
+    import pyarrow as pa
+
+    from bpo_ray.data.images import rows_with_images
+
+    data = shapes_dir / "records.json"
+    new_cfg, old_cfg = (load_config(None, _base(tmp_path / name, tiny_models, data)) for name in ("new", "old"))
+    new, old = RunDir.for_config(new_cfg), RunDir.for_config(old_cfg)
+    run_stages(new_cfg, until="reference")
+    run_stages(old_cfg, until="data")
+    samples = rows_with_images(pq.read_table(old.samples).to_pylist(), old.root)
+    shutil.rmtree(Path(old.root) / "data" / "images")
+    shutil.rmtree(old.samples)
+    Path(old.samples).mkdir()
+    pq.write_table(pa.Table.from_pylist([{k: v for k, v in s.items() if k != "image_file"} for s in samples]),
+                   Path(old.samples) / "part-0.parquet")
+    run_stages(old_cfg, until="reference")  # data: finished, skipped; negatives and reference read the old table
+
+    def made(run):
+        return sorted((p["sample_id"], p["negative_type"], p["rejected"], round(p["ref_chosen_logp"], 4),
+                       round(p["ref_rejected_logp"], 4)) for p in pq.read_table(run.scored_pairs).to_pylist())
+    assert made(old) == made(new) and len(made(new)) > 0
+    by_id = {s["sample_id"]: s["image"] for s in samples}
+    assert all(p["image_file"] == "" and p["image"] == by_id[p["sample_id"]]
+               for p in pq.read_table(old.scored_pairs).to_pylist())
+    assert all(p["image"] == b"" and p["image_file"] for p in pq.read_table(new.scored_pairs).to_pylist())
 
 
 def test_llm_injection_on_hf_and_length_limit(tmp_path, tiny_models, shapes_dir, ray_local):
@@ -227,7 +268,7 @@ def test_existence_pairs_are_balanced_and_reported(tmp_path, tiny_models, shapes
     samples = {s["sample_id"]: s for s in pq.read_table(run.samples).to_pylist()}
     for pair in pairs:
         lender = samples[pair["sample_id"].split("~")[0]]  # the image's representative sample
-        assert pair["image"] == lender["image"] and pair["record_id"] == lender["record_id"]
+        assert pair["image_file"] == lender["image_file"] and pair["record_id"] == lender["record_id"]
         asked = json.loads(pair["edits"])
         objects = next({f"{o['color']} {o['shape']}" for o in t["objects"]} for t in truth
                        if t["image"] == lender["image_ref"])

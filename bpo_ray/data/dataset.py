@@ -1,7 +1,8 @@
 """Read records and validate them over the cluster with Ray Data, writing samples and errors.
 
 ``read_validated(data, cache_dir, out_dir)`` writes ``out_dir/samples/*.parquet`` (one row per assistant
-turn, image bytes inline so later stages need no access to the source) and ``out_dir/errors/*.parquet``
+turn; its image stored once in the run directory, so later stages need no access to the source) and
+``out_dir/errors/*.parquet``
 (record id, reason, detail), and returns the counts that conservation is checked against:
 ``records_in == records_ok + records_rejected``.
 """
@@ -16,16 +17,17 @@ from pathlib import Path
 from bpo_ray import storage
 from bpo_ray.config import DataConfig, PairsConfig, SyntheticDataConfig
 from bpo_ray.data import readers
+from bpo_ray.data.images import ImageStore, store_images
 from bpo_ray.data.records import ImageLimits, validate_record
-from bpo_ray.raydata import count_by, write_by_kind
+from bpo_ray.raydata import count_by, read_json_items, write_by_kind
 
 log = logging.getLogger(__name__)
 
-SAMPLE_COLUMNS = ("sample_id", "record_id", "source_index", "turn", "image", "image_ref", "width", "height",
-                  "messages", "prompt", "answer")
+SAMPLE_COLUMNS = ("sample_id", "record_id", "source_index", "turn", "image", "image_ref", "image_file", "width",
+                  "height", "messages", "prompt", "answer")
 ERROR_COLUMNS = ("record_id", "source_index", "stage", "reason", "detail")
 _EMPTY_SAMPLE = {"sample_id": "", "record_id": "", "source_index": -1, "turn": -1, "image": b"",
-                 "image_ref": "", "width": 0, "height": 0, "messages": "", "prompt": "", "answer": ""}
+                 "image_ref": "", "image_file": "", "width": 0, "height": 0, "messages": "", "prompt": "", "answer": ""}
 
 
 def synthetic_dir(cfg: SyntheticDataConfig, cache_dir: str) -> Path:
@@ -41,16 +43,20 @@ def synthetic_dir(cfg: SyntheticDataConfig, cache_dir: str) -> Path:
 
 
 def _validated_rows(raw: dict, image_root: str | None, limits: ImageLimits) -> list[dict]:
-    """One raw record → sample rows, or one error row; every row has the same columns (kind tells)."""
+    """One raw record (or a JSON item's text, parsed here) → sample rows, or one error row; every row has the
+    same columns (kind tells)."""
+    if "text" in raw:
+        raw = readers.record_from_json(raw["index"], raw["text"])
     samples, error = validate_record(raw, image_root, limits)
     if error is not None:
         return [{**_EMPTY_SAMPLE, **error, "kind": "error"}]
-    return [{**sample, "kind": "sample", "stage": "data", "reason": "", "detail": ""} for sample in samples]
+    return [{**sample, "image_file": "", "kind": "sample", "stage": "data", "reason": "", "detail": ""}
+            for sample in samples]
 
 
 def read_raw(data: DataConfig, cache_dir: str):
-    """(Ray dataset of raw records, image root). LLaVA JSON is parsed on the driver (it holds paths only);
-    parquet and HF datasets, which may hold image bytes, are read by Ray workers."""
+    """(Ray dataset of raw records, image root), read by Ray workers: a LLaVA JSON list or JSONL as the text of
+    each item (parsed in validation), parquet and HF datasets as their rows."""
     import ray.data
 
     if data.format == "synthetic":
@@ -59,11 +65,11 @@ def read_raw(data: DataConfig, cache_dir: str):
     else:
         path, fmt, image_root = data.path, data.format, data.image_root
     if fmt == "llava_json":
-        records = list(readers.iter_records(fmt, path))
+        if not storage.exists(path):
+            raise FileNotFoundError(f"data.path {path} does not exist")
         if image_root is None:  # relative image paths resolve next to the records file
             image_root = storage.absolute(str(Path(path).parent)) if not storage.is_uri(path) else path.rsplit("/", 1)[0]
-        ds = ray.data.from_items(records, override_num_blocks=max(1, min(64, len(records) // 256))) if records \
-            else ray.data.from_items([])
+        ds = read_json_items(path)
     elif fmt == "parquet":
         ds = ray.data.read_parquet(storage.absolute(path)).select_columns(list(readers.RAW_COLUMNS))
     else:
@@ -73,12 +79,17 @@ def read_raw(data: DataConfig, cache_dir: str):
     return ds, image_root
 
 
-def read_validated(data: DataConfig, cache_dir: str, out_dir: str, name: str) -> dict:
-    """Read + validate ``data`` into ``out_dir/samples`` and ``out_dir/errors``; the manifest's counts."""
+def read_validated(data: DataConfig, cache_dir: str, out_dir: str, name: str, store: ImageStore | None = None) -> dict:
+    """Read + validate ``data`` into ``out_dir/samples`` and ``out_dir/errors``; the manifest's counts. With
+    ``store``, each image is stored there once and samples reference it (``data/images.py``); without, samples
+    carry their image bytes."""
     ds, image_root = read_raw(data, cache_dir)
     records_in = ds.count()  # counted on the input side, so the conservation check below can fail
     limits = ImageLimits(data.max_image_pixels, data.max_image_bytes)
-    rows = ds.flat_map(_validated_rows, fn_kwargs={"image_root": image_root, "limits": limits}).materialize()
+    rows = ds.flat_map(_validated_rows, fn_kwargs={"image_root": image_root, "limits": limits})
+    if store is not None:
+        rows = rows.map_batches(store_images, batch_format="numpy", fn_kwargs={"store": store})
+    rows = rows.materialize()  # read twice below (tables, counts); rows hold no image bytes with a store
     write_by_kind(rows, out_dir, {"samples": ("sample", SAMPLE_COLUMNS), "errors": ("error", ERROR_COLUMNS)})
     counts = count_by(rows, ["kind", "turn", "reason"])
     num_samples = sum(n for (kind, _, _), n in counts.items() if kind == "sample")
@@ -140,9 +151,17 @@ def _parse_line(row: dict) -> list[dict]:
         return [{"__json": "", "malformed": f"not JSON: {err}"}]
 
 
+def _parse_item(row: dict) -> dict:
+    """A JSON list's item → the row carrying it."""
+    try:
+        return {**_carried(json.loads(row["text"]), row["text"]), "source_index": row["index"]}
+    except json.JSONDecodeError as err:  # json_items split it as JSON: a guard only
+        return {"__json": "", "malformed": f"not JSON: {err}", "source_index": row["index"]}
+
+
 def read_pairs_raw(pairs: PairsConfig):
-    """Rows of an existing preference dataset as a Ray dataset. JSONL and parquet are read by Ray workers in
-    parallel blocks; a JSON list is parsed on the driver; ``save_to_disk`` and ``load_dataset`` sources go
+    """Rows of an existing preference dataset as a Ray dataset. JSON, JSONL and parquet are read by Ray
+    workers, never whole on the driver; ``save_to_disk`` and ``load_dataset`` sources go
     through ``datasets`` (images as encoded bytes, never decoded). JSON rows travel as their text (``__json``),
     so rows of different shapes never have to share an Arrow schema."""
     import ray.data
@@ -151,11 +170,7 @@ def read_pairs_raw(pairs: PairsConfig):
     if fmt == "jsonl":
         ds = ray.data.read_text(storage.absolute(pairs.path)).flat_map(_parse_line)
     elif fmt == "json":
-        items = json.loads(storage.read_text(pairs.path))
-        if not isinstance(items, list):
-            raise ValueError(f"{pairs.path}: a JSON file of pairs holds a list of objects (or use .jsonl)")
-        rows = [{**_carried(item), "source_index": i} for i, item in enumerate(items)]
-        ds = ray.data.from_items(rows, override_num_blocks=max(1, min(64, len(rows) // 256)))
+        ds = read_json_items(pairs.path, layout="list").map(_parse_item)
     elif fmt == "parquet":
         ds = ray.data.read_parquet(storage.absolute(pairs.path))
     elif storage.is_uri(pairs.path) or not Path(pairs.path).exists():  # a Hub id: Ray reads its parquet files

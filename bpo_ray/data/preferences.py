@@ -200,12 +200,12 @@ def preference_rows(row: dict, layout: str = "auto", image_root: str | None = No
         return [{**_EMPTY_PAIR, "kind": "error", "sample_id": "", "record_id": record_id or "",
                  "stage": "negatives", "negative_type": EXTERNAL, "reason": err.reason, "detail": err.detail[:500]}]
     return [{"kind": "pair", "sample_id": f"{record_id}#{k}", "record_id": record_id, "image": data,
-             "image_ref": ref, "messages": json.dumps(messages), "prompt": messages[-1]["content"],
+             "image_ref": ref, "image_file": "", "messages": json.dumps(messages), "prompt": messages[-1]["content"],
              "chosen": chosen, "rejected": rejected, "negative_type": EXTERNAL, "distortion": "",
              "edits": json.dumps({"layout": found}), "generator": source or found, "seed": 0,
              "rejected_truncated": False, "stage": "", "reason": "", "detail": ""}
             for k, (chosen, rejected) in enumerate(pairs)]
 
 
-_EMPTY_PAIR = {"image": b"", "image_ref": "", "messages": "", "prompt": "", "chosen": "", "rejected": "",
+_EMPTY_PAIR = {"image": b"", "image_ref": "", "image_file": "", "messages": "", "prompt": "", "chosen": "", "rejected": "",
                "distortion": "", "edits": "", "generator": "", "seed": 0, "rejected_truncated": False}

@@ -11,36 +11,118 @@ Formats:
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from bpo_ray.storage import read_text
+from bpo_ray.storage import resolve
 
 RAW_COLUMNS = ("id", "image", "conversations")
 
 
-def iter_llava_json(path: str) -> Iterator[dict]:
-    text = read_text(path)
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not a valid JSON list ({err}); JSONL is read line by line instead") from None
-        for index, item in enumerate(items):
-            yield normalize(item, index)
+CHUNK_CHARS = 1 << 22  # how much of a JSON file is held at a time, whatever its size
+
+
+def text_chunks(path: str, chunk_bytes: int = CHUNK_CHARS) -> Iterator[str]:
+    """A local or cloud file as UTF-8 text, chunk by chunk (never the whole file in memory)."""
+    import codecs
+
+    fs, p = resolve(path)
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    with fs.open_input_stream(p) as f:
+        while chunk := f.read(chunk_bytes):
+            yield decoder.decode(chunk)
+    yield decoder.decode(b"", final=True)
+
+
+def json_items(chunks: Iterator[str], path: str = "", layout: str = "auto") -> Iterator[tuple[int, str]]:
+    """(index, text) of each item of a JSON list, or of each non-blank line of JSONL (``layout`` "auto": a list
+    when the text starts with ``[``; "list": a list or an error), reading ``chunks`` as they come. An item's
+    text is parsed by whoever takes it; here a list is only split, so an invalid one is an error naming where."""
+    chunks = iter(chunks)
+    buffer, ended = "", False
+
+    def more() -> bool:
+        nonlocal buffer, ended
+        for chunk in chunks:
+            buffer += chunk
+            if chunk:
+                return True
+        ended = True
+        return False
+
+    while not buffer.strip() and more():
+        pass
+    start = len(buffer) - len(buffer.lstrip())
+    if buffer[start:start + 1] != "[":
+        if layout == "list":
+            raise ValueError(f"{path}: not a JSON list (it starts with {buffer[start:start + 20]!r})")
+        yield from _lines(buffer, chunks)
         return
-    for index, line in enumerate(text.splitlines()):
-        if not line.strip():
+    decoder, pos, index, expect_item = json.JSONDecoder(), start + 1, 0, True
+    while True:
+        while pos < len(buffer) and buffer[pos].isspace():
+            pos += 1
+        if pos >= len(buffer):
+            if not more():
+                raise ValueError(f"{path}: not a valid JSON list: it ends after item {index} without ']'")
+            continue
+        if buffer[pos] == "]" and (index == 0 or not expect_item):
+            rest = buffer[pos + 1:] + "".join(chunks)
+            if rest.strip():
+                raise ValueError(f"{path}: not a valid JSON list: {rest.strip()[:20]!r} after its closing ']'")
+            return
+        if not expect_item:
+            if buffer[pos] != ",":
+                raise ValueError(f"{path}: not a valid JSON list: expected ',' or ']' after item {index - 1}, "
+                                 f"got {buffer[pos:pos + 20]!r}")
+            pos, expect_item = pos + 1, True
             continue
         try:
-            item = json.loads(line)
+            _, end = decoder.raw_decode(buffer, pos)
+            # A number or literal cut by the chunk's end also decodes ("3" of "3.5"): take an item only once the
+            # ',' or ']' after it is in view (or the text has ended).
+            complete = ended or buffer[end:].lstrip()[:1] in (",", "]")
         except json.JSONDecodeError as err:
-            yield {"id": f"line-{index + 1}", "image": None, "conversations": None, "source_index": index,
-                   "malformed": f"line {index + 1} is not JSON: {err}"}
+            if ended or not more():
+                raise ValueError(f"{path}: not a valid JSON list: item {index}: {err}") from None
             continue
-        yield normalize(item, index)
+        if not complete:
+            more()
+            continue
+        yield index, buffer[pos:end]
+        index, pos, expect_item = index + 1, end, False
+        if pos > CHUNK_CHARS:  # drop what has been handed out
+            buffer, pos = buffer[pos:], 0
+
+
+def _lines(buffer: str, chunks: Iterator[str]) -> Iterator[tuple[int, str]]:
+    index = 0
+    for chunk in itertools.chain([""], chunks):
+        buffer += chunk
+        *lines, buffer = buffer.split("\n")
+        for line in lines:
+            if line.strip():
+                yield index, line
+            index += 1
+    if buffer.strip():
+        yield index, buffer
+
+
+def record_from_json(index: int, text: str) -> dict:
+    """One LLaVA JSON item (or JSONL line) → a raw record; a line that is not JSON is a malformed record."""
+    try:
+        item = json.loads(text)
+    except json.JSONDecodeError as err:
+        return {"id": f"line-{index + 1}", "image": None, "conversations": None, "source_index": index,
+                "malformed": f"line {index + 1} is not JSON: {err}"}
+    return normalize(item, index)
+
+
+def iter_llava_json(path: str) -> Iterator[dict]:
+    for index, text in json_items(text_chunks(path), path):
+        yield record_from_json(index, text)
 
 
 def normalize(item, index: int) -> dict:

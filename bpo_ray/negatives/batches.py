@@ -25,11 +25,11 @@ from bpo_ray.negatives.pairs import (
 )
 from bpo_ray.negatives.vocabulary import Vocabulary
 
-PAIR_COLUMNS = ("sample_id", "record_id", "image", "image_ref", "messages", "prompt", "chosen", "rejected",
-                "negative_type", "distortion", "edits", "generator", "seed", "rejected_truncated")
+PAIR_COLUMNS = ("sample_id", "record_id", "image", "image_ref", "image_file", "messages", "prompt", "chosen",
+                "rejected", "negative_type", "distortion", "edits", "generator", "seed", "rejected_truncated")
 ERROR_COLUMNS = ("sample_id", "record_id", "stage", "negative_type", "reason", "detail")
 # What a sample carries through generation untouched (packed, so engine columns never collide with it).
-CARRIED = ("sample_id", "record_id", "image", "image_ref", "messages", "prompt", "answer")
+CARRIED = ("sample_id", "record_id", "image", "image_ref", "image_file", "messages", "prompt", "answer")
 
 
 def _rows(batch: dict) -> list[dict]:
@@ -38,7 +38,7 @@ def _rows(batch: dict) -> list[dict]:
 
 
 def _carry(rows: list[dict]) -> np.ndarray:
-    return np.array([pickle.dumps({k: r[k] for k in CARRIED}) for r in rows], dtype=object)
+    return np.array([pickle.dumps({k: r.get(k, "") for k in CARRIED}) for r in rows], dtype=object)
 
 
 def _columns(rows: list[dict], names) -> dict:
@@ -48,8 +48,11 @@ def _columns(rows: list[dict], names) -> dict:
 def _out(sample: dict, negative_type: str, rejected: str, *, distortion: str = "", edits: str = "",
          generator: str = "", seed: int = 0, truncated: bool = False, reason: str = "", detail: str = "") -> dict:
     """One output row; the same columns whether it is a pair or an error (``kind`` tells)."""
-    return {"sample_id": sample["sample_id"], "record_id": sample["record_id"], "image": sample["image"],
-            "image_ref": sample["image_ref"], "messages": sample["messages"], "prompt": sample["prompt"],
+    # A stored image travels as its reference (``data/images.py``); older tables' inline bytes as they are.
+    stored = sample.get("image_file") or ""
+    return {"sample_id": sample["sample_id"], "record_id": sample["record_id"],
+            "image": b"" if stored else sample["image"], "image_ref": sample["image_ref"], "image_file": stored,
+            "messages": sample["messages"], "prompt": sample["prompt"],
             "chosen": sample["answer"], "rejected": rejected, "negative_type": negative_type,
             "distortion": distortion, "edits": edits, "generator": generator, "seed": int(seed),
             "rejected_truncated": truncated, "stage": "negatives", "kind": "error" if reason else "pair",

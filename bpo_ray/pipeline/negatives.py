@@ -22,6 +22,7 @@ import numpy as np
 
 from bpo_ray.config import RunConfig, bootstraps
 from bpo_ray.data.dataset import pairs_image_root, read_pairs_raw, synthetic_dir
+from bpo_ray.data.images import ImageStore, store_images, with_images
 from bpo_ray.data.preferences import EXTERNAL, preference_rows
 from bpo_ray.data.records import ImageLimits
 from bpo_ray.data.synthetic import COLORS, SHAPES
@@ -70,8 +71,8 @@ def run(cfg: RunConfig, run_dir: RunDir, key: str) -> dict:
         described = distort.describe(distortions)
         generators[IMAGE_WEAKENING] = policy
         size = model_input_size(load_processor(policy, cfg.model).image_processor)
-        prepared = ok.map_batches(weaken_batch, fn_kwargs={"distortions": distortions, "seed": neg.seed,
-                                                           "size": size})
+        prepared = with_images(ok, run_dir.root).map_batches(
+            weaken_batch, fn_kwargs={"distortions": distortions, "seed": neg.seed, "size": size})
         spec = GenerationSpec(neg.weakening.engine, policy, True, neg.weakening.sampling, neg.weakening.pool,
                               cfg.model.max_length, model=cfg.model)
         outputs.append(generate_column(prepared, spec).map_batches(
@@ -110,7 +111,8 @@ def run(cfg: RunConfig, run_dir: RunDir, key: str) -> dict:
         limits = ImageLimits(neg.extra_pairs.max_image_pixels, neg.extra_pairs.max_image_bytes)
         outputs.append(raw.flat_map(preference_rows, fn_kwargs={
             "layout": neg.extra_pairs.layout, "image_root": pairs_image_root(neg.extra_pairs, fmt), "limits": limits,
-            "source": neg.extra_pairs.path}))
+            "source": neg.extra_pairs.path}).map_batches(
+            store_images, batch_format="numpy", fn_kwargs={"store": ImageStore(run_dir.root, "negatives/images")}))
 
     rows = (outputs[0].union(*outputs[1:]) if len(outputs) > 1 else outputs[0]).materialize()
     write_by_kind(rows, run_dir.stage_dir("negatives"), {"pairs": ("pair", PAIR_COLUMNS), "errors": ("error", ERROR_COLUMNS)})

@@ -7,6 +7,7 @@ with ``train.image_weight``) + ``reference/errors``
 from __future__ import annotations
 
 from bpo_ray.config import RunConfig
+from bpo_ray.data.images import detach_images, with_images
 from bpo_ray.negatives.batches import ERROR_COLUMNS
 from bpo_ray.pipeline.rundir import RunDir, policy_path
 from bpo_ray.raydata import count_by, write_by_kind
@@ -21,6 +22,7 @@ def run(cfg: RunConfig, run_dir: RunDir, key: str) -> dict:
 
     pairs = ray.data.read_parquet(run_dir.pairs)
     pairs_in = pairs.count()
+    pairs = with_images(pairs, run_dir.root)  # the bytes, for scoring only: the table written keeps references
     pool = cfg.train.reference_pool
     weak = WeakImages.for_config(cfg)
     rows = pairs.map_batches(
@@ -30,7 +32,7 @@ def run(cfg: RunConfig, run_dir: RunDir, key: str) -> dict:
                                "precision": precision(cfg.train, cfg.resources.use_gpu),
                                "threads": torch_threads(pool.num_cpus), "weak": weak},
         compute=ray.data.ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size),
-        **pool_request(pool)).materialize()
+        **pool_request(pool)).map_batches(detach_images, batch_format="numpy").materialize()
     write_by_kind(rows, run_dir.stage_dir("reference"),
                   {"pairs": ("pair", scored_columns(weak)), "errors": ("error", ERROR_COLUMNS)})
     counts = count_by(rows, ["kind", "reason"])

@@ -19,4 +19,5 @@ def run(cfg: RunConfig, run_dir: RunDir, key: str) -> dict:
     pairs = ray.data.read_parquet(run_dir.scored_pairs)
     return fit(cfg, pairs, objective="dpo", checkpoints=run_dir.checkpoint_run("train", key),
                base=policy_path(cfg, run_dir), export_dir=run_dir.model, log_dir=run_dir.training_log("train"),
+               images_root=run_dir.root,
                tracked=recorded_run(cfg, run_dir.tracking), stage=run_dir.stage_name("train"))

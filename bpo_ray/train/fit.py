@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from bpo_ray import storage
 from bpo_ray.config import RunConfig
+from bpo_ray.data.images import with_images
 from bpo_ray.raydata import worker_parts
 from bpo_ray.resources import train_worker_request
 from bpo_ray.tracking import TrackedRun
@@ -42,11 +43,12 @@ class FitJob:
 
 
 def fit(cfg: RunConfig, rows, objective: str, checkpoints: str, base: str, export_dir: str, log_dir: str,
-        tracked: TrackedRun | None = None, stage: str = "train") -> dict:
+        images_root: str, tracked: TrackedRun | None = None, stage: str = "train") -> dict:
     """Train ``base`` on ``rows`` with ``cfg.train``, one DeepSpeed engine per Ray Train worker; export it.
 
     ``objective``: "dpo" (rows are scored pairs) or "sft" (rows are samples). ``checkpoints``: this training
-    run's folder; the same folder resumes from the latest checkpoint Ray Train recorded there."""
+    run's folder; the same folder resumes from the latest checkpoint Ray Train recorded there. ``images_root``:
+    the run directory the rows' ``image_file`` references are in (``data/images.py``)."""
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -80,7 +82,9 @@ def fit(cfg: RunConfig, rows, objective: str, checkpoints: str, base: str, expor
         scaling_config=ray.train.ScalingConfig(num_workers=train.num_workers, use_gpu=res.use_gpu,
                                                resources_per_worker=resources,
                                                accelerator_type=res.accelerator_type),
-        datasets={worker_dataset(rank): part for rank, part in enumerate(parts)},
+        # The parts are ordered and split without their images (small in the object store); each worker's
+        # reads attach them block by block, in order, every epoch.
+        datasets={worker_dataset(rank): with_images(part, images_root) for rank, part in enumerate(parts)},
         dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=execution),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage_path,
