@@ -3,9 +3,9 @@ output, the stage key, and the manifests that resume reads.
 
     config.yaml                   the resolved config of the latest job
     tracking.json                 the MLflow / W&B run ids it logs to (``tracking``)
-    sft/        samples/ errors/ model/ metrics.jsonl tb/ manifest.json       (sft.enabled)
-    data/       samples/ errors/ manifest.json
-    negatives/  pairs/ errors/ manifest.json
+    sft/        samples/ errors/ images/ model/ metrics.jsonl tb/ manifest.json  (sft.enabled)
+    data/       samples/ errors/ images/ manifest.json   (images/: each image once; rows reference it)
+    negatives/  pairs/ errors/ images/ (existing pairs' images) manifest.json
     reference/  pairs/ (scored) errors/ manifest.json
     checkpoints/<stage>-<key>/    Ray Train's checkpoints of one training run (sft or train)
     train/      metrics.jsonl tb/ manifest.json

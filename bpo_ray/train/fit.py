@@ -84,7 +84,7 @@ def fit(cfg: RunConfig, rows, objective: str, checkpoints: str, base: str, expor
                                                accelerator_type=res.accelerator_type),
         # The parts are ordered and split without their images (small in the object store); each worker's
         # reads attach them block by block, in order, every epoch.
-        datasets={worker_dataset(rank): with_images(part, images_root) for rank, part in enumerate(parts)},
+        datasets={worker_dataset(rank): _with_images(part, images_root) for rank, part in enumerate(parts)},
         dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=execution),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage_path,
@@ -99,6 +99,12 @@ def fit(cfg: RunConfig, rows, objective: str, checkpoints: str, base: str, expor
             "final_metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))},
             "checkpoint": result.checkpoint.path if result.checkpoint else None, "model_dir": export_dir,
             "resumed_from_micro_step": resumed[1] if resumed else 0}
+
+
+def _with_images(part, images_root: str):
+    ds = with_images(part, images_root)
+    ds.context.enable_progress_bars = False  # each worker reads its part once an epoch: a bar each time is noise
+    return ds
 
 
 # Ray Train V2 restores ``ray.train.get_checkpoint()`` from this file in the run's storage folder; a

@@ -140,6 +140,8 @@ def train_loop_per_worker(job: FitJob) -> None:
     from bpo_ray.runtime import setup_worker_logging
 
     setup_worker_logging()  # a fresh worker process: its progress lines reach the driver's (and the job's) log
+    # This worker reads its part of the rows once an epoch: Ray Data would announce every read.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     cfg = job.cfg
     train = cfg.train
     ctx = ray.train.get_context()
