@@ -54,7 +54,7 @@ def open_run(cfg: RunConfig, record: str) -> TrackedRun | None:
     entry: dict[str, dict] = {}
     created: set[str] = set()
     mlflow_uri = mlflow_run_id = wandb_run_id = None
-    wandb = settings.wandb
+    wandb = _wandb_settings(settings.wandb)
     if settings.mlflow is not None:
         mlflow_uri = _mlflow_uri(settings.mlflow)
         where = {"tracking_uri": mlflow_uri, "experiment": settings.mlflow.experiment}
@@ -66,8 +66,6 @@ def open_run(cfg: RunConfig, record: str) -> TrackedRun | None:
             _mlflow_client(mlflow_uri).update_run(mlflow_run_id, status="RUNNING")
         entry["mlflow"] = {**where, "run_id": mlflow_run_id}
     if wandb is not None:
-        if wandb.dir:  # workers run elsewhere: a relative folder would be theirs, not this one
-            wandb = wandb.model_copy(update={"dir": os.path.abspath(wandb.dir)})
         where = {"project": wandb.project, "entity": wandb.entity}
         wandb_run_id = _same(saved.get("wandb"), where)
         if wandb_run_id is None:
@@ -96,7 +94,7 @@ def recorded_run(cfg: RunConfig, record: str) -> TrackedRun | None:
     mlflow, wandb = saved.get("mlflow", {}), saved.get("wandb", {})
     return TrackedRun(cfg.run_name,
                       settings.mlflow if mlflow else None, mlflow.get("tracking_uri"), mlflow.get("run_id"),
-                      settings.wandb if wandb else None, wandb.get("run_id"))
+                      _wandb_settings(settings.wandb) if wandb else None, wandb.get("run_id"))
 
 
 def log_stage(run: TrackedRun | None, stage: str, manifest: dict, run_root: str) -> None:
@@ -262,6 +260,14 @@ def _same(saved: dict | None, where: dict) -> str | None:
     if saved and all(saved.get(k) == v for k, v in where.items()):
         return saved.get("run_id")
     return None
+
+
+def _wandb_settings(settings: WandbConfig | None) -> WandbConfig | None:
+    """With ``dir`` made absolute here, on the driver: training workers run elsewhere, and a relative folder
+    would be theirs."""
+    if settings is None or not settings.dir:
+        return settings
+    return settings.model_copy(update={"dir": os.path.abspath(settings.dir)})
 
 
 def _mlflow_uri(settings: MlflowConfig) -> str:

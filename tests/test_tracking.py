@@ -101,7 +101,7 @@ def test_a_run_is_one_tracked_run_across_jobs_with_its_steps_stages_and_eval_tab
     assert any(row.get("eval/aligned/pope/adversarial/f1") == 0.696 for row in offline.history)
 
 
-def test_other_tracking_settings_start_a_new_tracked_run_and_no_stage_reruns(settings, tmp_path):
+def test_other_tracking_settings_start_a_new_tracked_run_and_no_stage_reruns(settings, tmp_path, monkeypatch):
     cfg = load_config(None, settings)
     run_dir = RunDir.for_config(cfg)
     first = tracking.open_run(cfg, run_dir.tracking)
@@ -109,6 +109,10 @@ def test_other_tracking_settings_start_a_new_tracked_run_and_no_stage_reruns(set
     second = tracking.open_run(moved, run_dir.tracking)
     assert second.mlflow_run_id != first.mlflow_run_id and second.wandb_run_id == first.wandb_run_id
     assert tracking.recorded_run(moved, run_dir.tracking) == second  # what the training stages hand rank 0
+    monkeypatch.chdir(tmp_path)  # a relative W&B folder is the driver's, made absolute before workers get it
+    relative = load_config(None, [*settings[:-1], "tracking.wandb.dir=wandb-here"])
+    assert tracking.open_run(relative, run_dir.tracking).wandb.dir == str(tmp_path / "wandb-here") \
+        == tracking.recorded_run(relative, run_dir.tracking).wandb.dir
     assert tracking.recorded_run(load_config(None, [f"storage_path={tmp_path / 'runs'}"]), run_dir.tracking) is None
     untracked = load_config(None, [f"storage_path={tmp_path / 'runs'}"])
     for stage in STAGES:  # switching tracking on never invalidates a finished stage
