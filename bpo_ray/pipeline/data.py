@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from bpo_ray.config import RunConfig, bootstraps
 from bpo_ray.data.dataset import read_validated
-from bpo_ray.data.images import ImageStore
 from bpo_ray.pipeline.rundir import RunDir
 
 
@@ -14,5 +13,4 @@ def run(cfg: RunConfig, run_dir: RunDir, key: str) -> dict:
     if not bootstraps(cfg):  # training on existing pairs alone (bpo train --pairs): no sample is needed
         return {"skipped": "nothing is bootstrapped (weakening, injection and existence are off): the negatives "
                            "stage reads only negatives.extra_pairs"}
-    return read_validated(cfg.data, cfg.cache_dir, run_dir.stage_dir("data"), "data",
-                          ImageStore(run_dir.root, "data/images"))
+    return read_validated(cfg.data, cfg.cache_dir, run_dir.stage_dir("data"), "data", run_dir.image_store("data"))

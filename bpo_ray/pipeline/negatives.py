@@ -22,7 +22,7 @@ import numpy as np
 
 from bpo_ray.config import RunConfig, bootstraps
 from bpo_ray.data.dataset import pairs_image_root, read_pairs_raw, synthetic_dir
-from bpo_ray.data.images import ImageStore, store_images, with_images
+from bpo_ray.data.images import store_images, with_images
 from bpo_ray.data.preferences import EXTERNAL, preference_rows
 from bpo_ray.data.records import ImageLimits
 from bpo_ray.data.synthetic import COLORS, SHAPES
@@ -112,7 +112,7 @@ def run(cfg: RunConfig, run_dir: RunDir, key: str) -> dict:
         outputs.append(raw.flat_map(preference_rows, fn_kwargs={
             "layout": neg.extra_pairs.layout, "image_root": pairs_image_root(neg.extra_pairs, fmt), "limits": limits,
             "source": neg.extra_pairs.path}).map_batches(
-            store_images, batch_format="numpy", fn_kwargs={"store": ImageStore(run_dir.root, "negatives/images")}))
+            store_images, batch_format="numpy", fn_kwargs={"store": run_dir.image_store("negatives")}))
 
     rows = (outputs[0].union(*outputs[1:]) if len(outputs) > 1 else outputs[0]).materialize()
     write_by_kind(rows, run_dir.stage_dir("negatives"), {"pairs": ("pair", PAIR_COLUMNS), "errors": ("error", ERROR_COLUMNS)})

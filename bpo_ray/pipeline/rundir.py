@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from bpo_ray import storage
 from bpo_ray.config import RunConfig
+from bpo_ray.data.images import ImageStore
 
 
 def stage_key(upstream_output: str, cfg: RunConfig, sections: tuple[str, ...]) -> str:
@@ -118,6 +119,12 @@ class RunDir:
 
     def stage_dir(self, stage: str) -> str:
         return self._in_round(stage)
+
+    def image_store(self, stage: str) -> ImageStore:
+        """Where ``stage`` (this round's) stores the images it validated, ``<stage>/images``; rows reference them
+        relative to the root."""
+        folder = stage if self.round == 1 else f"{round_prefix(self.round)}/{stage}"
+        return ImageStore(self.root, f"{folder}/images")
 
     def errors(self, stage: str) -> str:
         return self._in_round(stage, "errors")

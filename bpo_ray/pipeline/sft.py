@@ -14,7 +14,6 @@ import logging
 from bpo_ray import storage
 from bpo_ray.config import RunConfig
 from bpo_ray.data.dataset import read_validated
-from bpo_ray.data.images import ImageStore
 from bpo_ray.models.loader import resolve_model_path
 from bpo_ray.pipeline.rundir import RunDir
 from bpo_ray.tracking import recorded_run
@@ -28,8 +27,7 @@ def run(cfg: RunConfig, run_dir: RunDir, key: str) -> dict:
 
     if not cfg.sft.enabled:
         return {"skipped": "sft.enabled is false"}
-    data = read_validated(cfg.sft.data, cfg.cache_dir, run_dir.stage_dir("sft"), "sft",
-                          ImageStore(run_dir.root, "sft/images"))
+    data = read_validated(cfg.sft.data, cfg.cache_dir, run_dir.stage_dir("sft"), "sft", run_dir.image_store("sft"))
     if not data["samples"]:
         raise ValueError(f"sft: no valid sample in sft.data (rejected: {data['errors_by_reason']})")
     sft_cfg = cfg.model_copy(update={"train": cfg.sft.as_train()})
