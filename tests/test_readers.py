@@ -90,6 +90,8 @@ def test_json_items_splits_a_list_or_jsonl_as_it_streams(chunk):
             list(readers.json_items(_chunked(bad, chunk), "f.json"))
     with pytest.raises(ValueError, match="not a JSON list"):
         list(readers.json_items(_chunked('{"a": 1}', chunk), "f.json", layout="list"))
+    # JSONL whose lines are lists is still JSONL when the format says so
+    assert list(readers.json_items(_chunked("[1]\n\n[2, 3]", chunk), layout="lines")) == [(0, "[1]"), (2, "[2, 3]")]
 
 
 def test_json_items_holds_a_chunk_or_two_not_the_file():

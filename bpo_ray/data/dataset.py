@@ -141,21 +141,11 @@ def _carried(item, text: str | None = None) -> dict:
     return {"__json": json.dumps(item) if text is None else text, "malformed": ""}
 
 
-def _parse_line(row: dict) -> list[dict]:
-    """A JSONL line → the row carrying it (none for a blank line)."""
-    if not row["text"].strip():
-        return []
-    try:
-        return [_carried(json.loads(row["text"]), row["text"])]
-    except json.JSONDecodeError as err:
-        return [{"__json": "", "malformed": f"not JSON: {err}"}]
-
-
 def _parse_item(row: dict) -> dict:
-    """A JSON list's item → the row carrying it."""
+    """A JSON list's item or a JSONL line → the row carrying it (a line that is not JSON: why)."""
     try:
         return {**_carried(json.loads(row["text"]), row["text"]), "source_index": row["index"]}
-    except json.JSONDecodeError as err:  # json_items split it as JSON: a guard only
+    except json.JSONDecodeError as err:
         return {"__json": "", "malformed": f"not JSON: {err}", "source_index": row["index"]}
 
 
@@ -167,10 +157,8 @@ def read_pairs_raw(pairs: PairsConfig):
     import ray.data
 
     fmt = pairs_format(pairs)
-    if fmt == "jsonl":
-        ds = ray.data.read_text(storage.absolute(pairs.path)).flat_map(_parse_line)
-    elif fmt == "json":
-        ds = read_json_items(pairs.path, layout="list").map(_parse_item)
+    if fmt in ("json", "jsonl"):
+        ds = read_json_items(pairs.path, layout="list" if fmt == "json" else "lines").map(_parse_item)
     elif fmt == "parquet":
         ds = ray.data.read_parquet(storage.absolute(pairs.path))
     elif storage.is_uri(pairs.path) or not Path(pairs.path).exists():  # a Hub id: Ray reads its parquet files

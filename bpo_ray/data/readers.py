@@ -38,9 +38,13 @@ def text_chunks(path: str, chunk_bytes: int = CHUNK_CHARS) -> Iterator[str]:
 
 def json_items(chunks: Iterator[str], path: str = "", layout: str = "auto") -> Iterator[tuple[int, str]]:
     """(index, text) of each item of a JSON list, or of each non-blank line of JSONL (``layout`` "auto": a list
-    when the text starts with ``[``; "list": a list or an error), reading ``chunks`` as they come. An item's
-    text is parsed by whoever takes it; here a list is only split, so an invalid one is an error naming where."""
+    when the text starts with ``[``; "list": a list or an error; "lines": JSONL), reading ``chunks`` as they come.
+    An item's text is parsed by whoever takes it; here a list is only split, so an invalid one is an error
+    naming where."""
     chunks = iter(chunks)
+    if layout == "lines":
+        yield from _lines("", chunks)
+        return
     buffer, ended = "", False
 
     def more() -> bool:
