@@ -123,8 +123,7 @@ class RunDir:
     def image_store(self, stage: str) -> ImageStore:
         """Where ``stage`` (this round's) stores the images it validated, ``<stage>/images``; rows reference them
         relative to the root."""
-        folder = stage if self.round == 1 else f"{round_prefix(self.round)}/{stage}"
-        return ImageStore(self.root, f"{folder}/images")
+        return ImageStore(self.root, f"{self.stage_name(stage)}/images")
 
     def errors(self, stage: str) -> str:
         return self._in_round(stage, "errors")
