@@ -53,8 +53,6 @@ def open_run(cfg: RunConfig, record: str) -> TrackedRun | None:
     saved = json.loads(storage.read_text(record)) if storage.exists(record) else {}
     entry: dict[str, dict] = {}
     created: set[str] = set()
-    mlflow_uri = mlflow_run_id = wandb_run_id = None
-    wandb = _wandb_settings(settings.wandb)
     if settings.mlflow is not None:
         mlflow_uri = _mlflow_uri(settings.mlflow)
         where = {"tracking_uri": mlflow_uri, "experiment": settings.mlflow.experiment}
@@ -65,15 +63,15 @@ def open_run(cfg: RunConfig, record: str) -> TrackedRun | None:
         else:
             _mlflow_client(mlflow_uri).update_run(mlflow_run_id, status="RUNNING")
         entry["mlflow"] = {**where, "run_id": mlflow_run_id}
-    if wandb is not None:
-        where = {"project": wandb.project, "entity": wandb.entity}
+    if settings.wandb is not None:
+        where = {"project": settings.wandb.project, "entity": settings.wandb.entity}
         wandb_run_id = _same(saved.get("wandb"), where)
         if wandb_run_id is None:
             wandb_run_id = uuid.uuid4().hex[:12]
             created.add("wandb")
         entry["wandb"] = {**where, "run_id": wandb_run_id}
     storage.write_text(record, json.dumps(entry, indent=2))
-    run = TrackedRun(cfg.run_name, settings.mlflow, mlflow_uri, mlflow_run_id, wandb, wandb_run_id)
+    run = recorded_run(cfg, record)
     config = cfg.model_dump(mode="json")
     with Session(run, wandb_config=config, strict=True) as session:  # a wrong setting fails before any stage
         session.text("config.yaml", cfg.to_yaml())
