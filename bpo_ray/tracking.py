@@ -123,10 +123,13 @@ def finish(run: TrackedRun | None, ok: bool) -> None:
 
 class Session:
     """One short stretch of logging into a tracked run, as a context manager. A tracker that fails while
-    logging is reported once and skipped: a lost metric is better than a lost training run."""
+    logging is reported once and skipped: a lost metric is better than a lost training run. ``background``:
+    MLflow's metric calls return at once and are sent by its own thread, flushed on close (a training step
+    should not wait on a tracking server; W&B's are sent in the background anyway)."""
 
-    def __init__(self, run: TrackedRun, wandb_config: dict | None = None, strict: bool = False):
-        self.run, self.failed, self.strict = run, set(), strict
+    def __init__(self, run: TrackedRun, wandb_config: dict | None = None, strict: bool = False,
+                 background: bool = False):
+        self.run, self.failed, self.strict, self.background = run, set(), strict, background
         self.mlflow = _mlflow_client(run.mlflow_uri) if run.mlflow_run_id else None
         self.wandb = None
         self.step_metrics: set[str] = set()
@@ -154,6 +157,10 @@ class Session:
         self.close()
 
     def close(self) -> None:
+        if self.background and self.mlflow is not None:
+            import mlflow
+
+            self._guarded("mlflow", "the last steps", mlflow.flush_async_logging)
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
@@ -193,7 +200,7 @@ class Session:
             from mlflow.entities import Metric
 
             now = int(time.time() * 1000)
-            self.mlflow.log_batch(self.run.mlflow_run_id,
+            self.mlflow.log_batch(self.run.mlflow_run_id, synchronous=not self.background,
                                   metrics=[Metric(k, float(v), now, step or 0) for k, v in values.items()])
 
         def wandb():

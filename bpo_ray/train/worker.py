@@ -320,7 +320,7 @@ class TrainingLog:
                  tracked: TrackedRun | None = None, stage: str = "train"):
         self.out_dir, self.trainable, self.total = out_dir, trainable, total
         # Experiment trackers (cfg.tracking) get every step live, as ``<stage>/<metric>``.
-        self.tracker, self.stage = (Session(tracked) if tracked else None), stage
+        self.tracker, self.stage = (Session(tracked, background=True) if tracked else None), stage
         # Progress: steps done since this attempt started (a resumed run's rate is its own), and how many remain.
         self.total_steps, self.since = total_steps, (time.time(), first_step)
         self._scratch = tempfile.TemporaryDirectory(prefix="bpo-train-log-")
