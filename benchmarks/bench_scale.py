@@ -103,7 +103,7 @@ def one(n: int, max_new_tokens: int, work: Path) -> dict:
     import ray.data
 
     from bpo_ray.config import load_config
-    from bpo_ray.data.images import with_images
+    from bpo_ray.data.images import rows_with_images
     from bpo_ray.pipeline import RunDir, run_stages
     from bpo_ray.raydata import worker_parts
     from bpo_ray.runtime import init_ray
@@ -124,7 +124,8 @@ def one(n: int, max_new_tokens: int, work: Path) -> dict:
     run = RunDir.for_config(cfg)
     parts = worker_parts(ray.data.read_parquet(run.scored_pairs), cfg.train.num_workers, list(ORDER_BY["dpo"]),
                          cfg.train.seed)
-    next(iter(with_images(parts[0], run.root).iter_batches(batch_size=cfg.train.per_device_batch_size)))
+    first = next(iter(parts[0].iter_batches(batch_size=cfg.train.per_device_batch_size, batch_format="pandas")))
+    rows_with_images(first.to_dict("records"), run.root)  # as a training worker reads its first batch
     ended = time.time()
     store = poller.finish()
     run_root = Path(run.root)

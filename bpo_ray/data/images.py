@@ -82,9 +82,23 @@ def detach_images(batch: dict) -> dict:
 
 
 def rows_with_images(rows: list[dict], run_root: str) -> list[dict]:
-    """Rows read from a table (``pq.read_table(...).to_pylist()``) with their images' bytes."""
-    return [{**r, "image": storage.read_bytes(storage.join(run_root, r[IMAGE_FILE]))} if r.get(IMAGE_FILE) else r
-            for r in rows]
+    """Rows (a training batch, or ``pq.read_table(...).to_pylist()``) with their images' bytes; from a bucket
+    the batch's images are fetched together, not one round trip after another."""
+    files = [r.get(IMAGE_FILE) or "" for r in rows]
+    if not any(files):
+        return rows
+
+    def read(ref: str) -> bytes | None:
+        return storage.read_bytes(storage.join(run_root, ref)) if ref else None
+
+    if storage.is_uri(run_root) and len(rows) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(16, len(rows))) as pool:
+            data = list(pool.map(read, files))
+    else:
+        data = [read(f) for f in files]
+    return [{**r, "image": d} if f else r for r, f, d in zip(rows, files, data, strict=True)]
 
 
 def with_images(ds, run_root: str):

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 from bpo_ray import storage
 from bpo_ray.config import RunConfig
-from bpo_ray.data.images import with_images
 from bpo_ray.raydata import worker_parts
 from bpo_ray.resources import train_worker_request
 from bpo_ray.tracking import TrackedRun
@@ -38,6 +37,7 @@ class FitJob:
     total_steps: int
     log_dir: str  # metrics.jsonl and tb/ (rank 0)
     export_dir: str
+    images_root: str = ""  # the run directory the rows' ``image_file`` references are in
     tracked: TrackedRun | None = None  # rank 0 logs its steps there too, as ``<stage>/<metric>``
     stage: str = "train"
 
@@ -63,7 +63,7 @@ def fit(cfg: RunConfig, rows, objective: str, checkpoints: str, base: str, expor
     micro_per_epoch, total_steps = optimizer_steps(num_rows, train, train.num_workers)
     storage.make_dir(log_dir)
     job = FitJob(cfg=cfg, objective=objective, policy_path=base, total_steps=total_steps, log_dir=log_dir,
-                 export_dir=export_dir, tracked=tracked, stage=stage)
+                 export_dir=export_dir, images_root=images_root, tracked=tracked, stage=stage)
     resumed = latest_checkpoint(checkpoints)
     if not resumed:  # a fresh training run starts a fresh log; a resumed one goes on with its own
         storage.remove_file(storage.join(log_dir, METRICS_FILE))
@@ -82,9 +82,9 @@ def fit(cfg: RunConfig, rows, objective: str, checkpoints: str, base: str, expor
         scaling_config=ray.train.ScalingConfig(num_workers=train.num_workers, use_gpu=res.use_gpu,
                                                resources_per_worker=resources,
                                                accelerator_type=res.accelerator_type),
-        # The parts are ordered and split without their images (small in the object store); each worker's
-        # reads attach them block by block, in order, every epoch.
-        datasets={worker_dataset(rank): _with_images(part, images_root) for rank, part in enumerate(parts)},
+        # The parts are ordered and split without their images (small in the object store); each worker
+        # reads a batch's images as it encodes it.
+        datasets={worker_dataset(rank): part for rank, part in enumerate(parts)},
         dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=execution),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage_path,
@@ -99,12 +99,6 @@ def fit(cfg: RunConfig, rows, objective: str, checkpoints: str, base: str, expor
             "final_metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))},
             "checkpoint": result.checkpoint.path if result.checkpoint else None, "model_dir": export_dir,
             "resumed_from_micro_step": resumed[1] if resumed else 0}
-
-
-def _with_images(part, images_root: str):
-    ds = with_images(part, images_root)
-    ds.context.enable_progress_bars = False  # each worker reads its part once an epoch: a bar each time is noise
-    return ds
 
 
 # Ray Train V2 restores ``ray.train.get_checkpoint()`` from this file in the run's storage folder; a

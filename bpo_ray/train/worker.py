@@ -19,6 +19,7 @@ import torch
 
 from bpo_ray import storage
 from bpo_ray.config import RunConfig
+from bpo_ray.data.images import rows_with_images
 from bpo_ray.data.records import decode_image
 from bpo_ray.models.loader import load_vlm
 from bpo_ray.models.prompts import SampleTooLong, encode_prompt_response
@@ -66,7 +67,7 @@ def _load_policy(path: str, cfg: RunConfig, ds_config: dict):
     return prepare_model(model, cfg.train), processor
 
 
-def _forever(shard, batch_size: int, encode, what: str, train):
+def _forever(shard, batch_size: int, encode, what: str, train, images_root: str = ""):
     """``encode(rows)`` over the shard's batches, epoch after epoch; skips batches it returns None for, and
     fails when a whole epoch yields nothing. Each epoch mixes rows in a buffer seeded by (seed, epoch):
     the same batches in the same order on a rerun (resume skips them), but not the same as last epoch
@@ -78,7 +79,7 @@ def _forever(shard, batch_size: int, encode, what: str, train):
                    "local_shuffle_seed": train.seed * 100_003 + epoch} if train.shuffle_buffer else {}
         epoch += 1
         for rows in shard.iter_batches(batch_size=batch_size, batch_format="pandas", **shuffle):
-            item = encode(rows.to_dict("records"))
+            item = encode(rows_with_images(rows.to_dict("records"), images_root))
             if item is not None:
                 produced = True
                 yield item
@@ -86,7 +87,7 @@ def _forever(shard, batch_size: int, encode, what: str, train):
             raise ValueError(f"this worker's shard holds no {what} that fits model.max_length")
 
 
-def _batches(shard, batch_size: int, processor, cfg: RunConfig):
+def _batches(shard, batch_size: int, processor, cfg: RunConfig, images_root: str):
     """Encoded micro-batches of pairs with their reference log-probs (chosen, rejected, and the chosen answer on
     the weakened image or None), forever (epochs repeat the shard)."""
     weak = WeakImages.for_config(cfg)
@@ -106,10 +107,10 @@ def _batches(shard, batch_size: int, processor, cfg: RunConfig):
             return None
         scores = torch.tensor(refs).T
         return collate(pairs, pad_id(processor)), scores[0], scores[1], scores[2] if weak else None
-    return _forever(shard, batch_size, encode, "pair", cfg.train)
+    return _forever(shard, batch_size, encode, "pair", cfg.train, images_root)
 
 
-def _sft_batches(shard, batch_size: int, processor, cfg: RunConfig):
+def _sft_batches(shard, batch_size: int, processor, cfg: RunConfig, images_root: str):
     """Encoded micro-batches of samples (prompt + annotated answer), forever, with the count of samples
     skipped as too long so far (the data stage checks records, not token lengths)."""
     skipped = 0
@@ -125,7 +126,7 @@ def _sft_batches(shard, batch_size: int, processor, cfg: RunConfig):
             except SampleTooLong:
                 skipped += 1
         return (collate_rows(encoded, pad_id(processor)), len(encoded), skipped) if encoded else None
-    return _forever(shard, batch_size, encode, "sample", cfg.train)
+    return _forever(shard, batch_size, encode, "sample", cfg.train, images_root)
 
 
 def worker_dataset(rank: int) -> str:
@@ -140,8 +141,6 @@ def train_loop_per_worker(job: FitJob) -> None:
     from bpo_ray.runtime import setup_worker_logging
 
     setup_worker_logging()  # a fresh worker process: its progress lines reach the driver's (and the job's) log
-    # This worker reads its part of the rows once an epoch: Ray Data would announce every read.
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
     cfg = job.cfg
     train = cfg.train
     ctx = ray.train.get_context()
@@ -175,7 +174,7 @@ def train_loop_per_worker(job: FitJob) -> None:
     total_micro = job.total_steps * accumulation
 
     shard = ray.train.get_dataset_shard(worker_dataset(rank))  # this rank's fixed part (fit.fit)
-    batches = (_sft_batches if sft else _batches)(shard, train.per_device_batch_size, processor, cfg)
+    batches = (_sft_batches if sft else _batches)(shard, train.per_device_batch_size, processor, cfg, job.images_root)
     for _ in range(micro_done):  # same order as before the interruption: skip what was already trained on
         next(batches)
     training_log = TrainingLog(job.log_dir, trainable, total, job.total_steps, micro_done // accumulation,
