@@ -5,7 +5,8 @@ once, named by their hash, under ``<stage>/images/``; its rows keep ``image_file
 run directory, so a copied or moved run directory still resolves it) and an empty ``image``. Pairs copy the
 reference, not the bytes: however many pairs a sample makes, its image is stored once, and tables that travel
 through the object store (sorting, splitting for training workers) stay small. A stage that needs the pixels
-attaches the bytes as it reads, block by block (``attach_images``).
+attaches the bytes as it reads: weakening and reference scoring block by block (``attach_images``), each training
+worker batch by batch as it encodes them (``rows_with_images``).
 
 Tables written before images were stored this way carry the bytes inline and no ``image_file``: every function
 here passes such rows through unchanged, so older run directories still resume.

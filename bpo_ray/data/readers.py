@@ -178,6 +178,8 @@ READERS = {"llava_json": iter_llava_json, "parquet": iter_parquet, "hf_disk": it
 
 
 def iter_records(fmt: str, path: str) -> Iterator[dict]:
+    """A file's raw records read locally, without Ray: the data stage reads the same formats through Ray Data
+    (``dataset.read_raw``) with the same parsing (``json_items``, ``record_from_json``, ``normalize``)."""
     if fmt not in READERS:
         raise ValueError(f"unknown data format {fmt!r}; choose from {', '.join(READERS)}")
     if fmt != "hf_disk" and "://" not in path and not Path(path).exists():
