@@ -274,3 +274,16 @@ def test_existence_pairs_are_balanced_and_reported(tmp_path, tiny_models, shapes
                        if t["image"] == lender["image_ref"])
         assert asked["present"] == (asked["asked"] in objects)
         assert pair["chosen"].startswith("Yes" if asked["present"] else "No")
+
+
+def test_the_functions_ray_data_runs_as_plain_tasks_import_without_torch():
+    """Ray Data runs the batch functions of the data, negatives and reference stages in plain task workers; a
+    worker that imported torch to edit text or count rows spent about 1.4 s of CPU on it before its first row."""
+    import subprocess
+    import sys
+
+    modules = ["bpo_ray.negatives.batches", "bpo_ray.data.dataset", "bpo_ray.data.images", "bpo_ray.raydata"]
+    code = f"import sys\nfor m in {modules!r}: __import__(m)\nprint([m for m in ('torch', 'transformers') if m in sys.modules])"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"

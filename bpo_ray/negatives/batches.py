@@ -13,7 +13,8 @@ import pickle
 
 import numpy as np
 
-from bpo_ray.negatives import distort, inject
+from bpo_ray.data.preferences import EXTERNAL
+from bpo_ray.negatives import inject
 from bpo_ray.negatives.existence import EXISTENCE
 from bpo_ray.negatives.pairs import (
     ERROR_INJECTION,
@@ -94,6 +95,9 @@ def weakening_seed(seed: int, sample_id: str) -> int:
 def weakened_image(image: bytes, sample_id: str, distortions: list[dict], seed: int, size=None) -> bytes:
     """The weakened image a sample's weakening negative was generated on (PNG), rebuilt from the original:
     seeded per sample, so it is the same image wherever it is made and need not be stored with the pairs."""
+    # torch only here: the other batch functions run in plain Ray Data task workers, which then start without it
+    from bpo_ray.negatives import distort
+
     return distort.weaken_bytes(image, distortions, weakening_seed(seed, sample_id), size)
 
 
@@ -172,3 +176,11 @@ def existence_batch(batch: dict, questions: dict[str, list]) -> dict:
                                                                               "strategy": q.strategy}),
                             generator="annotations"))
     return _columns(out, OUT_COLUMNS)
+
+
+def external_pair_layouts(batch: dict) -> dict:
+    """Per block: external rows that made pairs (each has one pair numbered 0) and the layouts they had."""
+    layouts = [json.loads(e)["layout"] for kind, t, sid, e in zip(batch["kind"], batch["negative_type"],
+                                                                  batch["sample_id"], batch["edits"], strict=True)
+               if kind == "pair" and t == EXTERNAL and sid.endswith("#0")]
+    return {"layout": np.array(layouts, dtype=object)}

@@ -14,11 +14,8 @@ pairs: rows in == rows that made pairs + rows rejected).
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
-
-import numpy as np
 
 from bpo_ray.config import RunConfig, bootstraps
 from bpo_ray.data.dataset import pairs_image_root, read_pairs_raw, synthetic_dir
@@ -35,6 +32,7 @@ from bpo_ray.negatives.batches import (
     PAIR_COLUMNS,
     chosen_too_long_errors,
     existence_batch,
+    external_pair_layouts,
     finish_generated,
     injection_prompts,
     rules_batch,
@@ -134,17 +132,9 @@ def run(cfg: RunConfig, run_dir: RunDir, key: str) -> dict:
     return manifest
 
 
-def _first_pairs(batch: dict) -> dict:
-    """Per block: external rows that made pairs (each has one pair numbered 0) and the layouts they had."""
-    layouts = [json.loads(e)["layout"] for kind, t, sid, e in zip(batch["kind"], batch["negative_type"],
-                                                                  batch["sample_id"], batch["edits"], strict=True)
-               if kind == "pair" and t == EXTERNAL and sid.endswith("#0")]
-    return {"layout": np.array(layouts, dtype=object)}
-
-
 def _external_counts(rows, counts, rows_in: int, pairs_cfg, fmt: str) -> dict:
     """Existing pairs read in: rows in = rows that made pairs + rows rejected (conservation), by layout."""
-    layouts = count_by(rows.map_batches(_first_pairs), ["layout"])
+    layouts = count_by(rows.map_batches(external_pair_layouts), ["layout"])
     rows_ok = sum(layouts.values())
     rejected = sum(n for (k, t, _), n in counts.items() if k == "error" and t == EXTERNAL)
     if rows_in != rows_ok + rejected:
