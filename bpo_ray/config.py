@@ -441,8 +441,15 @@ class RunConfig(Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
     def section_hash(self, *sections: str) -> str:
-        """Stable hash of some sections: a stage's outputs are reusable while its inputs hash the same."""
-        payload = {name: _dump(getattr(self, name)) for name in sections}
+        """Stable hash of some sections (``train``) or single fields of one (``train.loss``): a stage's outputs
+        are reusable while its inputs hash the same. A field outside the keys, or keyed only when set and
+        unset, is left out, as it is from a whole section."""
+        payload = {}
+        for name in sections:
+            if "." not in name:
+                payload[name] = _dump(getattr(self, name))
+            elif (value := _keyed_field(self, name)) is not _UNKEYED:
+                payload[name] = value
         if "model" in sections and self.model.name_or_path.startswith("tiny://"):
             from bpo_ray.models import TINY_VERSION  # a rebuilt tiny model is a different model
 
@@ -455,6 +462,25 @@ def _dump(value: Any) -> Any:
     if not isinstance(value, BaseModel):
         return value
     return value.model_dump(mode="json", exclude=_unkeyed(value))
+
+
+_UNKEYED = object()
+
+
+def _keyed_field(cfg: BaseModel, path: str) -> Any:
+    """The dumped value at a dotted ``path``, or ``_UNKEYED`` where the stage keys leave it out."""
+    *parents, last = path.split(".")
+    owner = cfg
+    for name in parents:
+        owner = getattr(owner, name)
+    field = type(owner).model_fields.get(last)
+    if field is None:
+        raise ValueError(f"{path}: no such config field")
+    value = getattr(owner, last)
+    if field.json_schema_extra == NOT_KEYED or (field.json_schema_extra == KEYED_IF_SET
+                                                and value == field.get_default()):
+        return _UNKEYED
+    return _dump(value) if isinstance(value, BaseModel) else owner.model_dump(mode="json", include={last})[last]
 
 
 def _unkeyed(value: BaseModel) -> dict:

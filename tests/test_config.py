@@ -124,6 +124,18 @@ def test_section_hash_tracks_only_its_sections():
     assert a.section_hash("train") != b.section_hash("train")
 
 
+def test_a_stage_may_read_single_fields_of_a_section():
+    base = RunConfig()
+    assert base.section_hash("train.loss") == load_config(None, ["train.lr=1e-3"]).section_hash("train.loss")
+    assert base.section_hash("train.loss") != load_config(None, ["train.loss=ipo"]).section_hash("train.loss")
+    # A field keyed only once set adds nothing while unset, as in a whole section.
+    assert base.section_hash("model", "train.image_weight") == base.section_hash("model")
+    assert load_config(None, ["train.image_weight=1"]).section_hash("model", "train.image_weight") != \
+        base.section_hash("model")
+    with pytest.raises(ValueError, match="train.lrr"):
+        base.section_hash("train.lrr")
+
+
 def test_how_a_stage_runs_is_not_part_of_its_key():
     """The attention kernel changes how a model computes, not what: setting it keeps finished stages."""
     base = RunConfig()

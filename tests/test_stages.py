@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -122,16 +123,18 @@ def test_a_run_directory_from_before_the_pipeline_package_resumes(tmp_path):
     cfg = load_config(tmp_path / "bpo-tiny" / "config.yaml", [f"storage_path={tmp_path}"])
     run = RunDir.for_config(cfg)
     calls: list[str] = []
-    pipeline = Pipeline(cfg, run, [Stage(s.name, lambda c, r, k, name=s.name: calls.append(name), s.reads)
+    pipeline = Pipeline(cfg, run, [dataclasses.replace(s, run=lambda c, r, k, name=s.name: calls.append(name))
                                    for s in STAGES])
     assert pipeline.all_finished()
     pipeline.run_all()
     assert calls == [] and pipeline.manifests["train"]["steps"] == 12
 
-    # The keys the stages ran under are the ones this code computes, stage after stage.
+    # The keys the stages ran under are the ones this code computes, stage after stage; the reference stage
+    # ran under the whole train section, which it read then (``read_before``), before its reads were narrowed.
     upstream = ""
     for stage in STAGES:
-        assert run.read_manifest(stage.name)["inputs_hash"] == stage_key(upstream, cfg, stage.reads), stage.name
+        reads = ("model", "train") if stage.name == "reference" else stage.reads
+        assert run.read_manifest(stage.name)["inputs_hash"] == stage_key(upstream, cfg, reads), stage.name
         upstream = run.read_manifest(stage.name)["output_id"]
     train_key = run.read_manifest("train")["inputs_hash"]
     assert latest_checkpoint(run.checkpoint_run("train", train_key)) == (
@@ -193,3 +196,22 @@ def test_bootstrapping_rounds_each_align_the_model_the_round_before_made_and_ext
     calls.clear()  # everything finished: a rerun runs nothing
     Pipeline(three, run, stages_for(3, table)).run_all()
     assert calls == []
+
+
+def test_a_sweep_over_training_settings_scores_its_pairs_once(tmp_path):
+    """Reference scores depend on a few fields of train (``reference.READS``): another lr, beta or step count
+    re-runs training, not the scoring of every pair; another loss that scores differently (IPO) re-runs both."""
+    from bpo_ray.pipeline import STAGES
+
+    def run(*overrides):
+        calls: list[str] = []
+        cfg = load_config(None, [f"storage_path={tmp_path}", *overrides])
+        stages = [dataclasses.replace(s, run=lambda c, r, k, name=s.name: calls.append(name) or {}) for s in STAGES]
+        Pipeline(cfg, RunDir.for_config(cfg), stages).run_all()
+        return calls
+
+    assert run() == [s.name for s in STAGES]
+    swept = ["train.lr=1e-3", "train.beta=0.2", "train.max_steps=5", "train.reference_pool.max_size=2"]
+    assert run(*swept) == ["train", "eval", "report"]
+    assert run(*swept, "train.loss=ipo") == ["reference", "train", "eval", "report"]
+    assert run(*swept, "train.loss=ipo", "model.max_length=256") == [s.name for s in STAGES]  # the model: all

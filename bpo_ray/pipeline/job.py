@@ -40,12 +40,12 @@ from bpo_ray.train.worker import TRAINING_LOG
 
 log = logging.getLogger("bpo_ray.job")
 
-# In order; ``reads``: the config sections a stage's output depends on (with its upstream's output).
+# In order; ``reads``: the config sections or fields a stage's output depends on (with its upstream's output).
 STAGES = (
     Stage("sft", sft.run, reads=("model", "sft"), keep=TRAINING_LOG),
     Stage("data", data.run, reads=("data",)),
     Stage("negatives", negatives.run, reads=("model", "negatives")),
-    Stage("reference", reference.run, reads=("model", "train")),
+    Stage("reference", reference.run, reads=reference.READS, read_before=(("model", "train"),)),
     Stage("train", train.run, reads=("model", "train"), keep=TRAINING_LOG),
     Stage("eval", evaluation.run, reads=("model", "serve", "eval")),
     Stage("report", report.run, reads=()),

@@ -16,6 +16,12 @@ from bpo_ray.train.batch import WeakImages
 from bpo_ray.train.reference import ReferenceScorer, scored_columns
 from bpo_ray.train.setup import precision
 
+# What the scores depend on: the model; of train, the loss (IPO averages log-probs), the reference mode (live
+# modes only check lengths here), the precision (``auto`` follows use_gpu) and the image-conditional term's
+# weakened image. Not lr, beta or steps: a sweep over those scores its pairs once.
+READS = ("model", "train.loss", "train.reference", "train.precision", "resources.use_gpu", "train.image_weight",
+         "train.image_distortions")
+
 
 def run(cfg: RunConfig, run_dir: RunDir, key: str) -> dict:
     import ray.data

@@ -27,13 +27,16 @@ log = logging.getLogger("bpo_ray.pipeline")
 class Stage:
     name: str
     run: Callable[[RunConfig, RunDir, str], dict]
-    reads: tuple[str, ...]  # the config sections its output depends on
+    reads: tuple[str, ...]  # the config sections (``train``) or fields (``train.loss``) its output depends on
     # Entries of its folder a re-run leaves in place: a training stage's log, which goes on when its
     # training run resumes from a checkpoint (and which it clears itself when it starts a fresh one).
     keep: tuple[str, ...] = ()
     # The bootstrapping round it belongs to: it runs on the run directory's view of that round (its
     # per-round paths, and the previous round's model as its policy).
     round: int = 1
+    # What it read before its ``reads`` were narrowed: output finished under those keys is still its output
+    # for the same config, so a run directory from before resumes without re-running it.
+    read_before: tuple[tuple[str, ...], ...] = ()
 
 
 @dataclass
@@ -62,15 +65,16 @@ class Pipeline:
             return index >= names.index(self.from_stage)
         return True
 
-    def _finished(self, stage: Stage, key: str) -> tuple[bool, dict | None]:
+    def _finished(self, stage: Stage, upstream: str) -> tuple[bool, dict | None]:
         previous = self.run.read_manifest(stage.name)
-        return bool(previous and previous.get("finished") and previous.get("inputs_hash") == key), previous
+        keys = {stage_key(upstream, self.cfg, reads) for reads in (stage.reads, *stage.read_before)}
+        return bool(previous and previous.get("finished") and previous.get("inputs_hash") in keys), previous
 
     def all_finished(self) -> bool:
         """Whether every stage already has finished output for these inputs (nothing would run)."""
         upstream = ""
         for stage in self.stages:
-            finished, manifest = self._finished(stage, stage_key(upstream, self.cfg, stage.reads))
+            finished, manifest = self._finished(stage, upstream)
             if not finished:
                 return False
             upstream = manifest.get("output_id", "")
@@ -81,7 +85,7 @@ class Pipeline:
         upstream = ""
         try:
             for index, stage in enumerate(self.stages):
-                manifest = self._run_one(index, stage, stage_key(upstream, self.cfg, stage.reads), tracked)
+                manifest = self._run_one(index, stage, upstream, tracked)
                 upstream = manifest.get("output_id", "")
         except BaseException:
             tracking.finish(tracked, ok=False)
@@ -89,8 +93,9 @@ class Pipeline:
         tracking.finish(tracked, ok=True)
         return self.manifests
 
-    def _run_one(self, index: int, stage: Stage, key: str, tracked: tracking.TrackedRun | None = None) -> dict:
-        finished, previous = self._finished(stage, key)
+    def _run_one(self, index: int, stage: Stage, upstream: str, tracked: tracking.TrackedRun | None = None) -> dict:
+        key = stage_key(upstream, self.cfg, stage.reads)
+        finished, previous = self._finished(stage, upstream)
         if not self._selected(index) or (finished and not self.force):
             if not finished and not self._selected(index):
                 log.warning("stage %s: not selected and has no finished output", stage.name)
