@@ -162,6 +162,9 @@ class ExistenceConfig(Section):
     annotations: str | None = None
     strategies: list[Literal["random", "popular", "adversarial"]] = Field(
         ["random", "popular", "adversarial"], min_length=1)
+    # existence: yes and no chosen one to one among these pairs. mix: over every yes/no pair the run makes
+    # (weakening argues only for "no"), by dropping the existence pairs on the side that has more.
+    balance: Literal["existence", "mix"] = Field("existence", json_schema_extra=KEYED_IF_SET)
 
 
 class PairsConfig(Section):
@@ -522,6 +525,8 @@ def _impossible_combinations(cfg: RunConfig):
             load(vocabulary)
         except ValueError as err:
             yield f"negatives.injection.vocabulary: {err}"
+    if neg.existence.balance == "mix" and not neg.existence.enabled:
+        yield "negatives.existence.balance 'mix' balances with existence pairs: set negatives.existence.enabled=true"
     if neg.existence.enabled and neg.existence.annotations is None and cfg.data.format != "synthetic":
         yield ("negatives.existence needs object annotations for these images: set negatives.existence.annotations "
                "(a COCO instances file); only the bundled shapes carry their own")

@@ -76,6 +76,7 @@ def test_typo_in_yaml_file(tmp_path):
     (["train.image_weight=1", "negatives.weakening.enabled=false", "negatives.weakening.distortions=[]"],
      "train.image_weight needs distortions"),
     (["train.image_weight=1", "train.image_distortions=[]"], "train.image_weight needs distortions"),
+    (["negatives.existence.balance=mix"], "negatives.existence.balance 'mix' balances with existence pairs"),
     (["serve.host=0.0.0.0"], "serve.api_key"),
     (["data.format=parquet"], "data.path is required"),
     (["model.name_or_path=tiny://llm"], "must be a vision model"),

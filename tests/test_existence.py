@@ -10,14 +10,16 @@ import pytest
 
 from bpo_ray.config import load_config
 from bpo_ray.eval.probes import LabeledImage, synthetic_images
-from bpo_ray.negatives.batches import OUT_COLUMNS, existence_batch
+from bpo_ray.negatives.batches import OUT_COLUMNS, drop_for_balance, existence_batch, yes_no_sides
 from bpo_ray.negatives.existence import (
     EXISTENCE,
     PRESENT,
+    balancing_drops,
     by_representative,
     existence_questions,
     plan,
     questions_for,
+    yes_no_side,
 )
 
 VOCAB = [f"{c} {s}" for c in ("red", "blue", "green") for s in ("circle", "square", "star")]
@@ -125,3 +127,42 @@ def _keyed_negatives(cfg):
     from bpo_ray.config import _dump
 
     return _dump(cfg.negatives)
+
+
+@pytest.mark.parametrize("chosen, rejected, side", [
+    ("Yes, there is a red circle.", "No, there is no red circle.", "yes"),
+    ("No.", "yes, one on the left", "no"),
+    ("No, there is no dog.", "No dog here.", None),             # both no: not a yes/no pair
+    ("A red circle and a blue square.", "A red circle.", None),  # a caption
+    ("There is no dog.", "Yes, a dog.", None),                  # the chosen answer does not open with yes/no
+    ("", "", None),
+])
+def test_a_pair_argues_yes_or_no_only_when_its_answers_open_with_opposite_ones(chosen, rejected, side):
+    assert yes_no_side(chosen, rejected) == side
+
+
+def test_balancing_drops_the_surplus_from_the_existence_pairs_of_the_side_that_has_more():
+    candidates = {"yes": [f"y{i}" for i in range(5)], "no": [f"n{i}" for i in range(8)]}
+    side, drop = balancing_drops(yes=10, no=13, candidates=candidates, seed=0)
+    assert side == "no" and len(drop) == 3 and set(drop) <= set(candidates["no"])
+    assert balancing_drops(10, 13, candidates, seed=0) == (side, drop)  # the same draw every time
+    assert len({tuple(balancing_drops(10, 13, candidates, seed=s)[1]) for s in range(5)}) > 1  # seeded
+    side, drop = balancing_drops(yes=20, no=4, candidates=candidates, seed=0)
+    assert side == "yes" and sorted(drop) == candidates["yes"]  # fewer than the surplus: all it has
+    assert balancing_drops(7, 7, candidates, seed=0) == (None, [])
+
+
+def test_dropped_existence_pairs_become_errors_with_their_reason_and_nothing_else_changes():
+    rows = [{c: "" for c in OUT_COLUMNS} | {"sample_id": sid, "negative_type": kind, "kind": "pair",
+                                              "chosen": "No, there is no red star.", "rejected": "Yes, there is."}
+            for sid, kind in (("a~existence:red star", EXISTENCE), ("b", "image_weakening"),
+                              ("c~existence:red star", EXISTENCE))]
+    batch = {c: np.array([r[c] for r in rows], dtype=object) for c in OUT_COLUMNS}
+    assert list(yes_no_sides(batch)["side"]) == ["no", "no", "no"]
+    out = drop_for_balance(batch, frozenset({"a~existence:red star", "b"}), "no")
+    assert list(out["kind"]) == ["error", "pair", "pair"]  # "b" is not an existence pair: never dropped
+    assert out["reason"][0] == "balance" and "more no-chosen" in out["detail"][0]
+    for c in OUT_COLUMNS:
+        if c not in ("kind", "reason", "detail"):
+            assert list(out[c]) == list(batch[c]), c
+

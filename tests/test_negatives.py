@@ -274,6 +274,24 @@ def test_existence_pairs_are_balanced_and_reported(tmp_path, tiny_models, shapes
                        if t["image"] == lender["image_ref"])
         assert asked["present"] == (asked["asked"] in objects)
         assert pair["chosen"].startswith("Yes" if asked["present"] else "No")
+    yes_no = neg["yes_no"]  # every yes/no pair of the run: existence's and the injected flips of the QA answers
+    assert yes_no["yes_chosen"] > made["yes_chosen"] and yes_no["no_chosen"] > made["no_chosen"]
+
+    # Balanced over the whole mix: existence pairs of the side with more are dropped, as errors that say why.
+    _, run, manifests = _run(_base(tmp_path, tiny_models, shapes_dir / "records.json") + [
+        "negatives.weakening.enabled=false", "negatives.existence.enabled=true", "negatives.existence.balance=mix",
+        f"negatives.existence.annotations={annotations}", f"data.image_root={shapes_dir}"])
+    neg = manifests["negatives"]
+    mixed, before = neg["by_type"][EXISTENCE], neg["yes_no"]["before_balance"]
+    assert before == yes_no and before["yes_chosen"] != before["no_chosen"]  # the injected flips lean one way
+    surplus = abs(before["yes_chosen"] - before["no_chosen"])
+    assert mixed["dropped_for_balance"] == surplus and mixed["pairs"] + surplus == made["pairs"]
+    assert neg["yes_no"]["yes_chosen"] == neg["yes_no"]["no_chosen"]
+    assert {mixed["yes_chosen"], mixed["no_chosen"]} == {present, present - surplus}
+    dropped = [e for e in pq.read_table(run.path("negatives", "errors")).to_pylist() if e["reason"] == "balance"]
+    assert len(dropped) == surplus and {e["negative_type"] for e in dropped} == {EXISTENCE}
+    kept = {p["sample_id"] for p in _pairs(run)}
+    assert not kept & {e["sample_id"] for e in dropped}
 
 
 def test_the_functions_ray_data_runs_as_plain_tasks_import_without_torch():

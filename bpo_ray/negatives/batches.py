@@ -15,7 +15,7 @@ import numpy as np
 
 from bpo_ray.data.preferences import EXTERNAL
 from bpo_ray.negatives import inject
-from bpo_ray.negatives.existence import EXISTENCE
+from bpo_ray.negatives.existence import EXISTENCE, yes_no_side
 from bpo_ray.negatives.pairs import (
     ERROR_INJECTION,
     IMAGE_WEAKENING,
@@ -175,6 +175,25 @@ def existence_batch(batch: dict, questions: dict[str, list]) -> dict:
                                                                               "present": q.present,
                                                                               "strategy": q.strategy}),
                             generator="annotations"))
+    return _columns(out, OUT_COLUMNS)
+
+
+def yes_no_sides(batch: dict) -> dict:
+    """One row per yes/no pair: its id, type and the answer it argues for (``existence.yes_no_side``)."""
+    rows = [(r["sample_id"], r["negative_type"], side) for r in _rows(batch)
+            if r["kind"] == "pair" and (side := yes_no_side(r["chosen"], r["rejected"]))]
+    return {name: np.array([row[i] for row in rows], dtype=object)
+            for i, name in enumerate(("sample_id", "negative_type", "side"))}
+
+
+def drop_for_balance(batch: dict, ids: frozenset, side: str) -> dict:
+    """The existence pairs ``ids`` become errors (``Drop.BALANCE``); every other row passes unchanged."""
+    out = []
+    for r in _rows(batch):
+        if r["kind"] == "pair" and r["negative_type"] == EXISTENCE and r["sample_id"] in ids:
+            r = {**r, "kind": "error", "reason": Drop.BALANCE,
+                 "detail": f"the run's yes/no pairs had more {side}-chosen ones (negatives.existence.balance: mix)"}
+        out.append(r)
     return _columns(out, OUT_COLUMNS)
 
 

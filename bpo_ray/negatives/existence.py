@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from bpo_ray.eval.probes import QUESTION, SPLITS, LabeledImage, build_probes
-from bpo_ray.negatives.pairs import stable_seed
+from bpo_ray.negatives.pairs import normalize, stable_seed
 
 EXISTENCE = "existence"
 PRESENT = "present"  # the strategy column of a question about an object that is there
@@ -124,3 +124,24 @@ def by_representative(samples, keyed: dict[str, list[ExistenceQuestion]]
     asked = {ref: questions_for(ref, keyed) for ref in first}
     return ({first[ref]: qs for ref, qs in asked.items() if qs},
             sum(qs is not None for qs in asked.values()), sum(qs is None for qs in asked.values()))
+
+
+def yes_no_side(chosen: str, rejected: str) -> str | None:
+    """``yes`` or ``no``: which answer a pair argues for when it is a yes/no pair (the chosen answer opens
+    with one, the rejected with the other); None for any other pair."""
+    first = [(normalize(text).split() or [""])[0] for text in (chosen, rejected)]
+    if set(first) == {"yes", "no"}:
+        return first[0]
+    return None
+
+
+def balancing_drops(yes: int, no: int, candidates: dict[str, list[str]], seed: int) -> tuple[str | None, list[str]]:
+    """Which existence pairs to drop so the whole mix has as many yes-chosen pairs as no-chosen ones: from the
+    side with more (``yes`` or ``no``), as many as it has more, or all it has; drawn seeded, not in
+    table order. ``candidates``: the existence pairs' ids per side. Returns (side, ids)."""
+    if yes == no:
+        return None, []
+    side = "yes" if yes > no else "no"
+    pool = sorted(candidates.get(side, ()), key=lambda pair_id: (stable_seed(seed, "balance", pair_id), pair_id))
+    return side, pool[: abs(yes - no)]
+
