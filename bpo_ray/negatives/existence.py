@@ -144,4 +144,3 @@ def balancing_drops(yes: int, no: int, candidates: dict[str, list[str]], seed: i
     side = "yes" if yes > no else "no"
     pool = sorted(candidates.get(side, ()), key=lambda pair_id: (stable_seed(seed, "balance", pair_id), pair_id))
     return side, pool[: abs(yes - no)]
-
