@@ -480,10 +480,15 @@ def _keyed_field(cfg: BaseModel, path: str) -> Any:
     if field is None:
         raise ValueError(f"{path}: no such config field")
     value = getattr(owner, last)
-    if field.json_schema_extra == NOT_KEYED or (field.json_schema_extra == KEYED_IF_SET
-                                                and value == field.get_default()):
+    if _left_out(field, value):
         return _UNKEYED
     return _dump(value) if isinstance(value, BaseModel) else owner.model_dump(mode="json", include={last})[last]
+
+
+def _left_out(field, value) -> bool:
+    """Whether a field's value stays out of the stage keys: never keyed, or keyed only once set and unset."""
+    return field.json_schema_extra == NOT_KEYED or (field.json_schema_extra == KEYED_IF_SET
+                                                    and value == field.get_default())
 
 
 def _unkeyed(value: BaseModel) -> dict:
@@ -492,8 +497,7 @@ def _unkeyed(value: BaseModel) -> dict:
     out: dict = {}
     for name, field in type(value).model_fields.items():
         current = getattr(value, name)
-        if field.json_schema_extra == NOT_KEYED or (field.json_schema_extra == KEYED_IF_SET
-                                                    and current == field.get_default()):
+        if _left_out(field, current):
             out[name] = True
         elif isinstance(current, BaseModel) and (inner := _unkeyed(current)):
             out[name] = inner
