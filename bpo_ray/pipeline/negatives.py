@@ -115,9 +115,12 @@ def run(cfg: RunConfig, run_dir: RunDir, key: str) -> dict:
             store_images, batch_format="numpy", fn_kwargs={"store": run_dir.image_store("negatives")}))
 
     rows = (outputs[0].union(*outputs[1:]) if len(outputs) > 1 else outputs[0]).materialize()
-    balanced = None
-    if planned is not None and neg.existence.balance == "mix":
-        rows, balanced = _balance_the_mix(rows, neg.seed)
+    sides = rows.map_batches(yes_no_sides).materialize()  # what the run's yes/no pairs argue for
+    totals = count_by(sides, ["side"])
+    yes_no = {"yes_chosen": totals.get(("yes",), 0), "no_chosen": totals.get(("no",), 0)}
+    mix, side = planned is not None and neg.existence.balance == "mix", None
+    if mix:
+        rows, side = _balance_the_mix(rows, sides, yes_no, neg.seed)
     write_by_kind(rows, run_dir.stage_dir("negatives"), {"pairs": ("pair", PAIR_COLUMNS), "errors": ("error", ERROR_COLUMNS)})
     counts = count_by(rows, ["kind", "negative_type", "reason"])
     manifest = _manifest(counts, samples_in, generators, neg, time.time() - started)
@@ -131,38 +134,34 @@ def run(cfg: RunConfig, run_dir: RunDir, key: str) -> dict:
         if made + dropped != planned["pairs"]:
             raise RuntimeError(f"negatives/{EXISTENCE}: {planned['pairs']} questions planned but {made} pairs "
                                f"+ {dropped} dropped for balance out")
-        if balanced is not None:
-            side = balanced["side"]
-            planned = {**planned, "pairs": made, "errors": dropped, "dropped_for_balance": dropped,
-                       "yes_chosen": planned["yes_chosen"] - (dropped if side == "yes" else 0),
-                       "no_chosen": planned["no_chosen"] - (dropped if side == "no" else 0)}
+        if mix:
+            planned = {**planned, "pairs": made, "errors": dropped, "dropped_for_balance": dropped}
+            before = dict(yes_no)
+            if side is not None:  # the side the dropped pairs argued for
+                planned[f"{side}_chosen"] -= dropped
+                yes_no[f"{side}_chosen"] -= dropped
+            yes_no["before_balance"] = before
         manifest["by_type"][EXISTENCE] = planned
         manifest["pairs"] += made
-    sides = count_by(rows.map_batches(yes_no_sides), ["side"])  # what the run's yes/no pairs argue for
-    manifest["yes_no"] = {"yes_chosen": sides.get(("yes",), 0), "no_chosen": sides.get(("no",), 0)}
-    if balanced is not None:
-        manifest["yes_no"]["before_balance"] = balanced["before"]
+    manifest["yes_no"] = yes_no
     if external_in is not None:
         manifest["by_type"][EXTERNAL] = _external_counts(rows, counts, external_in, neg.extra_pairs, fmt)
         manifest["pairs"] += manifest["by_type"][EXTERNAL]["pairs"]
     return manifest
 
 
-def _balance_the_mix(rows, seed: int):
-    """Drop existence pairs from the side the run's yes/no pairs lean to until both sides are as many (or
-    the side has no existence pairs left); the dropped ones become errors. Returns (rows, what it did)."""
+def _balance_the_mix(rows, sides, yes_no: dict, seed: int):
+    """Drop existence pairs from the side the run's yes/no pairs (``sides``) lean to until both sides are as
+    many (or the side has no existence pairs left); the dropped ones become errors. Returns (rows, that side)."""
     from ray.data.expressions import col
 
-    sides = rows.map_batches(yes_no_sides).materialize()
-    totals = count_by(sides, ["side"])
-    yes, no = totals.get(("yes",), 0), totals.get(("no",), 0)
     candidates: dict[str, list[str]] = {}
     for row in sides.filter(expr=col("negative_type") == EXISTENCE).iter_rows():
         candidates.setdefault(row["side"], []).append(row["sample_id"])
-    side, drop = balancing_drops(yes, no, candidates, seed)
+    side, drop = balancing_drops(yes_no["yes_chosen"], yes_no["no_chosen"], candidates, seed)
     if drop:
         rows = rows.map_batches(drop_for_balance, fn_kwargs={"ids": frozenset(drop), "side": side}).materialize()
-    return rows, {"side": side, "before": {"yes_chosen": yes, "no_chosen": no}}
+    return rows, side
 
 
 def _external_counts(rows, counts, rows_in: int, pairs_cfg, fmt: str) -> dict:
