@@ -23,6 +23,11 @@ NOT_KEYED = {"stage_key": False}
 # An option added after run directories exist: part of the stage keys only when set, so runs made before it
 # existed (which behaved as its default does) still resume.
 KEYED_IF_SET = {"stage_key": "if_set"}
+# How a stage runs (actor pools, checkpoint cadence, serving's address and admission), which the stage keys
+# included until 2026-12: left out of them now, so resuming on a bigger cluster or another port re-runs
+# nothing; put back in the keys that run directories made before finished under (``section_hash(...,
+# earlier=True)``), so those still resume.
+NO_LONGER_KEYED = {"stage_key": "earlier"}
 
 # ``tiny://<arch>`` names a tiny random model that the project builds itself (bpo make-tiny) on first use.
 TINY_SCHEME = "tiny://"
@@ -115,13 +120,15 @@ class ActorPoolConfig(Section):
     """Ray Data actor-pool size (min, max): grows on autoscaling clusters. What each actor needs (CPUs,
     GPUs, accelerator type, memory) is what the autoscaler brings nodes up for (bpo_ray/resources.py)."""
 
-    min_size: int = Field(1, ge=1)
-    max_size: int = Field(1, ge=1)
-    batch_size: int = Field(8, ge=1)
+    # Where and how wide it runs is not what it computes (rows are seeded one by one, whatever the batch):
+    # outside the stage keys. num_gpus is in them: a GPU generates and scores in another precision.
+    min_size: int = Field(1, ge=1, json_schema_extra=NO_LONGER_KEYED)
+    max_size: int = Field(1, ge=1, json_schema_extra=NO_LONGER_KEYED)
+    batch_size: int = Field(8, ge=1, json_schema_extra=NO_LONGER_KEYED)
     num_gpus: float = Field(0.0, ge=0.0)
-    num_cpus: float = Field(1.0, gt=0.0)
-    accelerator_type: str | None = None  # e.g. "L4": only nodes with that GPU
-    memory_gb: float | None = Field(None, gt=0.0)
+    num_cpus: float = Field(1.0, gt=0.0, json_schema_extra=NO_LONGER_KEYED)
+    accelerator_type: str | None = Field(None, json_schema_extra=NO_LONGER_KEYED)  # e.g. "L4": only nodes with that GPU
+    memory_gb: float | None = Field(None, gt=0.0, json_schema_extra=NO_LONGER_KEYED)
 
     @model_validator(mode="after")
     def _min_le_max(self) -> ActorPoolConfig:
@@ -251,11 +258,13 @@ class TrainConfig(Section):
     freeze_projector: bool | None = None
     lora: LoraConfig = LoraConfig()
     # The Ray Data pass that scores reference log-probs once, before training (reference: precomputed).
-    reference_pool: ActorPoolConfig = ActorPoolConfig(batch_size=4)
+    # (the reference stage's pool: training never reads it)
+    reference_pool: ActorPoolConfig = Field(ActorPoolConfig(batch_size=4), json_schema_extra=NO_LONGER_KEYED)
     num_workers: int = Field(2, ge=1)
-    checkpoint_every: int = Field(50, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
-    max_failures: int = Field(2, ge=0)
+    # How often it checkpoints and how many it keeps or retries: a changed cadence resumes the same run.
+    checkpoint_every: int = Field(50, ge=1, json_schema_extra=NO_LONGER_KEYED)
+    keep_checkpoints: int = Field(2, ge=1, json_schema_extra=NO_LONGER_KEYED)
+    max_failures: int = Field(2, ge=0, json_schema_extra=NO_LONGER_KEYED)
     merge_lora_on_export: bool = True
     seed: int = 0
 
@@ -285,9 +294,9 @@ class SFTConfig(Section):
     freeze_vision_tower: bool = False
     lora: LoraConfig = LoraConfig(enabled=False)
     num_workers: int = Field(2, ge=1)
-    checkpoint_every: int = Field(200, ge=1)
-    keep_checkpoints: int = Field(1, ge=1)
-    max_failures: int = Field(2, ge=0)
+    checkpoint_every: int = Field(200, ge=1, json_schema_extra=NO_LONGER_KEYED)  # as train's: outside the stage keys
+    keep_checkpoints: int = Field(1, ge=1, json_schema_extra=NO_LONGER_KEYED)
+    max_failures: int = Field(2, ge=0, json_schema_extra=NO_LONGER_KEYED)
     seed: int = 0
 
     def as_train(self) -> TrainConfig:
@@ -300,37 +309,39 @@ class SFTConfig(Section):
 class ServeConfig(Section):
     engine: Literal["hf", "vllm"] = "hf"
     # Loopback by default: reach a remote head with port forwarding; any other address needs api_key.
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
-    model_id: str = Field("bpo-aligned", min_length=1)
+    # Where it listens, how many replicas and what they admit: how the eval stage serves, not what the models
+    # answer, so outside its stage key (engine, context, lengths and image limits are in it).
+    host: str = Field("127.0.0.1", json_schema_extra=NO_LONGER_KEYED)
+    port: int = Field(8000, ge=1, le=65535, json_schema_extra=NO_LONGER_KEYED)
+    model_id: str = Field("bpo-aligned", min_length=1, json_schema_extra=NO_LONGER_KEYED)
     # Replicas: min == max is a fixed count; min < max autoscales on ongoing requests per replica.
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(1, ge=1)
-    target_ongoing_requests: float = Field(4.0, gt=0.0)
+    min_replicas: int = Field(1, ge=0, json_schema_extra=NO_LONGER_KEYED)
+    max_replicas: int = Field(1, ge=1, json_schema_extra=NO_LONGER_KEYED)
+    target_ongoing_requests: float = Field(4.0, gt=0.0, json_schema_extra=NO_LONGER_KEYED)
     # Admission: per replica at once, then a bounded queue per proxy; past both, 503 with Retry-After.
-    max_ongoing_requests: int = Field(32, ge=1)
-    max_queued_requests: int = Field(64, ge=0)
-    retry_after_s: float = Field(1.0, ge=0.0)
+    max_ongoing_requests: int = Field(32, ge=1, json_schema_extra=NO_LONGER_KEYED)
+    max_queued_requests: int = Field(64, ge=0, json_schema_extra=NO_LONGER_KEYED)
+    retry_after_s: float = Field(1.0, ge=0.0, json_schema_extra=NO_LONGER_KEYED)
     # Dynamic batching (hf engine): up to this many requests per generate call; 1 disables it. The wait must
     # outlast a client's round trip: with 20 ms, 16 closed-loop clients split into two cohorts that never
     # shared a batch (2.5x unbatched on the 77M model; 50 ms: 5.6x, at the engine's ceiling). At low load a
     # request waits up to this long.
-    max_batch_size: int = Field(8, ge=1)
-    batch_wait_timeout_s: float = Field(0.05, ge=0.0)
+    max_batch_size: int = Field(8, ge=1, json_schema_extra=NO_LONGER_KEYED)
+    batch_wait_timeout_s: float = Field(0.05, ge=0.0, json_schema_extra=NO_LONGER_KEYED)
     # Context window (None: the model's); completion length when a request does not say.
     max_model_len: int | None = Field(None, ge=16)
     default_max_tokens: int = Field(256, ge=1)
-    api_key: str | None = None
+    api_key: str | None = Field(None, json_schema_extra=NO_LONGER_KEYED)
     # Images: data: URLs always; file:// only under local_image_root; http(s) only when allowed.
     local_image_root: str | None = None
     allow_remote_images: bool = False
     max_images_per_request: int = Field(1, ge=1)
     max_image_pixels: int = Field(4096 * 4096, ge=1)
     max_request_bytes: int = Field(32 * 1024 * 1024, ge=1024)
-    num_cpus_per_replica: float = Field(1.0, gt=0.0)
+    num_cpus_per_replica: float = Field(1.0, gt=0.0, json_schema_extra=NO_LONGER_KEYED)
     num_gpus_per_replica: float = Field(0.0, ge=0.0)
-    accelerator_type: str | None = None
-    memory_gb_per_replica: float | None = Field(None, gt=0.0)
+    accelerator_type: str | None = Field(None, json_schema_extra=NO_LONGER_KEYED)
+    memory_gb_per_replica: float | None = Field(None, gt=0.0, json_schema_extra=NO_LONGER_KEYED)
 
     @model_validator(mode="after")
     def _replicas(self) -> ServeConfig:
@@ -353,7 +364,7 @@ class EvalConfig(Section):
     # Companion rate of the held-out images (None: the training data's). Lower than in training, more
     # images show an anchor without its companion: the case that tells a grounded model from its prior.
     cooccurrence: float | None = Field(None, ge=0.0, le=1.0)
-    concurrency: int = Field(16, ge=1)
+    concurrency: int = Field(16, ge=1, json_schema_extra=NO_LONGER_KEYED)  # requests in flight: how fast, not what is scored
     # Optional COCO-format annotation file for POPE on real images.
     coco_annotations: str | None = None
     coco_image_root: str | None = None
@@ -443,15 +454,16 @@ class RunConfig(Section):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
-    def section_hash(self, *sections: str) -> str:
+    def section_hash(self, *sections: str, earlier: bool = False) -> str:
         """Stable hash of some sections (``train``) or single fields of one (``train.loss``): a stage's outputs
         are reusable while its inputs hash the same. A field outside the keys, or keyed only when set and
-        unset, is left out, as it is from a whole section."""
+        unset, is left out, as it is from a whole section. ``earlier``: the hash run directories made before
+        ``NO_LONGER_KEYED`` finished under (those fields in it)."""
         payload = {}
         for name in sections:
             if "." not in name:
-                payload[name] = _dump(getattr(self, name))
-            elif (value := _keyed_field(self, name)) is not _UNKEYED:
+                payload[name] = _dump(getattr(self, name), earlier)
+            elif (value := _keyed_field(self, name, earlier)) is not _UNKEYED:
                 payload[name] = value
         if "model" in sections and self.model.name_or_path.startswith("tiny://"):
             from bpo_ray.models import TINY_VERSION  # a rebuilt tiny model is a different model
@@ -461,16 +473,16 @@ class RunConfig(Section):
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _dump(value: Any) -> Any:
+def _dump(value: Any, earlier: bool) -> Any:
     if not isinstance(value, BaseModel):
         return value
-    return value.model_dump(mode="json", exclude=_unkeyed(value))
+    return value.model_dump(mode="json", exclude=_unkeyed(value, earlier))
 
 
 _UNKEYED = object()
 
 
-def _keyed_field(cfg: BaseModel, path: str) -> Any:
+def _keyed_field(cfg: BaseModel, path: str, earlier: bool) -> Any:
     """The dumped value at a dotted ``path``, or ``_UNKEYED`` where the stage keys leave it out."""
     *parents, last = path.split(".")
     owner = cfg
@@ -480,26 +492,30 @@ def _keyed_field(cfg: BaseModel, path: str) -> Any:
     if field is None:
         raise ValueError(f"{path}: no such config field")
     value = getattr(owner, last)
-    if _left_out(field, value):
+    if _left_out(field, value, earlier):
         return _UNKEYED
-    return _dump(value) if isinstance(value, BaseModel) else owner.model_dump(mode="json", include={last})[last]
+    if isinstance(value, BaseModel):
+        return _dump(value, earlier)
+    return owner.model_dump(mode="json", include={last})[last]
 
 
-def _left_out(field, value) -> bool:
-    """Whether a field's value stays out of the stage keys: never keyed, or keyed only once set and unset."""
-    return field.json_schema_extra == NOT_KEYED or (field.json_schema_extra == KEYED_IF_SET
-                                                    and value == field.get_default())
+def _left_out(field, value, earlier: bool) -> bool:
+    """Whether a field's value stays out of the stage keys: never keyed, no longer keyed (unless ``earlier``),
+    or keyed only once set and unset."""
+    marker = field.json_schema_extra
+    return (marker == NOT_KEYED or (marker == NO_LONGER_KEYED and not earlier)
+            or (marker == KEYED_IF_SET and value == field.get_default()))
 
 
-def _unkeyed(value: BaseModel) -> dict:
+def _unkeyed(value: BaseModel, earlier: bool) -> dict:
     """The fields outside the stage keys, at any depth (``negatives.injection.vocabulary`` as well as
     ``train.image_weight``), as pydantic's nested ``exclude``."""
     out: dict = {}
     for name, field in type(value).model_fields.items():
         current = getattr(value, name)
-        if _left_out(field, current):
+        if _left_out(field, current, earlier):
             out[name] = True
-        elif isinstance(current, BaseModel) and (inner := _unkeyed(current)):
+        elif isinstance(current, BaseModel) and (inner := _unkeyed(current, earlier)):
             out[name] = inner
     return out
 

@@ -126,7 +126,7 @@ def test_existence_needs_annotations_beyond_the_bundled_shapes_and_keeps_old_sta
 def _keyed_negatives(cfg):
     from bpo_ray.config import _dump
 
-    return _dump(cfg.negatives)
+    return _dump(cfg.negatives, earlier=False)
 
 
 @pytest.mark.parametrize("chosen, rejected, side", [

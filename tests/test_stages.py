@@ -129,16 +129,28 @@ def test_a_run_directory_from_before_the_pipeline_package_resumes(tmp_path):
     pipeline.run_all()
     assert calls == [] and pipeline.manifests["train"]["steps"] == 12
 
-    # The keys the stages ran under are the ones this code computes, stage after stage; the reference stage
-    # ran under the whole train section, which it read then (``read_before``), before its reads were narrowed.
-    upstream = ""
+    # The keys the stages ran under are the ones this code computes as that code did (``earlier``: with the
+    # pools, checkpoint cadence and serving address, keyed then), stage after stage; the reference stage ran
+    # under the whole train section, which it read then (``read_before``), before its reads were narrowed.
+    upstream, moved = "", []
     for stage in STAGES:
         reads = ("model", "train") if stage.name == "reference" else stage.reads
-        assert run.read_manifest(stage.name)["inputs_hash"] == stage_key(upstream, cfg, reads), stage.name
+        assert run.read_manifest(stage.name)["inputs_hash"] == stage_key(upstream, cfg, reads, earlier=True), stage.name
+        if stage_key(upstream, cfg, stage.reads) != stage_key(upstream, cfg, reads, earlier=True):
+            moved.append(stage.name)
         upstream = run.read_manifest(stage.name)["output_id"]
+    assert moved == ["sft", "negatives", "reference", "train", "eval"]  # today's keys: all but data's and report's
     train_key = run.read_manifest("train")["inputs_hash"]
     assert latest_checkpoint(run.checkpoint_run("train", train_key)) == (
         run.path("checkpoints", "train-f1a24c88189f", "checkpoint_2026-11-30_16-37-53.919453"), 12)
+    # Interrupted there (no finished manifest), training resumes from that folder, not from nothing under
+    # today's key; the manifest it then writes carries today's key.
+    (tmp_path / "bpo-tiny" / "train" / "manifest.json").unlink()
+    keys: dict[str, str] = {}
+    Pipeline(cfg, run, [dataclasses.replace(s, run=lambda c, r, k, name=s.name: keys.setdefault(name, k) and {})
+                        for s in STAGES]).run_all()
+    assert list(keys) == ["train", "eval", "report"] and keys["train"] == train_key
+    assert run.read_manifest("train")["inputs_hash"] != train_key
     # sft checkpoints were named by the config hash alone then; an interrupted sft resumes from that folder.
     sft_dir = _checkpoints(cfg, run, run.read_manifest("sft")["inputs_hash"])
     assert sft_dir == run.path("checkpoints", "sft-18552de4e9df") and latest_checkpoint(sft_dir)[1] == 2
@@ -215,3 +227,28 @@ def test_a_sweep_over_training_settings_scores_its_pairs_once(tmp_path):
     assert run(*swept) == ["train", "eval", "report"]
     assert run(*swept, "train.loss=ipo") == ["reference", "train", "eval", "report"]
     assert run(*swept, "train.loss=ipo", "model.max_length=256") == [s.name for s in STAGES]  # the model: all
+
+
+def test_how_a_stage_runs_is_not_what_it_computes(tmp_path):
+    """Actor pools, checkpoint cadence and where the eval stage serves change how a stage runs: resuming with
+    a bigger pool, another port or more replicas re-runs nothing. What the models compute (the serving
+    context, a GPU for generation) still re-runs what depends on it."""
+    from bpo_ray.pipeline import STAGES
+
+    def run(*overrides):
+        calls: list[str] = []
+        cfg = load_config(None, [f"storage_path={tmp_path}", *overrides])
+        stages = [dataclasses.replace(s, run=lambda c, r, k, name=s.name: calls.append(name) or {}) for s in STAGES]
+        Pipeline(cfg, RunDir.for_config(cfg), stages).run_all()
+        return calls
+
+    assert run() == [s.name for s in STAGES]
+    how = ["negatives.weakening.pool.max_size=8", "negatives.weakening.pool.batch_size=64",
+           "negatives.injection.pool.num_cpus=2", "negatives.weakening.pool.accelerator_type=L4",
+           "train.reference_pool.max_size=4", "train.checkpoint_every=5", "train.keep_checkpoints=3",
+           "train.max_failures=5", "sft.checkpoint_every=7", "serve.port=9001", "serve.host=0.0.0.0",
+           "serve.api_key=secret", "serve.max_replicas=2", "serve.max_batch_size=2", "eval.concurrency=4"]
+    assert run(*how) == []
+    assert run(*how, "serve.max_model_len=128") == ["eval", "report"]
+    assert run(*how, "serve.max_model_len=128", "negatives.weakening.pool.num_gpus=1",
+               "negatives.weakening.pool.accelerator_type=L4") == [s.name for s in STAGES][2:]

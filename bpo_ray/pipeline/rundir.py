@@ -26,10 +26,11 @@ from bpo_ray.config import RunConfig
 from bpo_ray.data.images import ImageStore
 
 
-def stage_key(upstream_output: str, cfg: RunConfig, sections: tuple[str, ...]) -> str:
+def stage_key(upstream_output: str, cfg: RunConfig, sections: tuple[str, ...], earlier: bool = False) -> str:
     """What a stage's output belongs to: the config sections it reads and its upstream stage's output (a new
-    ``output_id`` each time that stage runs). Finished manifests and checkpoint folders are named by it."""
-    return hashlib.sha256((upstream_output + cfg.section_hash(*sections)).encode()).hexdigest()[:16]
+    ``output_id`` each time that stage runs). Finished manifests and checkpoint folders are named by it.
+    ``earlier``: the key as run directories made before ``config.NO_LONGER_KEYED`` computed it."""
+    return hashlib.sha256((upstream_output + cfg.section_hash(*sections, earlier=earlier)).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,12 @@ class RunDir:
     def checkpoint_run(self, stage: str, key: str) -> str:
         """Ray Train's folder for one training run: ``checkpoints/<stage>-<key[:12]>``."""
         return self.path("checkpoints", checkpoint_name(stage, key))
+
+    def has_checkpoints(self, stage: str, key: str) -> bool:
+        """Whether a training run of ``stage`` under ``key`` started checkpointing (Ray Train resumes it)."""
+        from bpo_ray.train.fit import RAY_TRAIN_SNAPSHOT
+
+        return storage.exists(storage.join(self.checkpoint_run(stage, key), RAY_TRAIN_SNAPSHOT))
 
     @property
     def model(self) -> str:

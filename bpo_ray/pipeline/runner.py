@@ -5,7 +5,8 @@ writes its own. A stage whose manifest says *finished* for the same key (``stage
 it reads and the upstream stage's output) is skipped; otherwise its directory is cleared and it runs. A
 crashed or cancelled job therefore resumes at the first incomplete stage, and whatever follows a re-run
 stage re-runs too. Training stages name their checkpoint folder by the key, so they resume mid-run, and
-keep their log across the re-run (``Stage.keep``).
+keep their log across the re-run (``Stage.keep``). Keys computed by earlier code for the same inputs still
+count, for finished output and for an interrupted run's checkpoints, so old run directories resume.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 
 from bpo_ray import storage, tracking
 from bpo_ray.config import RunConfig
-from bpo_ray.pipeline.rundir import RunDir, stage_key
+from bpo_ray.pipeline.rundir import RunDir, split_stage_name, stage_key
 
 log = logging.getLogger("bpo_ray.pipeline")
 
@@ -65,10 +66,26 @@ class Pipeline:
             return index >= names.index(self.from_stage)
         return True
 
+    def _keys(self, stage: Stage, upstream: str) -> tuple[str, list[str]]:
+        """The stage's key, and the keys earlier code gave the same inputs (its fields no longer keyed put
+        back; what it read before its reads were narrowed), under which its output still counts."""
+        key = stage_key(upstream, self.cfg, stage.reads)
+        earlier = {stage_key(upstream, self.cfg, reads, earlier=True) for reads in (stage.reads, *stage.read_before)}
+        return key, sorted(earlier - {key})
+
     def _finished(self, stage: Stage, upstream: str) -> tuple[bool, dict | None]:
         previous = self.run.read_manifest(stage.name)
-        keys = {stage_key(upstream, self.cfg, reads) for reads in (stage.reads, *stage.read_before)}
-        return bool(previous and previous.get("finished") and previous.get("inputs_hash") in keys), previous
+        key, earlier = self._keys(stage, upstream)
+        finished = previous and previous.get("finished") and previous.get("inputs_hash") in (key, *earlier)
+        return bool(finished), previous
+
+    def _checkpoint_key(self, stage: Stage, key: str, earlier: list[str]) -> str:
+        """The key a stage's checkpoints go under: its own, unless it started training under an earlier key
+        and was interrupted (its checkpoints are there, and not yet under its own key): then that one, so the
+        run resumes instead of starting over."""
+        kind = split_stage_name(stage.name)[1]
+        started = [k for k in (key, *earlier) if self.run.has_checkpoints(kind, k)]
+        return started[0] if started else key
 
     def all_finished(self) -> bool:
         """Whether every stage already has finished output for these inputs (nothing would run)."""
@@ -94,7 +111,7 @@ class Pipeline:
         return self.manifests
 
     def _run_one(self, index: int, stage: Stage, upstream: str, tracked: tracking.TrackedRun | None = None) -> dict:
-        key = stage_key(upstream, self.cfg, stage.reads)
+        key, earlier = self._keys(stage, upstream)
         finished, previous = self._finished(stage, upstream)
         if not self._selected(index) or (finished and not self.force):
             if not finished and not self._selected(index):
@@ -106,7 +123,7 @@ class Pipeline:
         storage.clear_dir(self.run.stage_dir(stage.name), keep=stage.keep)
         log.info("stage %s: running", stage.name)
         started = time.time()
-        manifest = stage.run(self.cfg, self.run.at_round(stage.round), key)
+        manifest = stage.run(self.cfg, self.run.at_round(stage.round), self._checkpoint_key(stage, key, earlier))
         # ``inputs_hash`` is the stage key (the name run directories have always used for it).
         manifest.update(stage=stage.name, inputs_hash=key, output_id=uuid.uuid4().hex, finished=True,
                         seconds=round(time.time() - started, 2), finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))

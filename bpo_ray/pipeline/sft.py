@@ -45,7 +45,7 @@ def run(cfg: RunConfig, run_dir: RunDir, key: str) -> dict:
 def _checkpoints(cfg: RunConfig, run_dir: RunDir, key: str) -> str:
     """``checkpoints/sft-<key>``; older run directories named it by the config hash alone, and an sft run
     interrupted there resumes from it."""
-    legacy = run_dir.path("checkpoints", f"sft-{cfg.section_hash('model', 'sft')[:12]}")
+    legacy = run_dir.path("checkpoints", f"sft-{cfg.section_hash('model', 'sft', earlier=True)[:12]}")
     if storage.exists(storage.join(legacy, RAY_TRAIN_SNAPSHOT)):
         return legacy
     return run_dir.checkpoint_run("sft", key)
