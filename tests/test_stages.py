@@ -210,23 +210,28 @@ def test_bootstrapping_rounds_each_align_the_model_the_round_before_made_and_ext
     assert calls == []
 
 
+def _ran(root, *overrides) -> list[str]:
+    """The stages of the real table (each a stub that records its name) that run on ``root`` with these
+    overrides, after whatever ran there before."""
+    from bpo_ray.pipeline import STAGES
+
+    calls: list[str] = []
+    cfg = load_config(None, [f"storage_path={root}", *overrides])
+    stages = [dataclasses.replace(s, run=lambda c, r, k, name=s.name: calls.append(name) or {}) for s in STAGES]
+    Pipeline(cfg, RunDir.for_config(cfg), stages).run_all()
+    return calls
+
+
 def test_a_sweep_over_training_settings_scores_its_pairs_once(tmp_path):
     """Reference scores depend on a few fields of train (``reference.READS``): another lr, beta or step count
     re-runs training, not the scoring of every pair; another loss that scores differently (IPO) re-runs both."""
     from bpo_ray.pipeline import STAGES
 
-    def run(*overrides):
-        calls: list[str] = []
-        cfg = load_config(None, [f"storage_path={tmp_path}", *overrides])
-        stages = [dataclasses.replace(s, run=lambda c, r, k, name=s.name: calls.append(name) or {}) for s in STAGES]
-        Pipeline(cfg, RunDir.for_config(cfg), stages).run_all()
-        return calls
-
-    assert run() == [s.name for s in STAGES]
+    assert _ran(tmp_path) == [s.name for s in STAGES]
     swept = ["train.lr=1e-3", "train.beta=0.2", "train.max_steps=5", "train.reference_pool.max_size=2"]
-    assert run(*swept) == ["train", "eval", "report"]
-    assert run(*swept, "train.loss=ipo") == ["reference", "train", "eval", "report"]
-    assert run(*swept, "train.loss=ipo", "model.max_length=256") == [s.name for s in STAGES]  # the model: all
+    assert _ran(tmp_path, *swept) == ["train", "eval", "report"]
+    assert _ran(tmp_path, *swept, "train.loss=ipo") == ["reference", "train", "eval", "report"]
+    assert _ran(tmp_path, *swept, "train.loss=ipo", "model.max_length=256") == [s.name for s in STAGES]  # the model: all
 
 
 def test_how_a_stage_runs_is_not_what_it_computes(tmp_path):
@@ -235,20 +240,13 @@ def test_how_a_stage_runs_is_not_what_it_computes(tmp_path):
     context, a GPU for generation) still re-runs what depends on it."""
     from bpo_ray.pipeline import STAGES
 
-    def run(*overrides):
-        calls: list[str] = []
-        cfg = load_config(None, [f"storage_path={tmp_path}", *overrides])
-        stages = [dataclasses.replace(s, run=lambda c, r, k, name=s.name: calls.append(name) or {}) for s in STAGES]
-        Pipeline(cfg, RunDir.for_config(cfg), stages).run_all()
-        return calls
-
-    assert run() == [s.name for s in STAGES]
+    assert _ran(tmp_path) == [s.name for s in STAGES]
     how = ["negatives.weakening.pool.max_size=8", "negatives.weakening.pool.batch_size=64",
            "negatives.injection.pool.num_cpus=2", "negatives.weakening.pool.accelerator_type=L4",
            "train.reference_pool.max_size=4", "train.checkpoint_every=5", "train.keep_checkpoints=3",
            "train.max_failures=5", "sft.checkpoint_every=7", "serve.port=9001", "serve.host=0.0.0.0",
            "serve.api_key=secret", "serve.max_replicas=2", "serve.max_batch_size=2", "eval.concurrency=4"]
-    assert run(*how) == []
-    assert run(*how, "serve.max_model_len=128") == ["eval", "report"]
-    assert run(*how, "serve.max_model_len=128", "negatives.weakening.pool.num_gpus=1",
+    assert _ran(tmp_path, *how) == []
+    assert _ran(tmp_path, *how, "serve.max_model_len=128") == ["eval", "report"]
+    assert _ran(tmp_path, *how, "serve.max_model_len=128", "negatives.weakening.pool.num_gpus=1",
                "negatives.weakening.pool.accelerator_type=L4") == [s.name for s in STAGES][2:]
