@@ -124,9 +124,9 @@ def test_existence_needs_annotations_beyond_the_bundled_shapes_and_keeps_old_sta
 
 
 def _keyed_negatives(cfg):
-    from bpo_ray.config import _dump
+    from bpo_ray.config.keys import keyed_dump
 
-    return _dump(cfg.negatives, earlier=False)
+    return keyed_dump(cfg.negatives)
 
 
 @pytest.mark.parametrize("chosen, rejected, side", [

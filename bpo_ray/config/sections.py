@@ -1,41 +1,16 @@
-"""The one run config: parsed and validated once at the edge, then passed down as a typed object.
-
-A run is described by a YAML file plus dotted ``key=value`` overrides. Every section forbids unknown
-keys (a typo is an error that names the key and suggests the closest valid one), and combinations that
-cannot work are rejected here, before Ray starts. Each stage reads only its own section.
-"""
+"""The config's sections: one pydantic model per stage's concern, each forbidding unknown keys, and
+``RunConfig`` holding them all. Comments say what a field does; ``json_schema_extra`` markers say how it takes
+part in the stage keys (``config/keys.py``)."""
 
 from __future__ import annotations
 
-import difflib
-import hashlib
-import importlib.util
-import json
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-# Fields marked so change how a stage runs, not what it computes: they stay out of ``section_hash``, so
-# setting them never invalidates finished stages or checkpoints.
-NOT_KEYED = {"stage_key": False}
-# An option added after run directories exist: part of the stage keys only when set, so runs made before it
-# existed (which behaved as its default does) still resume.
-KEYED_IF_SET = {"stage_key": "if_set"}
-# How a stage runs (actor pools, checkpoint cadence, serving's address and admission), which the stage keys
-# included until 2026-12: left out of them now, so resuming on a bigger cluster or another port re-runs
-# nothing; put back in the keys that run directories made before finished under (``section_hash(...,
-# earlier=True)``), so those still resume.
-NO_LONGER_KEYED = {"stage_key": "earlier"}
-
-# ``tiny://<arch>`` names a tiny random model that the project builds itself (bpo make-tiny) on first use.
-TINY_SCHEME = "tiny://"
-TINY_ARCHS = ("llava", "qwen2_vl", "llm")
-
-
-class ConfigError(ValueError):
-    """A config that cannot run; the message names the offending key."""
+from bpo_ray.config.checks import impossible_combinations
+from bpo_ray.config.keys import KEYED_IF_SET, NO_LONGER_KEYED, NOT_KEYED, section_hash
 
 
 class Section(BaseModel):
@@ -442,7 +417,7 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _combinations_that_cannot_work(self) -> RunConfig:
-        problems = list(_impossible_combinations(self))
+        problems = list(impossible_combinations(self))
         if problems:
             raise ValueError("\n  ".join(problems))
         return self
@@ -455,232 +430,5 @@ class RunConfig(Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
     def section_hash(self, *sections: str, earlier: bool = False) -> str:
-        """Stable hash of some sections (``train``) or single fields of one (``train.loss``): a stage's outputs
-        are reusable while its inputs hash the same. A field outside the keys, or keyed only when set and
-        unset, is left out, as it is from a whole section. ``earlier``: the hash run directories made before
-        ``NO_LONGER_KEYED`` finished under (those fields in it)."""
-        payload = {}
-        for name in sections:
-            if "." not in name:
-                payload[name] = _dump(getattr(self, name), earlier)
-            elif (value := _keyed_field(self, name, earlier)) is not _UNKEYED:
-                payload[name] = value
-        if "model" in sections and self.model.name_or_path.startswith("tiny://"):
-            from bpo_ray.models import TINY_VERSION  # a rebuilt tiny model is a different model
-
-            payload["tiny_version"] = TINY_VERSION
-        blob = json.dumps(payload, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def _dump(value: Any, earlier: bool) -> Any:
-    if not isinstance(value, BaseModel):
-        return value
-    return value.model_dump(mode="json", exclude=_unkeyed(value, earlier))
-
-
-_UNKEYED = object()
-
-
-def _keyed_field(cfg: BaseModel, path: str, earlier: bool) -> Any:
-    """The dumped value at a dotted ``path``, or ``_UNKEYED`` where the stage keys leave it out."""
-    *parents, last = path.split(".")
-    owner = cfg
-    for name in parents:
-        owner = getattr(owner, name)
-    field = type(owner).model_fields.get(last)
-    if field is None:
-        raise ValueError(f"{path}: no such config field")
-    value = getattr(owner, last)
-    if _left_out(field, value, earlier):
-        return _UNKEYED
-    if isinstance(value, BaseModel):
-        return _dump(value, earlier)
-    return owner.model_dump(mode="json", include={last})[last]
-
-
-def _left_out(field, value, earlier: bool) -> bool:
-    """Whether a field's value stays out of the stage keys: never keyed, no longer keyed (unless ``earlier``),
-    or keyed only once set and unset."""
-    marker = field.json_schema_extra
-    return (marker == NOT_KEYED or (marker == NO_LONGER_KEYED and not earlier)
-            or (marker == KEYED_IF_SET and value == field.get_default()))
-
-
-def _unkeyed(value: BaseModel, earlier: bool) -> dict:
-    """The fields outside the stage keys, at any depth (``negatives.injection.vocabulary`` as well as
-    ``train.image_weight``), as pydantic's nested ``exclude``."""
-    out: dict = {}
-    for name, field in type(value).model_fields.items():
-        current = getattr(value, name)
-        if _left_out(field, current, earlier):
-            out[name] = True
-        elif isinstance(current, BaseModel) and (inner := _unkeyed(current, earlier)):
-            out[name] = inner
-    return out
-
-
-def bootstraps(cfg: RunConfig) -> bool:
-    """Whether the negatives stage makes pairs from the run's own data (else it only reads extra_pairs)."""
-    neg = cfg.negatives
-    return neg.weakening.enabled or neg.injection.enabled or neg.existence.enabled
-
-
-def _impossible_combinations(cfg: RunConfig):
-    model = cfg.model.name_or_path
-    if model.startswith(TINY_SCHEME) and model[len(TINY_SCHEME):] not in ("llava", "qwen2_vl"):
-        yield f"model.name_or_path {model!r}: the policy must be a vision model (tiny://llava or tiny://qwen2_vl)"
-    injector = cfg.negatives.injection.model
-    if injector.startswith(TINY_SCHEME) and injector[len(TINY_SCHEME):] not in TINY_ARCHS:
-        yield f"negatives.injection.model {injector!r}: unknown tiny arch (choose from {', '.join(TINY_ARCHS)})"
-    neg = cfg.negatives
-    if not bootstraps(cfg) and neg.extra_pairs is None:
-        yield ("negatives: weakening, injection and existence are all disabled and there are no extra_pairs, "
-               "so no rejected answers can be made")
-    vocabulary = neg.injection.vocabulary
-    if neg.injection.enabled and neg.injection.engine == "rules" and vocabulary not in ("auto", "general", "shapes"):
-        from bpo_ray.negatives.vocabulary import load
-
-        try:
-            load(vocabulary)
-        except ValueError as err:
-            yield f"negatives.injection.vocabulary: {err}"
-    if neg.existence.balance == "mix" and not neg.existence.enabled:
-        yield "negatives.existence.balance 'mix' balances with existence pairs: set negatives.existence.enabled=true"
-    if neg.existence.enabled and neg.existence.annotations is None and cfg.data.format != "synthetic":
-        yield ("negatives.existence needs object annotations for these images: set negatives.existence.annotations "
-               "(a COCO instances file); only the bundled shapes carry their own")
-    if neg.weakening.enabled and not neg.weakening.distortions:
-        yield "negatives.weakening.distortions is empty while weakening is enabled"
-    if not cfg.resources.use_gpu:
-        if neg.weakening.enabled and neg.weakening.engine == "vllm":
-            yield ("negatives.weakening.engine 'vllm' needs GPUs (multimodal vLLM runs on GPU clusters); "
-                   "set resources.use_gpu=true or use engine 'hf'")
-        if cfg.serve.engine == "vllm" and cfg.serve.num_gpus_per_replica == 0:
-            yield "serve.engine 'vllm' serves the multimodal model on GPUs; set serve.num_gpus_per_replica"
-        if cfg.train.precision in ("bf16", "fp16"):
-            yield f"train.precision {cfg.train.precision!r} needs GPUs; CPU training runs in fp32 (use 'auto')"
-        if cfg.resources.gpus_per_worker > 0:
-            yield "resources.gpus_per_worker > 0 but resources.use_gpu is false"
-    train = cfg.train
-    if train.reference == "adapter_disabled" and not train.lora.enabled:
-        yield "train.reference 'adapter_disabled' needs train.lora.enabled=true (the reference is the base without adapters)"
-    if train.loss == "robust" and train.label_smoothing == 0.0:
-        yield "train.loss 'robust' needs train.label_smoothing > 0 (with 0 it is plain sigmoid DPO)"
-    if cfg.rounds > 1 and train.lora.enabled and not train.merge_lora_on_export:
-        yield ("rounds > 1 needs train.merge_lora_on_export=true: each round starts from the model the round "
-               "before exported, which must be a whole model")
-    image_distortions = neg.weakening.distortions if train.image_distortions is None else train.image_distortions
-    if train.image_weight and not image_distortions:
-        yield ("train.image_weight needs distortions to make the image it prefers less: train.image_distortions, "
-               "or negatives.weakening.distortions when that is unset")
-    if train.loss != "robust" and train.loss != "sigmoid" and train.label_smoothing > 0:
-        yield f"train.label_smoothing applies to 'sigmoid'/'robust' losses, not {train.loss!r}"
-    if cfg.sft.enabled and not cfg.resources.use_gpu and cfg.sft.precision in ("bf16", "fp16"):
-        yield f"sft.precision {cfg.sft.precision!r} needs GPUs; CPU training runs in fp32 (use 'auto')"
-    if cfg.sft.enabled and cfg.sft.data.format == "synthetic" and cfg.eval.enabled \
-            and cfg.sft.data.synthetic.seed == cfg.eval.seed:
-        yield "sft.data.synthetic.seed equals eval.seed: the base would be fine-tuned on the evaluation images"
-    for name, section in (("train", train), ("sft", cfg.sft)):
-        if section.vision_lr is not None and section.freeze_vision_tower and (name == "train" or cfg.sft.enabled):
-            yield f"{name}.vision_lr is set, but the vision tower is frozen (set {name}.freeze_vision_tower=false)"
-    if train.offload_params and train.zero_stage != 3:
-        yield "train.offload_params needs train.zero_stage=3 (parameter offload is a ZeRO-3 feature)"
-    if train.offload_optimizer and train.zero_stage == 0:
-        yield "train.offload_optimizer needs train.zero_stage 2 or 3"
-    if cfg.eval.enabled and cfg.data.format == "synthetic" and cfg.eval.seed == cfg.data.synthetic.seed:
-        yield "eval.seed equals data.synthetic.seed: the evaluation images would be the training images"
-    if bool(cfg.eval.coco_annotations) != bool(cfg.eval.coco_image_root):
-        yield "eval.coco_annotations and eval.coco_image_root go together (the file and where its images are)"
-    for backend, module in (("mlflow", "mlflow"), ("wandb", "wandb")):
-        if getattr(cfg.tracking, backend) is not None and importlib.util.find_spec(module) is None:
-            yield f"tracking.{backend} is set but {module} is not installed: pip install 'bpo-ray[tracking]'"
-    yield from serve_problems(cfg.serve)
-
-
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
-def serve_problems(serve: ServeConfig):
-    """Serve settings that cannot work together (also checked by ``bpo serve`` without a run config)."""
-    if serve.engine == "vllm" and serve.api_key:
-        yield ("serve.api_key is not enforced by the vllm engine (ray.serve.llm has no auth); use engine 'hf' "
-               "or put the endpoint behind an authenticating proxy")
-    if serve.host not in LOOPBACK and not serve.api_key:
-        yield (f"serve.host {serve.host!r} exposes the endpoint beyond loopback without serve.api_key; "
-               "set an api_key (engine 'hf') or bind to 127.0.0.1")
-    if serve.engine == "vllm" and (serve.local_image_root or serve.allow_remote_images):
-        yield "serve.local_image_root / allow_remote_images are hf-engine settings; vLLM has its own media policy"
-
-
-# ------------------------------------------------------------------------------------ loading + errors
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """YAML file (or the embedded default when ``path`` is None) + dotted ``key=value`` overrides."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from err
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
-    for item in overrides:
-        apply_override(raw, item)
-    return validate_config(raw)
-
-
-def validate_config(raw: dict[str, Any]) -> RunConfig:
-    try:
-        return RunConfig.model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError(_explain(err)) from None
-
-
-def apply_override(raw: dict[str, Any], item: str) -> None:
-    """``train.lr=1e-5`` → raw["train"]["lr"] = 1e-5 (the value is parsed as YAML: numbers, lists, null)."""
-    key, sep, text = item.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.lr=1e-5)")
-    parts = key.strip().split(".")
-    try:
-        value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
-        value = text
-    node = raw
-    for depth, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {item!r}: {'.'.join(parts[:depth + 1])} is a value, not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-def _explain(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        loc = [str(p) for p in e["loc"]]
-        key = ".".join(loc) or "<config>"
-        if e["type"] == "extra_forbidden":
-            hint = _closest_key(loc)
-            lines.append(f"unknown key '{key}'" + (f" (did you mean '{hint}'?)" if hint else ""))
-        else:
-            msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"{key}: {msg}" if loc else msg)
-    return "invalid config:\n  " + "\n  ".join(lines)
-
-
-def _closest_key(loc: list[str]) -> str | None:
-    """Suggest the nearest valid key at the same place, e.g. train.lrr → train.lr."""
-    model: type[BaseModel] = RunConfig
-    for part in loc[:-1]:
-        field = model.model_fields.get(part)
-        annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return None
-        model = annotation
-    candidates = list(model.model_fields)
-    match = difflib.get_close_matches(loc[-1], candidates, n=1, cutoff=0.5)
-    return ".".join([*loc[:-1], match[0]]) if match else None
+        """``keys.section_hash`` of these sections or fields (``train``, ``train.loss``)."""
+        return section_hash(self, *sections, earlier=earlier)
