@@ -73,9 +73,8 @@ class Pipeline:
         earlier = {stage_key(upstream, self.cfg, reads, earlier=True) for reads in (stage.reads, *stage.read_before)}
         return key, sorted(earlier - {key})
 
-    def _finished(self, stage: Stage, upstream: str) -> tuple[bool, dict | None]:
+    def _finished(self, stage: Stage, key: str, earlier: list[str]) -> tuple[bool, dict | None]:
         previous = self.run.read_manifest(stage.name)
-        key, earlier = self._keys(stage, upstream)
         finished = previous and previous.get("finished") and previous.get("inputs_hash") in (key, *earlier)
         return bool(finished), previous
 
@@ -83,6 +82,8 @@ class Pipeline:
         """The key a stage's checkpoints go under: its own, unless it started training under an earlier key
         and was interrupted (its checkpoints are there, and not yet under its own key): then that one, so the
         run resumes instead of starting over."""
+        if not earlier:  # nothing to choose from: no storage reads
+            return key
         kind = split_stage_name(stage.name)[1]
         started = [k for k in (key, *earlier) if self.run.has_checkpoints(kind, k)]
         return started[0] if started else key
@@ -91,7 +92,7 @@ class Pipeline:
         """Whether every stage already has finished output for these inputs (nothing would run)."""
         upstream = ""
         for stage in self.stages:
-            finished, manifest = self._finished(stage, upstream)
+            finished, manifest = self._finished(stage, *self._keys(stage, upstream))
             if not finished:
                 return False
             upstream = manifest.get("output_id", "")
@@ -112,7 +113,7 @@ class Pipeline:
 
     def _run_one(self, index: int, stage: Stage, upstream: str, tracked: tracking.TrackedRun | None = None) -> dict:
         key, earlier = self._keys(stage, upstream)
-        finished, previous = self._finished(stage, upstream)
+        finished, previous = self._finished(stage, key, earlier)
         if not self._selected(index) or (finished and not self.force):
             if not finished and not self._selected(index):
                 log.warning("stage %s: not selected and has no finished output", stage.name)

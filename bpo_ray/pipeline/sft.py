@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import logging
 
-from bpo_ray import storage
 from bpo_ray.config import RunConfig
 from bpo_ray.data.dataset import read_validated
 from bpo_ray.models.loader import resolve_model_path
 from bpo_ray.pipeline.rundir import RunDir
 from bpo_ray.tracking import recorded_run
-from bpo_ray.train.fit import RAY_TRAIN_SNAPSHOT, fit
+from bpo_ray.train.fit import fit
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +44,5 @@ def run(cfg: RunConfig, run_dir: RunDir, key: str) -> dict:
 def _checkpoints(cfg: RunConfig, run_dir: RunDir, key: str) -> str:
     """``checkpoints/sft-<key>``; older run directories named it by the config hash alone, and an sft run
     interrupted there resumes from it."""
-    legacy = run_dir.path("checkpoints", f"sft-{cfg.section_hash('model', 'sft', earlier=True)[:12]}")
-    if storage.exists(storage.join(legacy, RAY_TRAIN_SNAPSHOT)):
-        return legacy
-    return run_dir.checkpoint_run("sft", key)
+    legacy = cfg.section_hash("model", "sft", earlier=True)
+    return run_dir.checkpoint_run("sft", legacy if run_dir.has_checkpoints("sft", legacy) else key)
