@@ -105,7 +105,7 @@ def one(n: int, max_new_tokens: int, work: Path) -> dict:
     from bpo_ray.config import load_config
     from bpo_ray.data.images import rows_with_images
     from bpo_ray.pipeline import RunDir, run_stages
-    from bpo_ray.raydata import worker_parts
+    from bpo_ray.raydata import read_parquet, worker_parts
     from bpo_ray.runtime import init_ray
     from bpo_ray.train.fit import ORDER_BY
 
@@ -122,7 +122,7 @@ def one(n: int, max_new_tokens: int, work: Path) -> dict:
     manifests = run_stages(cfg, until="reference")
     prep_started = time.time()
     run = RunDir.for_config(cfg)
-    parts = worker_parts(ray.data.read_parquet(run.scored_pairs), cfg.train.num_workers, list(ORDER_BY["dpo"]),
+    parts = worker_parts(read_parquet(run.scored_pairs), cfg.train.num_workers, list(ORDER_BY["dpo"]),
                          cfg.train.seed)
     first = next(iter(parts[0].iter_batches(batch_size=cfg.train.per_device_batch_size, batch_format="pandas")))
     rows_with_images(first.to_dict("records"), run.root)  # as a training worker reads its first batch

@@ -1,10 +1,11 @@
 """Small Ray Data helpers shared by the stages: split rows by kind into tables, count without a shuffle, and
-give each training worker a fixed, seeded part of the rows."""
+give each training worker a fixed, seeded part of the rows; and the one way stages read a Parquet table."""
 
 from __future__ import annotations
 
 import hashlib
 import math
+import os
 from collections import Counter
 
 from bpo_ray import storage
@@ -22,6 +23,23 @@ def write_by_kind(rows, out_dir: str, tables: dict[str, tuple[str, tuple[str, ..
         storage.remove_dir(target)
         storage.make_dir(target)
         rows.filter(expr=col("kind") == kind).select_columns(list(columns)).write_parquet(target)
+
+
+# Ray Data reads a Parquet folder's footers on a pool of actors it starts for every read: 32 by default, so
+# 32 new Python processes each time a stage reads a table. On a 2-CPU machine starting them took longer than
+# the stage's own work (a negatives stage: 22 s with them, 8 s with one). One actor drives 128 concurrent
+# footer reads, enough for our tables (a few files each) and external datasets of thousands of files; a
+# cluster that reads more can set the variable, which this leaves as it is.
+FOOTER_READERS = ("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
+
+
+def read_parquet(path: str, **kwargs):
+    """``ray.data.read_parquet`` with the footer-reader pool sized as above (read when the read executes,
+    in this process)."""
+    import ray.data
+
+    os.environ.setdefault(*FOOTER_READERS)
+    return ray.data.read_parquet(path, **kwargs)
 
 
 def _count_batch(batch, columns: list[str]):

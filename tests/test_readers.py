@@ -121,6 +121,25 @@ def test_a_json_list_is_read_by_a_ray_worker_in_order(tmp_path, ray_local):
     assert [r["index"] for r in rows] == list(range(95)) and json.loads(rows[94]["text"]) == {"id": "r94"}
 
 
+def test_a_table_read_starts_one_footer_reader_not_thirty_two(tmp_path, ray_local, monkeypatch):
+    """Ray Data starts a pool of footer-reading actors, 32 by default, for every Parquet read; the stages' reads
+    start one (each a Python process: 32 of them outlasted a small stage's own work on 2 CPUs)."""
+    from ray._private.state import actors  # the GCS actor table: dead actors too (no dashboard on this cluster)
+
+    from bpo_ray.raydata import read_parquet
+
+    monkeypatch.delenv("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", raising=False)
+    for i in range(3):
+        pq.write_table(pa.table({"x": [i, i + 10]}), tmp_path / f"part-{i}.parquet")
+
+    def footer_readers() -> int:
+        return sum(a["ActorClassName"] == "FooterReader" for a in actors().values())
+
+    before = footer_readers()
+    assert sorted(r["x"] for r in read_parquet(str(tmp_path)).take_all()) == [0, 1, 2, 10, 11, 12]
+    assert footer_readers() - before == 1
+
+
 def test_missing_columns_and_files(tmp_path):
     pq.write_table(pa.table({"id": ["a"]}), tmp_path / "p.parquet")
     with pytest.raises(ValueError, match="missing column"):

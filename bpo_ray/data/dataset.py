@@ -19,7 +19,7 @@ from bpo_ray.config import DataConfig, PairsConfig, SyntheticDataConfig
 from bpo_ray.data import readers
 from bpo_ray.data.images import ImageStore, store_images
 from bpo_ray.data.records import ImageLimits, validate_record
-from bpo_ray.raydata import count_by, read_json_items, write_by_kind
+from bpo_ray.raydata import count_by, read_json_items, read_parquet, write_by_kind
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def read_raw(data: DataConfig, cache_dir: str):
             image_root = storage.absolute(str(Path(path).parent)) if not storage.is_uri(path) else path.rsplit("/", 1)[0]
         ds = read_json_items(path)
     elif fmt == "parquet":
-        ds = ray.data.read_parquet(storage.absolute(path)).select_columns(list(readers.RAW_COLUMNS))
+        ds = read_parquet(storage.absolute(path)).select_columns(list(readers.RAW_COLUMNS))
     else:
         ds = ray.data.from_huggingface(readers.load_hf_disk(storage.absolute(path)))
     if data.max_records:
@@ -160,7 +160,7 @@ def read_pairs_raw(pairs: PairsConfig):
     if fmt in ("json", "jsonl"):
         ds = read_json_items(pairs.path, layout="list" if fmt == "json" else "lines").map(_parse_item)
     elif fmt == "parquet":
-        ds = ray.data.read_parquet(storage.absolute(pairs.path))
+        ds = read_parquet(storage.absolute(pairs.path))
     elif storage.is_uri(pairs.path) or not Path(pairs.path).exists():  # a Hub id: Ray reads its parquet files
         ds = ray.data.from_huggingface(_hf_pairs(pairs, fmt))
     else:  # on this disk: from_huggingface would first ask the Hub for the files, and wait for its timeout

@@ -46,7 +46,7 @@ from bpo_ray.negatives.existence import EXISTENCE, balancing_drops, existence_qu
 from bpo_ray.negatives.generation import GenerationSpec, generate_column
 from bpo_ray.negatives.pairs import ERROR_INJECTION, IMAGE_WEAKENING, Drop
 from bpo_ray.pipeline.rundir import RunDir, policy_path
-from bpo_ray.raydata import count_by, write_by_kind
+from bpo_ray.raydata import count_by, read_parquet, write_by_kind
 
 
 def run(cfg: RunConfig, run_dir: RunDir, key: str) -> dict:
@@ -58,7 +58,7 @@ def run(cfg: RunConfig, run_dir: RunDir, key: str) -> dict:
     started = time.time()
     outputs, generators, samples_in, words = [], {}, 0, None
     if bootstraps(cfg):
-        samples = ray.data.read_parquet(run_dir.samples)
+        samples = read_parquet(run_dir.samples)
         samples_in = samples.count()
         marked = samples.map_batches(split_on_chosen_length, fn_kwargs={"max_words": neg.max_words})
         ok = marked.filter(expr=col("too_long") == False).drop_columns(["too_long"])  # noqa: E712

@@ -10,7 +10,7 @@ from bpo_ray.config import RunConfig
 from bpo_ray.data.images import detach_images, with_images
 from bpo_ray.negatives.batches import ERROR_COLUMNS
 from bpo_ray.pipeline.rundir import RunDir, policy_path
-from bpo_ray.raydata import count_by, write_by_kind
+from bpo_ray.raydata import count_by, read_parquet, write_by_kind
 from bpo_ray.resources import pool_request, torch_threads
 from bpo_ray.train.batch import WeakImages
 from bpo_ray.train.reference import ReferenceScorer, scored_columns
@@ -26,7 +26,7 @@ READS = ("model", "train.loss", "train.reference", "train.precision", "resources
 def run(cfg: RunConfig, run_dir: RunDir, key: str) -> dict:
     import ray.data
 
-    pairs = ray.data.read_parquet(run_dir.pairs)
+    pairs = read_parquet(run_dir.pairs)
     pairs_in = pairs.count()
     pairs = with_images(pairs, run_dir.root)  # the bytes, for scoring only: the table written keeps references
     pool = cfg.train.reference_pool

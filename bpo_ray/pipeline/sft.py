@@ -15,6 +15,7 @@ from bpo_ray.config import RunConfig
 from bpo_ray.data.dataset import read_validated
 from bpo_ray.models.loader import resolve_model_path
 from bpo_ray.pipeline.rundir import RunDir
+from bpo_ray.raydata import read_parquet
 from bpo_ray.tracking import recorded_run
 from bpo_ray.train.fit import fit
 
@@ -22,15 +23,13 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: RunConfig, run_dir: RunDir, key: str) -> dict:
-    import ray.data
-
     if not cfg.sft.enabled:
         return {"skipped": "sft.enabled is false"}
     data = read_validated(cfg.sft.data, cfg.cache_dir, run_dir.stage_dir("sft"), "sft", run_dir.image_store("sft"))
     if not data["samples"]:
         raise ValueError(f"sft: no valid sample in sft.data (rejected: {data['errors_by_reason']})")
     sft_cfg = cfg.model_copy(update={"train": cfg.sft.as_train()})
-    samples = ray.data.read_parquet(run_dir.sft_samples)
+    samples = read_parquet(run_dir.sft_samples)
     base = resolve_model_path(cfg.model.name_or_path, cfg.cache_dir)
     trained = fit(sft_cfg, samples, objective="sft", checkpoints=_checkpoints(cfg, run_dir, key), base=base,
                   export_dir=run_dir.sft_model, log_dir=run_dir.training_log("sft"), images_root=run_dir.root,

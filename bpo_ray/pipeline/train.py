@@ -9,14 +9,13 @@ from __future__ import annotations
 
 from bpo_ray.config import RunConfig
 from bpo_ray.pipeline.rundir import RunDir, policy_path
+from bpo_ray.raydata import read_parquet
 from bpo_ray.tracking import recorded_run
 from bpo_ray.train.fit import fit
 
 
 def run(cfg: RunConfig, run_dir: RunDir, key: str) -> dict:
-    import ray.data
-
-    pairs = ray.data.read_parquet(run_dir.scored_pairs)
+    pairs = read_parquet(run_dir.scored_pairs)
     return fit(cfg, pairs, objective="dpo", checkpoints=run_dir.checkpoint_run("train", key),
                base=policy_path(cfg, run_dir), export_dir=run_dir.model, log_dir=run_dir.training_log("train"),
                images_root=run_dir.root,
