@@ -100,8 +100,6 @@ class StorePoller:
 
 def one(n: int, max_new_tokens: int, work: Path) -> dict:
     """Run the stages on the n-sample dataset in this process (the driver); what it measured."""
-    import ray.data
-
     from bpo_ray.config import load_config
     from bpo_ray.data.images import rows_with_images
     from bpo_ray.pipeline import RunDir, run_stages

@@ -26,10 +26,9 @@ def write_by_kind(rows, out_dir: str, tables: dict[str, tuple[str, tuple[str, ..
 
 
 # Ray Data reads a Parquet folder's footers on a pool of actors it starts for every read: 32 by default, so
-# 32 new Python processes each time a stage reads a table. On a 2-CPU machine starting them took longer than
-# the stage's own work (a negatives stage: 22 s with them, 8 s with one). One actor drives 128 concurrent
-# footer reads, enough for our tables (a few files each) and external datasets of thousands of files; a
-# cluster that reads more can set the variable, which this leaves as it is.
+# 32 new Python processes each time a stage reads a table, which on a small machine takes longer than the
+# stage's own work. One actor drives 128 concurrent footer reads, enough for our tables (a few files each) and
+# for external datasets of thousands of files; a cluster that reads more sets the variable, which stays as set.
 FOOTER_READERS = ("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
 
 

@@ -124,7 +124,8 @@ def test_a_json_list_is_read_by_a_ray_worker_in_order(tmp_path, ray_local):
 def test_a_table_read_starts_one_footer_reader_not_thirty_two(tmp_path, ray_local, monkeypatch):
     """Ray Data starts a pool of footer-reading actors, 32 by default, for every Parquet read; the stages' reads
     start one (each a Python process: 32 of them outlasted a small stage's own work on 2 CPUs)."""
-    from ray._private.state import actors  # the GCS actor table: dead actors too (no dashboard on this cluster)
+    # The GCS actor table, dead actors too: this cluster has no dashboard for the state API.
+    from ray._private.state import actors
 
     from bpo_ray.raydata import read_parquet
 
