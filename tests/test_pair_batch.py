@@ -267,3 +267,52 @@ def test_the_chosen_answer_is_scored_on_the_image_its_weakening_negative_came_fr
     scored = scorer(pd.DataFrame(pairs))
     assert scored[WEAK_COLUMN].tolist() == pytest.approx(expected, abs=1e-3)
     assert scored["ref_chosen_logp"].tolist() == pytest.approx(plain.chosen.tolist(), abs=1e-3)
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2_vl"])
+def test_epochs_after_the_first_reuse_encodings_that_equal_fresh_ones(tiny_models, tmp_path, arch):
+    """The training loop keeps each row's encoding across epochs (train.encode_cache_gib): a kept row must
+    batch exactly as a fresh encoding does, be neither encoded nor fetched again, never stand in for a row
+    whose content differs, and the memory budget must bound what is kept."""
+    from bpo_ray.train.batch import EncodingCache, encoded_bytes
+
+    _, processor = load_vlm(str(tiny_models[arch]))
+    other = _png(list(shapes(2, seed=5))[1].image)
+    stored = tmp_path / "data" / "images" / "a.png"
+    stored.parent.mkdir(parents=True)
+    stored.write_bytes(IMAGE)
+    rows = [{**PAIRS[0], "image": b"", "image_file": "data/images/a.png"},  # by reference, as the stages store it
+            {**PAIRS[1], "image_file": ""}, {**PAIRS[1], "image": other, "image_file": ""}]
+    calls = []
+
+    def encode(row):
+        calls.append(row["chosen"])
+        return encode_pair(processor, row, 512)
+
+    def batch_tensors(encoded):
+        batch = collate(encoded, pad_id(processor))
+        return {**batch.inputs, "labels": batch.labels}
+
+    cache = EncodingCache(1.0, str(tmp_path))
+    first = cache.encode(rows, encode)
+    stored.unlink()  # a kept row is not fetched again
+    again = cache.encode(rows, encode)
+    assert len(calls) == 3 and cache.hits == 3
+    fresh = [encode_pair(processor, {**PAIRS[0]}, 512), encode_pair(processor, rows[1], 512),
+             encode_pair(processor, rows[2], 512)]
+    for encoded in (first, again):
+        got, want = batch_tensors(encoded), batch_tensors(fresh)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    # Same text, another image: its own encoding.
+    assert not torch.equal(again[1][0].vision_inputs["pixel_values"], again[2][0].vision_inputs["pixel_values"])
+
+    too_long = EncodingCache(1.0).encode([rows[1]], lambda r: encode_pair(processor, r, 4))
+    assert too_long == [None]
+
+    one_row = EncodingCache(encoded_bytes(first[1]) * 1.5 / 2**30)
+    one_row.encode(rows[1:], encode)
+    one_row.encode(rows[1:], encode)
+    assert one_row.hits == 1 and one_row.misses == 3 and one_row.used <= one_row.budget
+    calls.clear()
+    EncodingCache(0.0).encode(rows[1:2], encode)  # 0: nothing kept
+    assert len(calls) == 1

@@ -219,6 +219,9 @@ class TrainConfig(Section):
     gradient_accumulation_steps: int = Field(1, ge=1)
     # Rows each worker mixes before batching, reseeded every epoch (0: the same order every epoch).
     shuffle_buffer: int = Field(1024, ge=0)
+    # Host memory (GiB) each worker keeps its rows' encodings in (token ids, image tensors) so later epochs
+    # skip fetching, decoding and tokenising them again; 0: encode every epoch. Same results either way.
+    encode_cache_gib: float = Field(1.0, ge=0.0, json_schema_extra=NOT_KEYED)
     warmup_ratio: float = Field(0.03, ge=0.0, le=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(1.0, gt=0.0)
@@ -260,6 +263,7 @@ class SFTConfig(Section):
     per_device_batch_size: int = Field(16, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
     shuffle_buffer: int = Field(1024, ge=0)
+    encode_cache_gib: float = Field(1.0, ge=0.0, json_schema_extra=NOT_KEYED)  # as train's
     warmup_ratio: float = Field(0.05, ge=0.0, le=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(1.0, gt=0.0)

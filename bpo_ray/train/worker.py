@@ -19,12 +19,12 @@ import torch
 
 from bpo_ray import storage
 from bpo_ray.config import RunConfig
-from bpo_ray.data.images import rows_with_images
 from bpo_ray.data.records import decode_image
 from bpo_ray.models.loader import load_vlm
-from bpo_ray.models.prompts import SampleTooLong, encode_prompt_response
+from bpo_ray.models.prompts import encode_prompt_response
 from bpo_ray.tracking import Session, TrackedRun
 from bpo_ray.train.batch import (
+    EncodingCache,
     WeakImages,
     collate,
     collate_rows,
@@ -67,11 +67,12 @@ def _load_policy(path: str, cfg: RunConfig, ds_config: dict):
     return prepare_model(model, cfg.train), processor
 
 
-def _forever(shard, batch_size: int, encode, what: str, train, images_root: str = ""):
-    """``encode(rows)`` over the shard's batches, epoch after epoch; skips batches it returns None for, and
-    fails when a whole epoch yields nothing. Each epoch mixes rows in a buffer seeded by (seed, epoch):
-    the same batches in the same order on a rerun (resume skips them), but not the same as last epoch
-    (with one order repeated every epoch, the tiny SFT never learned to look at the image in 3,000 steps)."""
+def _forever(shard, batch_size: int, encode, what: str, train):
+    """``encode(rows)`` over the shard's batches (rows as stored: images by reference), epoch after epoch;
+    skips batches it returns None for, and fails when a whole epoch yields nothing. Each epoch mixes rows in
+    a buffer seeded by (seed, epoch): the same batches in the same order on a rerun (resume skips them), but
+    not the same as last epoch (with one order repeated every epoch, the tiny SFT never learned to look at
+    the image in 3,000 steps)."""
     epoch = 0
     while True:
         produced = False
@@ -79,7 +80,7 @@ def _forever(shard, batch_size: int, encode, what: str, train, images_root: str 
                    "local_shuffle_seed": train.seed * 100_003 + epoch} if train.shuffle_buffer else {}
         epoch += 1
         for rows in shard.iter_batches(batch_size=batch_size, batch_format="pandas", **shuffle):
-            item = encode(rows_with_images(rows.to_dict("records"), images_root))
+            item = encode(rows.to_dict("records"))
             if item is not None:
                 produced = True
                 yield item
@@ -93,40 +94,40 @@ def _batches(shard, batch_size: int, processor, cfg: RunConfig, images_root: str
     weak = WeakImages.for_config(cfg)
     weak = weak.sized_for(processor) if weak else None
     columns = reference_columns(weak)
+    cache = EncodingCache(cfg.train.encode_cache_gib, images_root)
 
     def encode(rows):
         pairs, refs = [], []
-        for row in rows:
-            try:
-                pairs.append(encode_pair(processor, row, cfg.model.max_length, cfg.model.min_response_tokens, weak))
-            except SampleTooLong:  # the reference stage recorded and dropped these; a guard only
+        for row, pair in zip(rows, cache.encode(rows, lambda r: encode_pair(
+                processor, r, cfg.model.max_length, cfg.model.min_response_tokens, weak)), strict=True):
+            if pair is None:  # too long: the reference stage recorded and dropped these; a guard only
                 continue
+            pairs.append(pair)
             # Unscored (live reference modes) columns are all-null in parquet: None → NaN.
             refs.append([float("nan") if row[c] is None else row[c] for c in columns])
         if not pairs:
             return None
         scores = torch.tensor(refs).T
         return collate(pairs, pad_id(processor)), scores[0], scores[1], scores[2] if weak else None
-    return _forever(shard, batch_size, encode, "pair", cfg.train, images_root)
+    return _forever(shard, batch_size, encode, "pair", cfg.train)
 
 
 def _sft_batches(shard, batch_size: int, processor, cfg: RunConfig, images_root: str):
     """Encoded micro-batches of samples (prompt + annotated answer), forever, with the count of samples
     skipped as too long so far (the data stage checks records, not token lengths)."""
     skipped = 0
+    cache = EncodingCache(cfg.train.encode_cache_gib, images_root)
+
+    def encode_row(row):
+        return encode_prompt_response(processor, json.loads(row["messages"]), decode_image(row["image"]),
+                                      row["answer"], cfg.model.max_length, cfg.model.min_response_tokens)
 
     def encode(rows):
         nonlocal skipped
-        encoded = []
-        for row in rows:
-            try:
-                encoded.append(encode_prompt_response(
-                    processor, json.loads(row["messages"]), decode_image(row["image"]), row["answer"],
-                    cfg.model.max_length, cfg.model.min_response_tokens))
-            except SampleTooLong:
-                skipped += 1
+        encoded = [e for e in cache.encode(rows, encode_row) if e is not None]
+        skipped += len(rows) - len(encoded)
         return (collate_rows(encoded, pad_id(processor)), len(encoded), skipped) if encoded else None
-    return _forever(shard, batch_size, encode, "sample", cfg.train, images_root)
+    return _forever(shard, batch_size, encode, "sample", cfg.train)
 
 
 def worker_dataset(rank: int) -> str:
