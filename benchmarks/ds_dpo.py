@@ -34,8 +34,7 @@ def main() -> int:
     import pyarrow.parquet as pq
 
     from bpo_ray.config import RunConfig
-    from bpo_ray.data.images import rows_with_images
-    from bpo_ray.train.batch import collate, encode_pair, pad_id, pair_logps
+    from bpo_ray.train.batch import EncodingCache, collate, encode_pair, pad_id, pair_logps
     from bpo_ray.train.losses import training_objective
     from bpo_ray.train.setup import deepspeed_config, disable_dropout
     from bpo_ray.train.worker import _load_policy, peak_memory_gib
@@ -51,14 +50,16 @@ def main() -> int:
     disable_dropout(model)  # as the Ray worker does for DPO
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                       config=ds_config)
-    rows = rows_with_images(pq.read_table(args.pairs).to_pylist()[rank::world],
-                            str(Path(args.pairs).resolve().parents[1]))  # <run>/reference/pairs
+    rows = pq.read_table(args.pairs).to_pylist()[rank::world]  # images by reference, fetched by the cache
     size = train.per_device_batch_size
+    cache = EncodingCache(train.encode_cache_gib, str(Path(args.pairs).resolve().parents[1]))  # <run>/reference/pairs
     ends = []
     for step in range(total):
-        # Encoded in the loop, as the Ray worker does: that cost is part of the step on both sides.
+        # Encoded in the loop through the same cache as the Ray worker's: that cost is part of the step on both
+        # sides (rows come back from the second epoch on, as they do there).
         chunk = [rows[(step * size + i) % len(rows)] for i in range(size)]
-        batch = collate([encode_pair(processor, r, cfg.model.max_length) for r in chunk], pad_id(processor))
+        encoded = cache.encode(chunk, lambda r: encode_pair(processor, r, cfg.model.max_length))
+        batch = collate(encoded, pad_id(processor))
         loss, _ = training_objective(pair_logps(engine, batch, average=train.loss == "ipo"),
                                      torch.tensor([r["ref_chosen_logp"] for r in chunk]),
                                      torch.tensor([r["ref_rejected_logp"] for r in chunk]), train)
