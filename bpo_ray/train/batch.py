@@ -70,8 +70,8 @@ def encode_pair(processor, pair: dict, max_length: int, min_response_tokens: int
 
 class EncodingCache:
     """Encoded rows kept across epochs, up to ``budget_gib`` of memory: every epoch reads the same rows again,
-    and fetching, decoding, resizing and tokenising them again is a third of each step of the tiny demo's SFT
-    (and, from a bucket, one image download per row per epoch at any model size). A row is keyed by its
+    and fetching, decoding, resizing and tokenising them again can cost a small model as much as its forward
+    pass (and, from a bucket, one image download per row per epoch at any model size). A row is keyed by its
     stored content (an image by its image-store file, or its inline bytes), so one key never stands for two
     encodings and a cached row encodes exactly as a fresh one. Once the budget is spent, further rows are
     encoded each time they come: with shuffled epochs, evicting one row for another gains nothing."""
