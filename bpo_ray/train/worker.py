@@ -96,10 +96,12 @@ def _batches(shard, batch_size: int, processor, cfg: RunConfig, images_root: str
     columns = reference_columns(weak)
     cache = EncodingCache(cfg.train.encode_cache_gib, images_root)
 
+    def encode_row(row):
+        return encode_pair(processor, row, cfg.model.max_length, cfg.model.min_response_tokens, weak)
+
     def encode(rows):
         pairs, refs = [], []
-        for row, pair in zip(rows, cache.encode(rows, lambda r: encode_pair(
-                processor, r, cfg.model.max_length, cfg.model.min_response_tokens, weak)), strict=True):
+        for row, pair in zip(rows, cache.encode(rows, encode_row), strict=True):
             if pair is None:  # too long: the reference stage recorded and dropped these; a guard only
                 continue
             pairs.append(pair)
