@@ -58,8 +58,16 @@ class OfflineRun:
 
 
 def read_offline(root: Path) -> OfflineRun:
-    """Every offline session under ``root`` (the ``dir`` given to ``wandb.init``)."""
+    """Every offline session under ``root`` (the ``dir`` given to ``wandb.init``).
+
+    ``run.finish()`` only tells W&B's service process that the session is over: the service writes the
+    session's last buffered records when it closes the stream, which can come after ``finish()`` has returned.
+    Sessions this process opened are read after ``wandb.teardown()``, which waits for the service to close
+    them all and exit (sessions of processes that have exited were closed by their own exit)."""
+    import wandb
     from wandb.proto import wandb_internal_pb2 as pb
+
+    wandb.teardown()
 
     out = OfflineRun()
     for session in sorted((root / "wandb").glob("offline-run-*")):
