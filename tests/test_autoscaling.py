@@ -98,7 +98,7 @@ def _kill_training_node_after_a_checkpoint(run: Path, dashboard: str, env: dict,
     the training workers run on. Returns its node id."""
     import psutil
 
-    from bpo_ray.train.fit import latest_checkpoint
+    from train_checkpoints import recorded_checkpoint
 
     deadline = time.monotonic() + 600
     # Find the node the training workers run on while they start (a state read takes seconds; the steps
@@ -118,7 +118,7 @@ def _kill_training_node_after_a_checkpoint(run: Path, dashboard: str, env: dict,
     assert len(training) == 1, f"the training workers were spread over nodes {training}"
     node = next(n for n in _alive_nodes(dashboard, env) if n.node_id in training)
     assert _node_type(node) == "gpu_a100"
-    while not any(latest_checkpoint(str(d)) for d in (run / "checkpoints").glob("train-*")):
+    while not any(recorded_checkpoint(d) for d in (run / "checkpoints").glob("train-*")):
         assert job.poll() is None, "the job ended before training checkpointed"
         assert time.monotonic() < deadline, "no checkpoint in 600 s"
         time.sleep(0.2)

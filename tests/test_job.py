@@ -239,11 +239,13 @@ def test_a_failing_job_fails_fast_with_its_logs(head_node):
     assert time.monotonic() - started < 60 and len(job.attempts) == 1
 
 
-def _registered_checkpoint(run_dir: Path) -> tuple[str, int] | None:
+def _registered_checkpoint(run_dir: Path, while_training: bool = True) -> tuple[str, int] | None:
     from bpo_ray.train.fit import latest_checkpoint
+    from train_checkpoints import recorded_checkpoint
 
+    read = recorded_checkpoint if while_training else latest_checkpoint
     for train_dir in (run_dir / "checkpoints").glob("train-*"):
-        if found := latest_checkpoint(str(train_dir)):
+        if found := read(str(train_dir)):
             return found
     return None
 
@@ -279,7 +281,7 @@ def test_ray_job_submit_runs_the_whole_job_and_resumes_after_a_stop(head_node, t
     assert head_node.client.stop_job(first.id)
     first.wait({JobStatus.STOPPED}, timeout=120)
     assert not (run_dir / "train" / "manifest.json").exists()
-    stopped_at = _registered_checkpoint(run_dir)[1]
+    stopped_at = _registered_checkpoint(run_dir, while_training=False)[1]
 
     finished = {stage: json.loads((run_dir / stage / "manifest.json").read_text())
                 for stage in ("sft", "data", "negatives", "reference")}

@@ -19,8 +19,8 @@ from bpo_ray.config import load_config
 from bpo_ray.models.generate import Sampling, generate
 from bpo_ray.pipeline import RunDir, reference, run_stages, train
 from bpo_ray.raydata import order_key, worker_parts
-from bpo_ray.train.fit import latest_checkpoint
 from conftest import REPO
+from train_checkpoints import recorded_checkpoint
 
 KEY = "0123456789abcdef"  # the stage key these tests train under: checkpoints/train-0123456789ab
 
@@ -148,7 +148,7 @@ def test_full_finetune_zero3_qwen2_vl(tmp_path, tiny_models, ray_local):
 
 def _recorded_checkpoint(run) -> bool:
     """Ray Train has recorded a checkpoint of this run (a checkpoint it has not recorded is not resumable)."""
-    return latest_checkpoint(run.checkpoint_run("train", KEY)) is not None
+    return recorded_checkpoint(run.checkpoint_run("train", KEY)) is not None
 
 
 def _train_workers() -> set[int]:
@@ -164,25 +164,43 @@ def _train_workers() -> set[int]:
     return found
 
 
-def _kill_a_worker_after(run, step: int) -> tuple[threading.Thread, dict]:
-    """Kill one training worker process once ``step`` is logged and a checkpoint is recorded. The dict gets
-    ``killed`` (its pid) and ``workers`` (every worker pid seen, before and after)."""
-    seen: dict = {"killed": None, "workers": set()}
+class _KillAWorker(threading.Thread):
+    """Kills one training worker process once ``step`` is logged and a checkpoint is recorded. ``killed``:
+    its pid; ``workers``: every worker pid seen, before and after. ``check()`` joins it and raises what
+    stopped it, if anything did: a watcher that died must fail the test, not leave the run unharmed."""
 
-    def watch():
+    def __init__(self, run, step: int):
+        super().__init__(daemon=True)
+        self.rundir, self.step = run, step
+        self.killed: int | None = None
+        self.workers: set[int] = set()
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self):
+        try:
+            self._watch()
+        except BaseException as e:  # handed to the test thread by check()
+            self.error = e
+
+    def _watch(self):
         deadline = time.time() + 300
         while time.time() < deadline:
-            seen["workers"] |= _train_workers()
-            if seen["killed"] is None and any(m["step"] >= step for m in run.read_training_log()) \
-                    and _recorded_checkpoint(run) and seen["workers"]:
-                seen["killed"] = max(seen["workers"])
-                psutil.Process(seen["killed"]).kill()
-            if seen["killed"] is not None and not psutil.pid_exists(seen["killed"]):
+            self.workers |= _train_workers()
+            if self.killed is None and any(m["step"] >= self.step for m in self.rundir.read_training_log()) \
+                    and _recorded_checkpoint(self.rundir) and self.workers:
+                self.killed = max(self.workers)
+                psutil.Process(self.killed).kill()
+            if self.killed is not None and not psutil.pid_exists(self.killed):
                 return
             time.sleep(0.05)
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread, seen
+        raise TimeoutError(f"no worker killed in 300 s (workers seen: {self.workers})")
+
+    def check(self) -> None:
+        self.join(timeout=5)
+        if self.error is not None:
+            raise AssertionError("the watcher that kills a worker failed") from self.error
+        assert self.killed is not None and not self.is_alive(), "no worker was killed"
 
 
 STEPS = 30  # long enough that a worker is killed mid-run: a checkpoint is recorded up to 2 s after it is made
@@ -220,13 +238,12 @@ def test_killed_worker_is_restarted_and_continues_the_same_trajectory(prepared, 
     root = _copy(prepared, tmp_path)
     cfg = _cfg(root, tiny_models["llava"], *TRAJECTORY, "train.max_failures=1")
     run = RunDir.for_config(cfg)
-    watcher, seen = _kill_a_worker_after(run, step=3)
+    watcher = _KillAWorker(run, step=3)
     before = _train_workers()
     run_train(cfg, run)
-    watcher.join(timeout=5)
-    assert seen["killed"] is not None
+    watcher.check()
     # The group restarted: workers that were not there when the kill came trained the rest.
-    assert seen["workers"] - before - {seen["killed"]}
+    assert watcher.workers - before - {watcher.killed}
     _same_trajectory(run, root, uninterrupted, tiny_models["llava"])
 
 
@@ -234,10 +251,14 @@ def test_rerun_with_same_run_name_resumes_from_checkpoint(prepared, tmp_path, ti
     root = _copy(prepared, tmp_path)
     cfg = _cfg(root, tiny_models["llava"], *TRAJECTORY, "train.max_failures=0")
     run = RunDir.for_config(cfg)
-    _, seen = _kill_a_worker_after(run, step=3)
-    with pytest.raises(Exception):  # noqa: B017 - Ray wraps the worker death in its own error types
+    watcher = _KillAWorker(run, step=3)
+    failed = None
+    try:
         run_train(cfg, run)
-    assert seen["killed"] is not None
+    except Exception as e:  # Ray wraps the worker death in its own error types
+        failed = e
+    watcher.check()
+    assert failed is not None, "the run finished although a worker was killed and max_failures is 0"
     logged_before = len(run.read_training_log())
     done_before = max(m["step"] for m in run.read_training_log())
     assert done_before < STEPS
