@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,20 @@ def test_torn_manifest_means_not_finished(tmp_path):
 
 # ------------------------------------------------------------------ a run directory from before bpo_ray.pipeline
 BEFORE = Path(__file__).parent / "data" / "rundir-before-pipeline" / "bpo-tiny"
+
+
+def test_a_torn_checkpoint_record_is_named_not_parsed(tmp_path):
+    """Ray Train rewrites its checkpoint record in place; a job stopped mid-write leaves it cut short. Resuming
+    says which file and what to do, instead of a bare JSON error from inside Ray Train."""
+    from bpo_ray.train.fit import RAY_TRAIN_SNAPSHOT, latest_checkpoint
+
+    train_dir = tmp_path / "train-f1a24c88189f"
+    shutil.copytree(BEFORE / "checkpoints" / train_dir.name, train_dir)
+    record = train_dir / RAY_TRAIN_SNAPSHOT
+    assert latest_checkpoint(str(train_dir))[1] == 12  # whole, it names the checkpoint at micro-step 12
+    record.write_bytes(record.read_bytes()[:100])
+    with pytest.raises(ValueError, match=rf"{RAY_TRAIN_SNAPSHOT} is cut short .*Remove it to train this stage"):
+        latest_checkpoint(str(train_dir))
 
 
 def test_a_run_directory_from_before_the_pipeline_package_resumes(tmp_path):

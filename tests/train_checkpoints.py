@@ -3,8 +3,6 @@ a run once it has a checkpoint to resume from poll for one)."""
 
 from __future__ import annotations
 
-import json
-
 from bpo_ray.train.fit import latest_checkpoint
 
 
@@ -18,5 +16,5 @@ def recorded_checkpoint(train_dir) -> tuple[str, int] | None:
     polls again. After a run ``latest_checkpoint`` reads the snapshot strictly."""
     try:
         return latest_checkpoint(str(train_dir))
-    except (json.JSONDecodeError, FileNotFoundError):
+    except (ValueError, FileNotFoundError):  # the first: the snapshot half-written
         return None

@@ -111,7 +111,13 @@ def latest_checkpoint(train_dir: str) -> tuple[str, int] | None:
     snapshot = storage.join(train_dir, RAY_TRAIN_SNAPSHOT)
     if not storage.exists(snapshot):
         return None
-    latest = json.loads(storage.read_text(snapshot)).get("latest_checkpoint_result")
+    try:
+        latest = json.loads(storage.read_text(snapshot)).get("latest_checkpoint_result")
+    except json.JSONDecodeError as e:
+        # Ray Train rewrites this file in place at every checkpoint; a job stopped mid-write leaves it cut short,
+        # and Ray Train's own restore would then fail on it with a bare parse error.
+        raise ValueError(f"{snapshot} is cut short or corrupt ({e}): no checkpoint can be resumed from it. Remove "
+                         f"it to train this stage from the start.") from e
     if not latest:
         return None
     path = storage.join(train_dir, latest["checkpoint_dir_name"])
