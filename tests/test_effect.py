@@ -39,3 +39,10 @@ def test_effect_refuses_a_config_without_a_base_to_compare(capsys):
     assert effect.main(["--config", str(REPO / "configs" / "tiny.yaml"), "sft.enabled=false"]) == 2
     assert "sft.enabled=true" in capsys.readouterr().err
     assert effect.main(["--config", str(REPO / "configs" / "tiny.yaml"), "--variants", "nope"]) == 2
+
+
+@pytest.mark.parametrize("variant", list(effect.VARIANTS))
+def test_every_variant_is_a_config_that_loads(variant):
+    from bpo_ray.config import load_config
+
+    load_config(REPO / "configs" / "tiny.yaml", effect.VARIANTS[variant])

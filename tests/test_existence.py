@@ -10,7 +10,14 @@ import pytest
 
 from bpo_ray.config import load_config
 from bpo_ray.eval.probes import LabeledImage, synthetic_images
-from bpo_ray.negatives.batches import OUT_COLUMNS, drop_for_balance, existence_batch, yes_no_sides
+from bpo_ray.negatives.batches import (
+    OUT_COLUMNS,
+    drop_for_balance,
+    existence_batch,
+    existence_prompts,
+    keep_policy_errors,
+    yes_no_sides,
+)
 from bpo_ray.negatives.existence import (
     EXISTENCE,
     PRESENT,
@@ -166,3 +173,41 @@ def test_dropped_existence_pairs_become_errors_with_their_reason_and_nothing_els
         if c not in ("kind", "reason", "detail"):
             assert list(out[c]) == list(batch[c]), c
 
+
+
+def test_the_policy_is_asked_each_question_on_the_clean_image_and_only_its_wrong_answers_stay_pairs():
+    images = _images()
+    questions = existence_questions(images, VOCAB, ["adversarial"], seed=0)
+    rows = [("s0", "img/0.png")]
+    by_sample, _, _ = by_representative(rows, plan(images, questions, "/data"))
+    sample = {"sample_id": "s0", "record_id": "r", "image": b"", "image_file": "images/ab/cd.png",
+              "image_ref": "img/0.png", "messages": "[]", "prompt": "p", "answer": "a"}
+    made = existence_batch({k: np.array([v], dtype=object) for k, v in sample.items()}, by_sample)
+    made["image"] = np.array([b"clean png"] * len(made["sample_id"]), dtype=object)  # as with_images attaches
+    asked = existence_prompts(made, seed=3)
+    assert list(asked["gen_messages"]) == list(made["messages"]) and set(asked["gen_image"]) == {b"clean png"}
+    assert len(set(asked["seed"])) == len(made["sample_id"])  # seeded per question
+    present = [json.loads(e)["present"] for e in made["edits"]]
+    assert present == [True, True, False, False]  # 0.png has 2 objects: 2 present, 2 absent
+    # Right, wrong, unclear (neither yes nor no: kept, as POPE counts it a yes), and a failed generation.
+    answers = ["Yes, there is one.", "No.", "A red circle.", ""]
+    errors = ["", "", "", "RuntimeError: out of memory"]
+    out = keep_policy_errors({"carry": asked["carry"], "seed": asked["seed"],
+                              "generated_text": np.array(answers, dtype=object),
+                              "finish_reason": np.array(["stop"] * 4, dtype=object),
+                              "generation_error": np.array(errors, dtype=object)})
+    assert set(out) == set(OUT_COLUMNS)
+    assert list(out["kind"]) == ["error", "pair", "pair", "error"]
+    assert list(out["reason"]) == ["answered_right", "", "", "generation_failed"]
+    assert "'Yes, there is one.'" in out["detail"][0] and out["detail"][3] == errors[3]
+    assert [json.loads(e)["policy_answer"] for e in out["edits"]] == answers
+    assert set(out["image"]) == {b""} and set(out["image_file"]) == {"images/ab/cd.png"}  # the reference again
+    for c in OUT_COLUMNS:
+        if c not in ("kind", "reason", "detail", "edits", "image"):
+            assert list(out[c]) == list(made[c]), c
+    # An absent object: "no" is right, "yes" is wrong.
+    flipped = keep_policy_errors({"carry": asked["carry"][2:3], "seed": asked["seed"][2:3],
+                                  "generated_text": np.array(["No, there is not."], dtype=object),
+                                  "finish_reason": np.array(["stop"], dtype=object),
+                                  "generation_error": np.array([""], dtype=object)})
+    assert list(flipped["reason"]) == ["answered_right"]

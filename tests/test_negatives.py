@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from bpo_ray.config import SamplingConfig, load_config
+from bpo_ray.eval.metrics import parse_yes_no
 from bpo_ray.negatives.existence import EXISTENCE
 from bpo_ray.negatives.generation import HFGenerator
 from bpo_ray.negatives.pairs import ERROR_INJECTION, IMAGE_WEAKENING, Drop
@@ -292,6 +293,25 @@ def test_existence_pairs_are_balanced_and_reported(tmp_path, tiny_models, shapes
     assert len(dropped) == surplus and {e["negative_type"] for e in dropped} == {EXISTENCE}
     kept = {p["sample_id"] for p in _pairs(run)}
     assert not kept & {e["sample_id"] for e in dropped}
+
+    # Only what the policy answers wrong: it is asked every question on the clean image (greedy, as the eval
+    # asks); its answer is in each pair, and every question it answered right is an error that says so.
+    _, run, manifests = _run(_base(tmp_path, tiny_models, shapes_dir / "records.json") + [
+        "negatives.weakening.enabled=false", "negatives.existence.enabled=true", "negatives.existence.balance=errors",
+        f"negatives.existence.annotations={annotations}", f"data.image_root={shapes_dir}"])
+    wrong = manifests["negatives"]["by_type"][EXISTENCE]
+    assert wrong["questions"] == made["pairs"] and wrong["pairs"] + wrong["errors"] == made["pairs"]
+    assert (wrong["questions_yes_chosen"], wrong["questions_no_chosen"]) == (present, present)
+    pairs = [p for p in _pairs(run) if p["negative_type"] == EXISTENCE]
+    right = [e for e in pq.read_table(run.path("negatives", "errors")).to_pylist() if e["negative_type"] == EXISTENCE]
+    assert len(pairs) == wrong["pairs"] and len(right) == wrong["errors"] == wrong["answered_right"]
+    assert {e["reason"] for e in right} <= {Drop.ANSWERED_RIGHT}
+    assert (wrong["yes_chosen"], wrong["no_chosen"]) == (sum(p["chosen"].startswith("Yes") for p in pairs),
+                                                         sum(p["chosen"].startswith("No") for p in pairs))
+    for pair in pairs:
+        asked = json.loads(pair["edits"])
+        said_yes, understood = parse_yes_no(asked["policy_answer"])
+        assert asked["policy_answer"] and not (understood and said_yes == asked["present"]), asked
 
 
 def test_the_functions_ray_data_runs_as_plain_tasks_import_without_torch():

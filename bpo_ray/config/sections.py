@@ -145,8 +145,10 @@ class ExistenceConfig(Section):
     strategies: list[Literal["random", "popular", "adversarial"]] = Field(
         ["random", "popular", "adversarial"], min_length=1)
     # existence: yes and no chosen one to one among these pairs. mix: over every yes/no pair the run makes
-    # (weakening argues only for "no"), by dropping the existence pairs on the side that has more.
-    balance: Literal["existence", "mix"] = Field("existence", json_schema_extra=KEYED_IF_SET)
+    # (weakening argues only for "no"), by dropping the existence pairs on the side that has more. errors:
+    # only the questions the policy answers wrong on the clean image (greedy, as the eval asks), so the pairs
+    # lean the way the policy's own yes/no bias needs correcting: BPO's bootstrapping, applied to existence.
+    balance: Literal["existence", "mix", "errors"] = Field("existence", json_schema_extra=KEYED_IF_SET)
 
 
 class PairsConfig(Section):

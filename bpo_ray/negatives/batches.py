@@ -14,6 +14,7 @@ import pickle
 import numpy as np
 
 from bpo_ray.data.preferences import EXTERNAL
+from bpo_ray.eval.metrics import parse_yes_no
 from bpo_ray.negatives import inject
 from bpo_ray.negatives.existence import EXISTENCE, yes_no_side
 from bpo_ray.negatives.pairs import (
@@ -175,6 +176,39 @@ def existence_batch(batch: dict, questions: dict[str, list]) -> dict:
                                                                               "present": q.present,
                                                                               "strategy": q.strategy}),
                             generator="annotations"))
+    return _columns(out, OUT_COLUMNS)
+
+
+def existence_prompts(batch: dict, seed: int) -> dict:
+    """Existence pairs, their images attached → the policy's generation inputs (``balance: errors``): each
+    pair's question on its clean image. The pair rides along in ``carry``, its image as the reference it was."""
+    rows = _rows(batch)
+    pairs = [{**{k: r[k] for k in OUT_COLUMNS}, "image": b"" if r["image_file"] else r["image"]} for r in rows]
+    return {
+        "carry": np.array([pickle.dumps(p) for p in pairs], dtype=object),
+        "gen_messages": np.array([r["messages"] for r in rows], dtype=object),
+        "gen_image": np.array([r["image"] for r in rows], dtype=object),
+        "seed": np.array([stable_seed(seed, EXISTENCE, r["sample_id"]) for r in rows], dtype=np.int64),
+    }
+
+
+def keep_policy_errors(batch: dict) -> dict:
+    """The policy's answers to the existence questions, read as POPE reads them (``eval/metrics.py``): a
+    question it answered wrong, or with neither yes nor no, stays a pair; one it answered right becomes an
+    error (``Drop.ANSWERED_RIGHT``), a failed generation a ``generation_failed`` one. Its answer is kept in
+    ``edits`` (``policy_answer``) either way."""
+    out = []
+    for r in _rows(batch):
+        pair = pickle.loads(r["carry"])
+        asked, answer = json.loads(pair["edits"]), r["generated_text"] or ""
+        said_yes, understood = parse_yes_no(answer)
+        pair["edits"] = json.dumps({**asked, "policy_answer": answer})
+        if r["generation_error"]:
+            pair.update(kind="error", reason=Drop.GENERATION_FAILED, detail=r["generation_error"])
+        elif understood and said_yes == asked["present"]:
+            pair.update(kind="error", reason=Drop.ANSWERED_RIGHT,
+                        detail=f"the policy answered {answer!r} (negatives.existence.balance: errors)")
+        out.append(pair)
     return _columns(out, OUT_COLUMNS)
 
 

@@ -22,6 +22,7 @@ class Drop:
     TRUNCATED = "truncated"
     GENERATION_FAILED = "generation_failed"
     BALANCE = "balance"  # an existence pair left out so the run's yes/no pairs balance (existence.balance: mix)
+    ANSWERED_RIGHT = "answered_right"  # an existence question the policy already answers right (balance: errors)
 
 
 def normalize(text: str) -> str:

@@ -35,6 +35,8 @@ VARIANTS = {
     # Grounding yes/no answers (not in the paper): balanced existence pairs, mDPO's anchor and its
     # image-conditional term, and combinations.
     "existence": ["negatives.existence.enabled=true"],
+    "existence-mix": ["negatives.existence.enabled=true", "negatives.existence.balance=mix"],
+    "existence-errors": ["negatives.existence.enabled=true", "negatives.existence.balance=errors"],
     "anchor": ["train.anchor_weight=1.0"],
     "existence+anchor": ["negatives.existence.enabled=true", "train.anchor_weight=1.0"],
     "image": ["train.image_weight=1.0"],

@@ -8,8 +8,8 @@ Two branches from the validated samples (``data/samples``):
 - existing pairs (``negatives.extra_pairs``, optional): TRL / RLAIF-V / scored-completions data read and
   validated (``data/preferences.py``), beside the bootstrapped pairs or alone.
 Output: ``negatives/pairs``, ``negatives/errors`` and the manifest, whose counts satisfy, per branch,
-``samples_in − chosen_too_long == pairs + errors`` (existence: pairs == the questions planned; existing
-pairs: rows in == rows that made pairs + rows rejected).
+``samples_in − chosen_too_long == pairs + errors`` (existence: pairs + the ones dropped for balance or
+answered right == the questions planned; existing pairs: rows in == rows that made pairs + rows rejected).
 """
 
 from __future__ import annotations
@@ -17,12 +17,13 @@ from __future__ import annotations
 import time
 from collections import Counter
 
-from bpo_ray.config import RunConfig, bootstraps
+from bpo_ray.config import RunConfig, SamplingConfig, bootstraps
 from bpo_ray.data.dataset import pairs_image_root, read_pairs_raw, synthetic_dir
 from bpo_ray.data.images import store_images, with_images
 from bpo_ray.data.preferences import EXTERNAL, preference_rows
 from bpo_ray.data.records import ImageLimits
 from bpo_ray.data.synthetic import COLORS, SHAPES
+from bpo_ray.eval.evaluate import POPE_MAX_TOKENS
 from bpo_ray.eval.probes import coco_images, synthetic_images
 from bpo_ray.models.loader import load_processor, resolve_model_path
 from bpo_ray.models.vision import model_input_size
@@ -33,9 +34,11 @@ from bpo_ray.negatives.batches import (
     chosen_too_long_errors,
     drop_for_balance,
     existence_batch,
+    existence_prompts,
     external_pair_layouts,
     finish_generated,
     injection_prompts,
+    keep_policy_errors,
     rules_batch,
     rules_edit_kinds,
     split_on_chosen_length,
@@ -102,7 +105,8 @@ def run(cfg: RunConfig, run_dir: RunDir, key: str) -> dict:
     planned = None
     if neg.existence.enabled:
         questions, planned = _existence_plan(cfg, samples)
-        outputs.append(samples.map_batches(existence_batch, fn_kwargs={"questions": questions}))
+        asked = samples.map_batches(existence_batch, fn_kwargs={"questions": questions})
+        outputs.append(_keep_policy_errors(cfg, run_dir, asked) if neg.existence.balance == "errors" else asked)
 
     external_in = None
     if neg.extra_pairs is not None:
@@ -130,10 +134,17 @@ def run(cfg: RunConfig, run_dir: RunDir, key: str) -> dict:
                                                     edits={k: n for (k,), n in sorted(edits.items())})
     if planned is not None:
         made = counts.get(("pair", EXISTENCE, ""), 0)
-        dropped = counts.get(("error", EXISTENCE, Drop.BALANCE), 0)
+        dropped_by = {reason: n for (kind, t, reason), n in counts.items() if kind == "error" and t == EXISTENCE}
+        dropped = sum(dropped_by.values())
         if made + dropped != planned["pairs"]:
             raise RuntimeError(f"negatives/{EXISTENCE}: {planned['pairs']} questions planned but {made} pairs "
-                               f"+ {dropped} dropped for balance out")
+                               f"+ {dropped} dropped out ({dropped_by})")
+        if neg.existence.balance == "errors":  # the pairs kept: what the policy answered wrong, per side
+            kept = count_by(sides.filter(expr=col("negative_type") == EXISTENCE), ["side"])
+            planned = {**planned, "pairs": made, "errors": dropped, "questions": planned["pairs"],
+                       "questions_yes_chosen": planned["yes_chosen"], "questions_no_chosen": planned["no_chosen"],
+                       "yes_chosen": kept.get(("yes",), 0), "no_chosen": kept.get(("no",), 0),
+                       "answered_right": dropped_by.get(Drop.ANSWERED_RIGHT, 0)}
         if mix:
             planned = {**planned, "pairs": made, "errors": dropped, "dropped_for_balance": dropped}
             before = dict(yes_no)
@@ -148,6 +159,19 @@ def run(cfg: RunConfig, run_dir: RunDir, key: str) -> dict:
         manifest["by_type"][EXTERNAL] = _external_counts(rows, counts, external_in, neg.extra_pairs, fmt)
         manifest["pairs"] += manifest["by_type"][EXTERNAL]["pairs"]
     return manifest
+
+
+def _keep_policy_errors(cfg: RunConfig, run_dir: RunDir, pairs):
+    """``balance: errors``: the policy (weakening's: the model being aligned) answers each existence question on
+    its clean image, greedy and as long as the eval lets it, on weakening's engine and pool; only the
+    questions it gets wrong stay pairs, so their yes/no balance is the policy's own bias reversed."""
+    neg = cfg.negatives
+    policy = policy_path(cfg, run_dir)
+    greedy = SamplingConfig(temperature=0.0, max_new_tokens=POPE_MAX_TOKENS)
+    spec = GenerationSpec(neg.weakening.engine, policy, True, greedy, neg.weakening.pool, cfg.model.max_length,
+                          model=cfg.model)
+    prompts = with_images(pairs, run_dir.root).map_batches(existence_prompts, fn_kwargs={"seed": neg.seed})
+    return generate_column(prompts, spec).map_batches(keep_policy_errors)
 
 
 def _balance_the_mix(rows, sides, yes_no: dict, seed: int):
