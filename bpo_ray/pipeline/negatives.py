@@ -76,8 +76,7 @@ def run(cfg: RunConfig, run_dir: RunDir, key: str) -> dict:
         size = model_input_size(load_processor(policy, cfg.model).image_processor)
         prepared = with_images(ok, run_dir.root).map_batches(
             weaken_batch, fn_kwargs={"distortions": distortions, "seed": neg.seed, "size": size})
-        spec = GenerationSpec(neg.weakening.engine, policy, True, neg.weakening.sampling, neg.weakening.pool,
-                              cfg.model.max_length, model=cfg.model)
+        spec = _policy_on_images(cfg, policy, neg.weakening.sampling)
         outputs.append(generate_column(prepared, spec).map_batches(
             finish_generated, fn_kwargs={"negative_type": IMAGE_WEAKENING, "generator": policy,
                                          "max_words": neg.max_words, "distortion": described,
@@ -165,13 +164,17 @@ def _keep_policy_errors(cfg: RunConfig, run_dir: RunDir, pairs):
     """``balance: errors``: the policy (weakening's: the model being aligned) answers each existence question on
     its clean image, greedy and as long as the eval lets it, on weakening's engine and pool; only the
     questions it gets wrong stay pairs, so their yes/no balance is the policy's own bias reversed."""
-    neg = cfg.negatives
-    policy = policy_path(cfg, run_dir)
     greedy = SamplingConfig(temperature=0.0, max_new_tokens=POPE_MAX_TOKENS)
-    spec = GenerationSpec(neg.weakening.engine, policy, True, greedy, neg.weakening.pool, cfg.model.max_length,
+    prompts = with_images(pairs, run_dir.root).map_batches(existence_prompts, fn_kwargs={"seed": cfg.negatives.seed})
+    return generate_column(prompts, _policy_on_images(cfg, policy_path(cfg, run_dir), greedy)).map_batches(
+        keep_policy_errors)
+
+
+def _policy_on_images(cfg: RunConfig, policy: str, sampling: SamplingConfig) -> GenerationSpec:
+    """The policy answering questions on images, loaded as the run loads it, on weakening's engine and pool."""
+    weakening = cfg.negatives.weakening
+    return GenerationSpec(weakening.engine, policy, True, sampling, weakening.pool, cfg.model.max_length,
                           model=cfg.model)
-    prompts = with_images(pairs, run_dir.root).map_batches(existence_prompts, fn_kwargs={"seed": neg.seed})
-    return generate_column(prompts, spec).map_batches(keep_policy_errors)
 
 
 def _balance_the_mix(rows, sides, yes_no: dict, seed: int):
