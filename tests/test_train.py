@@ -3,6 +3,7 @@ a killed worker, a resumed run, the exported model, and the fixed data each work
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -165,13 +166,15 @@ def _train_workers() -> set[int]:
 
 
 class _KillAWorker(threading.Thread):
-    """Kills one training worker process once ``step`` is logged and a checkpoint is recorded. ``killed``:
-    its pid; ``workers``: every worker pid seen, before and after. ``check()`` joins it and raises what
-    stopped it, if anything did: a watcher that died must fail the test, not leave the run unharmed."""
+    """Kills one training worker process of this run once ``step`` is logged and a checkpoint is recorded.
+    ``killed``: its pid; ``workers``: every worker pid of this run seen, before and after. ``check()`` joins it
+    and raises what stopped it, if anything did: a watcher that died must fail the test, not leave the run
+    unharmed. Workers alive when it starts belong to an earlier run still exiting, and are never picked."""
 
     def __init__(self, run, step: int):
         super().__init__(daemon=True)
         self.rundir, self.step = run, step
+        self.earlier = _train_workers()
         self.killed: int | None = None
         self.workers: set[int] = set()
         self.error: BaseException | None = None
@@ -186,11 +189,14 @@ class _KillAWorker(threading.Thread):
     def _watch(self):
         deadline = time.time() + 300
         while time.time() < deadline:
-            self.workers |= _train_workers()
-            if self.killed is None and any(m["step"] >= self.step for m in self.rundir.read_training_log()) \
-                    and _recorded_checkpoint(self.rundir) and self.workers:
-                self.killed = max(self.workers)
-                psutil.Process(self.killed).kill()
+            alive = _train_workers() - self.earlier
+            self.workers |= alive
+            if self.killed is None and alive and any(m["step"] >= self.step for m in self.rundir.read_training_log()) \
+                    and _recorded_checkpoint(self.rundir):
+                victim = max(alive)
+                with contextlib.suppress(psutil.NoSuchProcess):  # gone since the listing: pick again
+                    psutil.Process(victim).kill()
+                    self.killed = victim
             if self.killed is not None and not psutil.pid_exists(self.killed):
                 return
             time.sleep(0.05)
