@@ -164,6 +164,12 @@ class Session:
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
+            if self.background:
+                import wandb
+
+                # finish() hands the last records to W&B's service, which writes them when it closes; a Ray
+                # Train worker is killed once training returns, before W&B's exit hook would wait for that.
+                self._guarded("wandb", "the last steps", wandb.teardown)
 
     def _each(self, what: str, mlflow=None, wandb=None) -> None:
         for backend, write in (("mlflow", mlflow), ("wandb", wandb)):
