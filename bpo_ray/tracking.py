@@ -57,11 +57,17 @@ def open_run(cfg: RunConfig, record: str) -> TrackedRun | None:
         mlflow_uri = _mlflow_uri(settings.mlflow)
         where = {"tracking_uri": mlflow_uri, "experiment": settings.mlflow.experiment}
         mlflow_run_id = _same(saved.get("mlflow"), where)
-        if mlflow_run_id is None:
-            mlflow_run_id = _new_mlflow_run(mlflow_uri, settings.mlflow.experiment, cfg.run_name, record)
-            created.add("mlflow")
-        else:
-            _mlflow_client(mlflow_uri).update_run(mlflow_run_id, status="RUNNING")
+        try:
+            if mlflow_run_id is None:
+                mlflow_run_id = _new_mlflow_run(mlflow_uri, settings.mlflow.experiment, cfg.run_name, record)
+                created.add("mlflow")
+            else:
+                _mlflow_client(mlflow_uri).update_run(mlflow_run_id, status="RUNNING")
+        except Exception as err:  # before any stage runs, in words that say which setting
+            given = "" if settings.mlflow.tracking_uri else " (MLflow's default: tracking.mlflow.tracking_uri is unset)"
+            raise RuntimeError(f"tracking.mlflow: cannot use the tracking URI {mlflow_uri!r}{given}: "
+                               f"{err.__class__.__name__}: {err}. Set tracking.mlflow.tracking_uri to a tracking "
+                               f"server (http://…) or a folder every node can reach (a file store).") from err
         entry["mlflow"] = {**where, "run_id": mlflow_run_id}
     if settings.wandb is not None:
         where = {"project": settings.wandb.project, "entity": settings.wandb.entity}
@@ -133,6 +139,7 @@ class Session:
         self.mlflow = _mlflow_client(run.mlflow_uri) if run.mlflow_run_id else None
         self.wandb = None
         self.step_metrics: set[str] = set()
+        self.sending: list = []  # MLflow's futures for background metrics, waited on by close()
         if run.wandb_run_id:
             self._guarded("wandb", "the run's start", lambda: self._open_wandb(wandb_config))
 
@@ -157,10 +164,11 @@ class Session:
         self.close()
 
     def close(self) -> None:
-        if self.background and self.mlflow is not None:
-            import mlflow
-
-            self._guarded("mlflow", "the last steps", mlflow.flush_async_logging)
+        if self.sending:
+            # These futures, not mlflow.flush_async_logging(): that flushes the process's default store (in a
+            # Ray Train worker, a database in its working directory), not this client's.
+            sending, self.sending = self.sending, []
+            self._guarded("mlflow", "the last steps", lambda: [ops.wait() for ops in sending])
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
@@ -206,8 +214,14 @@ class Session:
             from mlflow.entities import Metric
 
             now = int(time.time() * 1000)
-            self.mlflow.log_batch(self.run.mlflow_run_id, synchronous=not self.background,
-                                  metrics=[Metric(k, float(v), now, step or 0) for k, v in values.items()])
+            sending = self.mlflow.log_batch(self.run.mlflow_run_id, synchronous=not self.background,
+                                            metrics=[Metric(k, float(v), now, step or 0) for k, v in values.items()])
+            if sending is not None:
+                self.sending.append(sending)
+            if len(self.sending) > 64:  # a server far behind slows the steps down rather than filling memory
+                older, self.sending = self.sending[:32], self.sending[32:]
+                for ops in older:
+                    ops.wait()
 
         def wandb():
             if step_metric is None:

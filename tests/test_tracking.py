@@ -33,12 +33,14 @@ def settings(tmp_path, monkeypatch):
             "tracking.wandb.mode=offline", f"tracking.wandb.dir={tmp_path / 'wandb'}"]
 
 
-def _steps(tracked, steps, first_step, out_dir):
-    """What rank 0 of the train stage logs: one line per step, also to the trackers."""
+def _steps(tracked, steps, first_step, out_dir, caplog):
+    """What rank 0 of the train stage logs: one line per step, also to the trackers, none of which may fail."""
+    caplog.clear()
     log = TrainingLog(str(out_dir), 10, 20, total_steps=4, first_step=first_step, tracked=tracked, stage="train")
     for step in steps:
         log.log({"step": step, "loss": 1.0 / step, "reward_margin": 0.1 * step, "reward_accuracy": 1.0, "lr": 1e-5})
     log.close()
+    assert not [r.getMessage() for r in caplog.records if r.name == "bpo_ray.tracking" and r.levelno >= logging.WARNING]
 
 
 def _mlflow_run(uri: str, experiment: str):
@@ -49,11 +51,15 @@ def _mlflow_run(uri: str, experiment: str):
     return client, runs
 
 
-def test_a_run_is_one_tracked_run_across_jobs_with_its_steps_stages_and_eval_table(settings, tmp_path):
+def test_a_run_is_one_tracked_run_across_jobs_with_its_steps_stages_and_eval_table(settings, tmp_path, monkeypatch,
+                                                                                caplog):
     cfg = load_config(None, settings)
     run_dir = RunDir.for_config(cfg)
     first = tracking.open_run(cfg, run_dir.tracking)
-    _steps(first, (1, 2), 0, tmp_path / "log")
+    # As in a Ray Train worker: a working directory of its own, where MLflow's default store is not ours.
+    (tmp_path / "worker").mkdir()
+    monkeypatch.chdir(tmp_path / "worker")
+    _steps(first, (1, 2), 0, tmp_path / "log", caplog)
     tracking.log_stage(first, "data", {"samples": 24, "seconds": 3.5}, run_dir.root)
     tracking.finish(first, ok=False)  # the job stopped mid-training
     client, runs = _mlflow_run(first.mlflow_uri, "bpo-ray")
@@ -61,7 +67,7 @@ def test_a_run_is_one_tracked_run_across_jobs_with_its_steps_stages_and_eval_tab
 
     second = tracking.open_run(cfg, run_dir.tracking)  # the re-submitted job: the same tracked runs
     assert (second.mlflow_run_id, second.wandb_run_id) == (first.mlflow_run_id, first.wandb_run_id)
-    _steps(second, (3, 4), 2, tmp_path / "log")  # training resumed from its step-2 checkpoint
+    _steps(second, (3, 4), 2, tmp_path / "log", caplog)  # training resumed from its step-2 checkpoint
     rows = comparison(EVAL)
     plot = run_dir.plot("eval.png")
     (tmp_path / "runs" / "bpo-tiny" / "plots").mkdir(parents=True)
@@ -113,12 +119,18 @@ def test_other_tracking_settings_start_a_new_tracked_run_and_no_stage_reruns(set
     relative = load_config(None, [*settings[:-1], "tracking.wandb.dir=wandb-here"])
     assert tracking.open_run(relative, run_dir.tracking).wandb.dir == str(tmp_path / "wandb-here") \
         == tracking.recorded_run(relative, run_dir.tracking).wandb.dir
+    relative_mlflow_uri = tracking.recorded_run(relative, run_dir.tracking).mlflow_uri
     assert tracking.recorded_run(load_config(None, [f"storage_path={tmp_path / 'runs'}"]), run_dir.tracking) is None
     untracked = load_config(None, [f"storage_path={tmp_path / 'runs'}"])
     for stage in STAGES:  # switching tracking on never invalidates a finished stage
         assert stage_key("x", cfg, stage.reads) == stage_key("x", untracked, stage.reads), stage.name
     with pytest.raises(ConfigError, match="tracking.wandb.mode"):
         load_config(None, ["tracking.wandb.mode=later"])
+    # A tracking URI MLflow cannot use stops the job before any stage, naming the setting to change.
+    unusable = load_config(None, [settings[0], "tracking.mlflow.tracking_uri=nosuchscheme://tracker"])
+    with pytest.raises(RuntimeError, match="cannot use the tracking URI 'nosuchscheme://tracker'.*tracking_uri to"):
+        tracking.open_run(unusable, run_dir.tracking)
+    assert tracking.recorded_run(cfg, run_dir.tracking).mlflow_uri == relative_mlflow_uri  # nothing recorded
 
 
 def test_a_tracker_that_fails_while_logging_warns_once_and_the_others_go_on(settings, tmp_path, caplog):
