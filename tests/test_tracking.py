@@ -119,7 +119,7 @@ def test_other_tracking_settings_start_a_new_tracked_run_and_no_stage_reruns(set
     relative = load_config(None, [*settings[:-1], "tracking.wandb.dir=wandb-here"])
     assert tracking.open_run(relative, run_dir.tracking).wandb.dir == str(tmp_path / "wandb-here") \
         == tracking.recorded_run(relative, run_dir.tracking).wandb.dir
-    relative_mlflow_uri = tracking.recorded_run(relative, run_dir.tracking).mlflow_uri
+    recorded_uri = tracking.recorded_run(relative, run_dir.tracking).mlflow_uri
     assert tracking.recorded_run(load_config(None, [f"storage_path={tmp_path / 'runs'}"]), run_dir.tracking) is None
     untracked = load_config(None, [f"storage_path={tmp_path / 'runs'}"])
     for stage in STAGES:  # switching tracking on never invalidates a finished stage
@@ -130,7 +130,7 @@ def test_other_tracking_settings_start_a_new_tracked_run_and_no_stage_reruns(set
     unusable = load_config(None, [settings[0], "tracking.mlflow.tracking_uri=nosuchscheme://tracker"])
     with pytest.raises(RuntimeError, match="cannot use the tracking URI 'nosuchscheme://tracker'.*tracking_uri to"):
         tracking.open_run(unusable, run_dir.tracking)
-    assert tracking.recorded_run(cfg, run_dir.tracking).mlflow_uri == relative_mlflow_uri  # nothing recorded
+    assert tracking.recorded_run(cfg, run_dir.tracking).mlflow_uri == recorded_uri  # the failed one not recorded
 
 
 def test_a_tracker_that_fails_while_logging_warns_once_and_the_others_go_on(settings, tmp_path, caplog):
@@ -142,3 +142,17 @@ def test_a_tracker_that_fails_while_logging_warns_once_and_the_others_go_on(sett
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "mlflow stopped logging" in warnings[0]
     assert read_offline(tmp_path / "wandb").series("train/loss", "train/step") == [(1, 0.5)]
+
+
+def test_a_long_background_session_sends_every_step(settings, tmp_path):
+    """Rank 0's session over more steps than it keeps in flight: every step has arrived when close() returns."""
+    cfg = load_config(None, settings)
+    run = tracking.open_run(cfg, RunDir.for_config(cfg).tracking)
+    with tracking.Session(run, background=True) as session:
+        for step in range(1, 151):
+            session.metrics({"train/loss": 1.0 / step}, step=step, step_metric="train/step")
+        assert len(session.sending) <= 64
+    assert not session.failed and not session.sending
+    client, [logged] = _mlflow_run(run.mlflow_uri, "bpo-ray")
+    assert sorted((m.step, m.value) for m in client.get_metric_history(logged.info.run_id, "train/loss")) == \
+        [(step, 1.0 / step) for step in range(1, 151)]
