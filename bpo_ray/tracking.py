@@ -139,7 +139,7 @@ class Session:
         self.mlflow = _mlflow_client(run.mlflow_uri) if run.mlflow_run_id else None
         self.wandb = None
         self.step_metrics: set[str] = set()
-        self.sending: list = []  # MLflow's futures for background metrics, waited on by close()
+        self.sending = None  # the background metrics MLflow is still sending (its RunOperations)
         if run.wandb_run_id:
             self._guarded("wandb", "the run's start", lambda: self._open_wandb(wandb_config))
 
@@ -164,11 +164,11 @@ class Session:
         self.close()
 
     def close(self) -> None:
-        if self.sending:
-            # These futures, not mlflow.flush_async_logging(): that flushes the process's default store (in a
-            # Ray Train worker, a database in its working directory), not this client's.
-            sending, self.sending = self.sending, []
-            self._guarded("mlflow", "the last steps", lambda: [ops.wait() for ops in sending])
+        if self.sending is not None:
+            # This client's own operation, not mlflow.flush_async_logging(): that flushes the process's default
+            # store (in a Ray Train worker, a database in its working directory), not this client's.
+            sending, self.sending = self.sending, None
+            self._guarded("mlflow", "the last steps", sending.wait)
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
@@ -214,14 +214,14 @@ class Session:
             from mlflow.entities import Metric
 
             now = int(time.time() * 1000)
-            sending = self.mlflow.log_batch(self.run.mlflow_run_id, synchronous=not self.background,
-                                            metrics=[Metric(k, float(v), now, step or 0) for k, v in values.items()])
-            if sending is not None:
-                self.sending.append(sending)
-            if len(self.sending) > 64:  # a server far behind slows the steps down rather than filling memory
-                older, self.sending = self.sending[:32], self.sending[32:]
-                for ops in older:
-                    ops.wait()
+            if self.sending is not None:
+                # One step in flight: MLflow sends queued batches concurrently, which stores them out of step
+                # order and races a file store creating a new metric's folder. A step waits only on a tracker
+                # slower than a training step.
+                sending, self.sending = self.sending, None
+                sending.wait()
+            self.sending = self.mlflow.log_batch(self.run.mlflow_run_id, synchronous=not self.background,
+                                                 metrics=[Metric(k, float(v), now, step or 0) for k, v in values.items()])
 
         def wandb():
             if step_metric is None:

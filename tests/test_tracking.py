@@ -144,15 +144,18 @@ def test_a_tracker_that_fails_while_logging_warns_once_and_the_others_go_on(sett
     assert read_offline(tmp_path / "wandb").series("train/loss", "train/step") == [(1, 0.5)]
 
 
-def test_a_long_background_session_sends_every_step(settings, tmp_path):
-    """Rank 0's session over more steps than it keeps in flight: every step has arrived when close() returns."""
-    cfg = load_config(None, settings)
+def test_a_background_session_sends_every_step_in_order(settings, tmp_path):
+    """Rank 0's session, steps back to back: MLflow has every one, in step order, when close() returns (sent
+    concurrently, most runs of three such steps came back out of order, some with a metric folder lost)."""
+    from mlflow.tracking import MlflowClient
+
+    cfg = load_config(None, settings[:2])  # MLflow alone: nothing else spaces the steps out
     run = tracking.open_run(cfg, RunDir.for_config(cfg).tracking)
-    with tracking.Session(run, background=True) as session:
-        for step in range(1, 151):
-            session.metrics({"train/loss": 1.0 / step}, step=step, step_metric="train/step")
-        assert len(session.sending) <= 64
-    assert not session.failed and not session.sending
-    client, [logged] = _mlflow_run(run.mlflow_uri, "bpo-ray")
-    assert sorted((m.step, m.value) for m in client.get_metric_history(logged.info.run_id, "train/loss")) == \
-        [(step, 1.0 / step) for step in range(1, 151)]
+    client = MlflowClient(run.mlflow_uri)
+    for attempt in range(20):
+        with tracking.Session(run, background=True) as session:
+            for step in range(1, 6):
+                session.metrics({f"try{attempt}/loss": 1.0 / step}, step=step)
+        assert [(m.step, m.value) for m in client.get_metric_history(run.mlflow_run_id, f"try{attempt}/loss")] == \
+            [(step, 1.0 / step) for step in range(1, 6)]
+        assert not session.failed and session.sending is None
