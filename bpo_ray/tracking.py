@@ -130,8 +130,8 @@ def finish(run: TrackedRun | None, ok: bool) -> None:
 class Session:
     """One short stretch of logging into a tracked run, as a context manager. A tracker that fails while
     logging is reported once and skipped: a lost metric is better than a lost training run. ``background``:
-    MLflow's metric calls return at once and are sent by its own thread, flushed on close (a training step
-    should not wait on a tracking server; W&B's are sent in the background anyway)."""
+    MLflow's metric calls return once the previous step is sent, and are sent by its own thread, waited for on
+    close (a training step should not wait on a tracking server; W&B's are sent in the background anyway)."""
 
     def __init__(self, run: TrackedRun, wandb_config: dict | None = None, strict: bool = False,
                  background: bool = False):
