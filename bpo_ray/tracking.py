@@ -165,10 +165,7 @@ class Session:
 
     def close(self) -> None:
         if self.sending is not None:
-            # This client's own operation, not mlflow.flush_async_logging(): that flushes the process's default
-            # store (in a Ray Train worker, a database in its working directory), not this client's.
-            sending, self.sending = self.sending, None
-            self._guarded("mlflow", "the last steps", sending.wait)
+            self._guarded("mlflow", "the last steps", self._wait_sent)
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
@@ -178,6 +175,14 @@ class Session:
                 # finish() hands the last records to W&B's service, which writes them when it closes; a Ray
                 # Train worker is killed once training returns, before W&B's exit hook would wait for that.
                 self._guarded("wandb", "the last steps", wandb.teardown)
+
+    def _wait_sent(self) -> None:
+        """Waits for the background step MLflow is still sending: this client's own operation, not
+        mlflow.flush_async_logging(), which flushes the process's default store (in a Ray Train worker, a
+        database in its working directory), not this client's."""
+        sending, self.sending = self.sending, None
+        if sending is not None:
+            sending.wait()
 
     def _each(self, what: str, mlflow=None, wandb=None) -> None:
         for backend, write in (("mlflow", mlflow), ("wandb", wandb)):
@@ -214,12 +219,10 @@ class Session:
             from mlflow.entities import Metric
 
             now = int(time.time() * 1000)
-            if self.sending is not None:
-                # One step in flight: MLflow sends queued batches concurrently, which stores them out of step
-                # order and races a file store creating a new metric's folder. A step waits only on a tracker
-                # slower than a training step.
-                sending, self.sending = self.sending, None
-                sending.wait()
+            # One step in flight: MLflow sends queued batches concurrently, which stores them out of step order
+            # and races a file store creating a new metric's folder. A step waits only on a tracker slower than
+            # a training step.
+            self._wait_sent()
             self.sending = self.mlflow.log_batch(self.run.mlflow_run_id, synchronous=not self.background,
                                                  metrics=[Metric(k, float(v), now, step or 0) for k, v in values.items()])
 
