@@ -117,3 +117,20 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600):
     cmd = [str(bpo), *args] if not args[0].endswith(".py") else [sys.executable, *args]
     return subprocess.run(cmd, cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def build_wheel(tmp: Path) -> Path:
+    """The wheel users install, built from a copy of the checkout (nothing written into it) with the test
+    environment's setuptools."""
+    import shutil
+    import subprocess
+
+    src = tmp / "src"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
+        ".venv*", ".cache", ".git", "runs", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
+        ".ruff_cache", "tests", "benchmarks"))
+    dist = tmp / "dist"
+    done = subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist),
+                           str(src)], capture_output=True, text=True)
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
+    return next(dist.glob("bpo_ray-*.whl"))

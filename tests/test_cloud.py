@@ -24,7 +24,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from bpo_ray import storage
-from conftest import REPO, free_ports
+from conftest import REPO, build_wheel, free_ports
 
 BUCKET = "bpo-test"
 
@@ -133,13 +133,7 @@ def _fresh_venv(tmp: Path) -> Path:
     """A virtualenv outside the checkout with the wheel built from it installed. Its dependencies come from
     the test environment's site-packages (a .pth file), so nothing is downloaded; that directory's own
     .pth files (the editable install of the checkout) are not processed, so bpo_ray is the wheel's."""
-    src = tmp / "src"
-    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
-        ".venv*", ".cache", ".git", "runs", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
-        ".ruff_cache", "tests", "benchmarks"))
-    dist = tmp / "dist"
-    _run(sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", dist, src)
-    wheel = next(dist.glob("bpo_ray-*.whl"))
+    wheel = build_wheel(tmp)
     venv = tmp / "venv"
     _run(sys.executable, "-m", "venv", "--without-pip", venv)
     python = venv / "bin" / "python"
