@@ -338,3 +338,31 @@ def test_step_lines_show_rate_and_eta(tmp_path):
     assert progress.progress(3, now=start) == ""  # no time yet: no rate
     assert TrainingLog(str(tmp_path), 1, 2).progress(3) == ""  # no total known: no ETA
     progress.close()
+
+
+def _adopt(rank: int, world: int, port: int, out: str) -> None:
+    import deepspeed.comm
+
+    from bpo_ray.train.setup import adopt_process_group
+
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    adopt_process_group()
+    with open(f"{out}/{rank}.json", "w") as f:
+        json.dump({"world": deepspeed.comm.get_world_size(),
+                   "shm_all_reduce": deepspeed.comm.comm.cdb.shm_comm_op is not None}, f)
+    torch.distributed.destroy_process_group()
+
+
+def test_deepspeed_adopts_the_process_group_without_building_the_inference_all_reduce(tmp_path, monkeypatch):
+    """The worker's DeepSpeed sees both ranks, and its CPU backend builds no shared-memory all-reduce (only
+    tensor-parallel inference calls it) into an empty extensions folder."""
+    import torch.multiprocessing as mp
+
+    from conftest import free_ports
+
+    extensions = tmp_path / "torch_extensions"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(extensions))
+    mp.spawn(_adopt, args=(2, free_ports()[0], str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"{rank}.json").read_text()) == {"world": 2, "shm_all_reduce": False}
+    assert not (extensions / "deepspeed_shm_comm").exists()

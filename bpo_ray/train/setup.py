@@ -1,4 +1,5 @@
-"""Model preparation and the generated DeepSpeed config: plain functions of the train config."""
+"""Model preparation, the generated DeepSpeed config (plain functions of the train config) and DeepSpeed's
+adoption of the worker's process group."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ from bpo_ray.config import TrainConfig
 VISION_NAMES = ("vision_tower", "visual", "vision_model")
 PROJECTOR_NAMES = ("multi_modal_projector", "merger", "connector")
 LM_LINEAR = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
+
+# DeepSpeed's CPU backend compiles a shared-memory all-reduce when it adopts a process group, but only
+# tensor-parallel inference calls it (``inference_all_reduce``); ZeRO's collectives go through torch.distributed.
+UNUSED_DEEPSPEED_OPS = ("deepspeed_shm_comm",)
 
 
 def precision(train: TrainConfig, use_gpu: bool) -> str:
@@ -140,3 +145,15 @@ def deepspeed_config(train: TrainConfig, world_size: int, use_gpu: bool, total_s
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+def adopt_process_group() -> None:
+    """Hand the torch process group Ray Train created to DeepSpeed (before zero.Init or initialize, or it sees
+    a world of one), without building the ops no training step calls: ~30 s of C++ on a fresh CPU machine.
+    ``deepspeed.ops.__compatible_ops__`` is the one dict DeepSpeed consults before building them."""
+    import deepspeed
+    import torch
+
+    for name in UNUSED_DEEPSPEED_OPS:
+        deepspeed.ops.__compatible_ops__[name] = False
+    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())

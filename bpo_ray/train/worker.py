@@ -36,6 +36,7 @@ from bpo_ray.train.batch import (
 from bpo_ray.train.losses import to_floats, training_objective
 from bpo_ray.train.reference import reference_columns
 from bpo_ray.train.setup import (
+    adopt_process_group,
     deepspeed_config,
     disable_dropout,
     param_groups,
@@ -148,9 +149,7 @@ def train_loop_per_worker(job: FitJob) -> None:
     train = cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    # Ray Train created the torch process group; DeepSpeed must adopt it before zero.Init or initialize,
-    # or it sees a world of one.
-    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+    adopt_process_group()
     torch.manual_seed(train.seed)
 
     ds_config = deepspeed_config(train, world, cfg.resources.use_gpu, job.total_steps)
