@@ -12,10 +12,6 @@ VISION_NAMES = ("vision_tower", "visual", "vision_model")
 PROJECTOR_NAMES = ("multi_modal_projector", "merger", "connector")
 LM_LINEAR = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
 
-# DeepSpeed's CPU backend compiles a shared-memory all-reduce when it adopts a process group, but only
-# tensor-parallel inference calls it (``inference_all_reduce``); ZeRO's collectives go through torch.distributed.
-UNUSED_DEEPSPEED_OPS = ("deepspeed_shm_comm",)
-
 
 def precision(train: TrainConfig, use_gpu: bool) -> str:
     if train.precision == "auto":
@@ -149,11 +145,16 @@ def deepspeed_config(train: TrainConfig, world_size: int, use_gpu: bool, total_s
 
 def adopt_process_group() -> None:
     """Hand the torch process group Ray Train created to DeepSpeed (before zero.Init or initialize, or it sees
-    a world of one), without building the ops no training step calls: ~30 s of C++ on a fresh CPU machine.
-    ``deepspeed.ops.__compatible_ops__`` is the one dict DeepSpeed consults before building them."""
+    a world of one). On the CPU, DeepSpeed would also compile (~30 s on a fresh machine) and load a shared-memory
+    all-reduce that only tensor-parallel inference calls (``inference_all_reduce``): ZeRO's collectives go
+    through torch.distributed. Marked incompatible in ``deepspeed.ops.__compatible_ops__``, the dict DeepSpeed
+    reads before building it, it is skipped. Accelerators without the op (CUDA) leave the dict unread, as
+    DeepSpeed does: reading it probes every op."""
     import deepspeed
     import torch
+    from deepspeed.accelerator import get_accelerator
 
-    for name in UNUSED_DEEPSPEED_OPS:
-        deepspeed.ops.__compatible_ops__[name] = False
+    shm_all_reduce = get_accelerator().get_op_builder("ShareMemCommBuilder")
+    if shm_all_reduce is not None:
+        deepspeed.ops.__compatible_ops__[shm_all_reduce.NAME] = False
     deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
