@@ -20,7 +20,7 @@ from bpo_ray.config import load_config
 from bpo_ray.models.generate import Sampling, generate
 from bpo_ray.pipeline import RunDir, reference, run_stages, train
 from bpo_ray.raydata import order_key, worker_parts
-from conftest import REPO
+from conftest import REPO, free_ports
 from train_checkpoints import recorded_checkpoint
 
 KEY = "0123456789abcdef"  # the stage key these tests train under: checkpoints/train-0123456789ab
@@ -357,8 +357,6 @@ def test_deepspeed_adopts_the_process_group_without_building_the_inference_all_r
     """The worker's DeepSpeed sees both ranks, and its CPU backend builds no shared-memory all-reduce (only
     tensor-parallel inference calls it) into an empty extensions folder."""
     import torch.multiprocessing as mp
-
-    from conftest import free_ports
 
     extensions = tmp_path / "torch_extensions"
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(extensions))
