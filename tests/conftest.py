@@ -119,16 +119,17 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600):
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
-def build_wheel(tmp: Path) -> Path:
-    """The wheel users install, built from a copy of the checkout (nothing written into it) with the test
-    environment's setuptools."""
+def build_wheel(tmp: Path, src: Path | None = None) -> Path:
+    """The wheel users install, built with the test environment's setuptools from ``src``, or else from a copy
+    of the checkout (nothing written into it)."""
     import shutil
     import subprocess
 
-    src = tmp / "src"
-    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
-        ".venv*", ".cache", ".git", "runs", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
-        ".ruff_cache", "tests", "benchmarks"))
+    if src is None:
+        src = tmp / "src"
+        shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
+            ".venv*", ".cache", ".git", "runs", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
+            ".ruff_cache", "tests", "benchmarks"))
     dist = tmp / "dist"
     done = subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist),
                            str(src)], capture_output=True, text=True)
