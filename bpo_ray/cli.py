@@ -6,12 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from bpo_ray.config import ConfigError, load_config
-
-
-def _add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="run config YAML (default: the embedded tiny default)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-5")
+from bpo_ray.config import ConfigError, add_config_args, load_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,19 +33,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qa-per-image", type=int, default=2)
 
     p = sub.add_parser("config", help="validate a config and print it resolved (with overrides)")
-    _add_config_args(p)
+    add_config_args(p)
 
     p = sub.add_parser("run", help="run the whole pipeline (the job jobs/bpo.py submits) on local Ray or a cluster")
-    _add_config_args(p)
+    add_config_args(p)
     p.add_argument("--from-stage")
     p.add_argument("--only-stage")
     p.add_argument("--force", action="store_true")
 
     p = sub.add_parser(
         "generate", help="build preference pairs (image weakening + error injection) with Ray Data",
-        description="Without --config: embedded tiny models and defaults on a LLaVA-format file "
+        description="Without --config: the embedded default (the demo's tiny models and settings; its sft stage "
+                    "fine-tunes the base first, sft.enabled=false skips that) on a LLaVA-format file "
                     "(bpo generate --data FILE --image-root DIR --out DIR). With --config: everything from it.")
-    _add_config_args(p)
+    add_config_args(p)
     p.add_argument("--data", help="LLaVA JSON/JSONL (or .parquet) file of records")
     p.add_argument("--image-root", help="where the records' relative image paths resolve")
     p.add_argument("--out", help="output run directory (default: storage_path/run_name of the config)")
@@ -61,14 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Runs the sft stage of the config (sft.enabled=true) into its run directory: validates "
                     "sft.data, fine-tunes model.name_or_path, exports sft/model, which later stages align. "
                     "Skipped when finished for the same config.")
-    _add_config_args(p)
+    add_config_args(p)
 
     p = sub.add_parser(
         "train", help="DPO on Ray Train with DeepSpeed ZeRO-3 (runs the stages before it when needed)",
         description="Runs data → negatives → reference → train into the config's run directory, skipping "
                     "finished stages; training resumes from its latest checkpoint. Exports model/. With "
                     "--pairs, trains on existing preference pairs instead of bootstrapping them.")
-    _add_config_args(p)
+    add_config_args(p)
     p.add_argument("--pairs", help="existing preference pairs (TRL, RLAIF-V or scored-completions layout; .json, "
                                    ".jsonl, parquet, a save_to_disk folder or a load_dataset name): "
                                    "train on them alone (negatives.extra_pairs with bootstrapping off)")
@@ -77,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="serve a model over an OpenAI-compatible HTTP endpoint (Ray Serve) until interrupted",
         description="Serves --model (a directory, hub id or tiny://arch; default: the config's run_dir/model) "
                     "at http://HOST:PORT/v1 with the config's serve section. Ctrl-C / SIGTERM stops it.")
-    _add_config_args(p)
+    add_config_args(p)
     p.add_argument("--model", help="model to serve (default: the run's exported model, storage_path/run_name/model)")
     p.add_argument("--model-id", help="the name clients pass as `model` (default: serve.model_id)")
     p.add_argument("--host", help="bind address (default: serve.host, 127.0.0.1)")
@@ -89,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="POPE (random, popular, adversarial) and CHAIR on held-out synthetic shapes (or --data), "
                     "and POPE on a COCO annotation file when given. Prints the metrics; --out saves them "
                     "with every prediction.")
-    _add_config_args(p)
+    add_config_args(p)
     p.add_argument("--endpoint", required=True, help="OpenAI base URL, e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--model", required=True, help="the model name the endpoint serves")
     p.add_argument("--api-key", help="Bearer key, if the endpoint needs one")
@@ -254,14 +250,14 @@ def main(argv: list[str] | None = None) -> int:
             print("error: sft.enabled is false in this config; set it (e.g. bpo sft --config C sft.enabled=true) so "
                   "that later stages of the same run align the fine-tuned model", file=sys.stderr)
             return 2
-        return _run_job(["--config", args.config] if args.config else [], args.overrides, until="sft", prog="bpo sft")
+        return _run_job(["--config", args.config], args.overrides, until="sft", prog="bpo sft")
     if args.command == "train":
         overrides = list(args.overrides)
         if args.pairs:
             overrides = [*pairs_overrides(args.pairs), *overrides]
-        return _run_job(["--config", args.config] if args.config else [], overrides, until="train", prog="bpo train")
+        return _run_job(["--config", args.config], overrides, until="train", prog="bpo train")
     if args.command == "run":
-        flags = ([f"--config={args.config}"] if args.config else []) + (["--force"] if args.force else [])
+        flags = [f"--config={args.config}"] + (["--force"] if args.force else [])
         for flag in ("from_stage", "only_stage"):
             if getattr(args, flag):
                 flags.append(f"--{flag.replace('_', '-')}={getattr(args, flag)}")

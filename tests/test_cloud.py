@@ -161,18 +161,20 @@ def test_installed_job_runs_on_s3_and_resumes_from_the_bucket_alone(s3, tmp_path
     data = write_dataset(tmp_path / "data", num_images=8, seed=5, max_objects=2)
     storage.upload_dir(str(data), f"s3://{BUCKET}/data")
     runs = f"s3://{BUCKET}/runs"
-    cfg = load_config(REPO / "configs" / "tiny.yaml", [
+    overrides = [
         f"storage_path={runs}", "cache_dir=cache", "resources.ray_address=local",
         "data.format=llava_json", f"data.path=s3://{BUCKET}/data/records.json", f"data.image_root=s3://{BUCKET}/data",
         "sft.max_steps=2", "sft.data.synthetic.num_images=8", "sft.per_device_batch_size=4", "sft.checkpoint_every=1",
         "train.max_steps=3", "train.checkpoint_every=2", "negatives.weakening.sampling.max_new_tokens=8",
-        "negatives.truncated=keep", "eval.num_images=4"])
-    config = tmp_path / "run.yaml"  # a user's own config file: the package ships no configs/
+        "negatives.truncated=keep", "eval.num_images=4"]
+    cfg = load_config(REPO / "configs" / "tiny.yaml", overrides)
+    config = tmp_path / "run.yaml"  # the same run as a user's own config file, for step 2
     config.write_text(cfg.to_yaml())
     run = f"{runs}/{cfg.run_name}"
 
-    # 1. bpo train: sft … train, every output into the bucket.
-    first = _on_a_fresh_node(venv, s3, tmp_path / "node1", "train", "--config", config)
+    # 1. bpo train without --config: the embedded default the wheel ships (the demo's) + overrides; sft … train,
+    #    every output into the bucket.
+    first = _on_a_fresh_node(venv, s3, tmp_path / "node1", "train", *overrides)
     files = _files(run)
     for stage in ("sft", "data", "negatives", "reference", "train"):
         assert json.loads(files[f"{stage}/manifest.json"])["finished"], stage
@@ -189,7 +191,8 @@ def test_installed_job_runs_on_s3_and_resumes_from_the_bucket_alone(s3, tmp_path
     assert pairs["pairs"] > 0 and json.loads(files["data/manifest.json"])["records_in"] == 16
     train_manifest = files["train/manifest.json"]
 
-    # 2. Another node, nothing local: bpo run resumes from the bucket (skips what finished, evaluates).
+    # 2. Another node, nothing local: bpo run resumes from the bucket (skips what finished, evaluates). The stages
+    #    skip only if step 1 ran this very config: the embedded default is configs/tiny.yaml.
     _assert_no_run_output(*first)
     for folder in first:
         shutil.rmtree(folder, ignore_errors=True)

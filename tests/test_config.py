@@ -12,7 +12,7 @@ from conftest import REPO, run_cli
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
 
-def test_defaults_are_the_embedded_tiny_run():
+def test_code_defaults_run_the_papers_bpo_on_tiny_models():
     cfg = load_config()
     assert cfg.model.name_or_path == "tiny://llava"
     assert cfg.data.format == "synthetic"
@@ -177,6 +177,19 @@ def test_cli_rejects_typo_before_ray_starts(tmp_path):
     assert "Started a local Ray instance" not in result.stderr + result.stdout
     assert not (tmp_path / "bpo-tiny").exists()  # nothing written for a config that cannot run
     assert time.time() - started < 60
+
+
+def test_without_config_every_command_line_runs_the_embedded_default():
+    """No --config is the demo (configs/tiny.yaml: an SFT base to align, rates for tiny models), not the code's
+    defaults, which train an untrained tiny model at a 7B model's learning rate."""
+    demo = load_config(REPO / "configs" / "tiny.yaml")
+    assert demo.sft.enabled and demo != RunConfig()
+    printed = run_cli("config")
+    assert printed.returncode == 0, printed.stderr
+    assert printed.stdout == demo.to_yaml()
+    from bpo_ray.pipeline import job  # the job's own parser: bpo run, sft, train and jobs/bpo.py
+
+    assert load_config(job.parse_args([], job.STAGES).config) == demo
 
 
 def test_bpo_config_prints_resolved_yaml():

@@ -25,6 +25,12 @@ def test_the_wheel_declares_its_license_as_an_spdx_expression_and_carries_the_te
     _assert_licensed(build_wheel(tmp_path))
 
 
+def test_the_wheel_carries_the_embedded_default(tmp_path):
+    """What the command lines run without --config: the demo's config, the same bytes as configs/tiny.yaml."""
+    with zipfile.ZipFile(build_wheel(tmp_path)) as wheel:
+        assert wheel.read("bpo_ray/config/tiny.yaml") == (REPO / "configs" / "tiny.yaml").read_bytes()
+
+
 def test_the_gpu_images_dependency_layer_holds_every_file_the_package_metadata_names(tmp_path):
     """cluster/Dockerfile installs the dependencies from the metadata alone, before the source is copied: the
     files it copies for that layer (laid out here as it lays them out in /app) must build the same licensed

@@ -19,7 +19,7 @@ import json
 import sys
 
 from bpo_ray import storage
-from bpo_ray.config import ConfigError, load_config
+from bpo_ray.config import ConfigError, add_config_args, load_config
 from bpo_ray.eval.sweep import format_summary, summarize
 from bpo_ray.pipeline import job
 from bpo_ray.pipeline.rundir import RunDir
@@ -50,11 +50,10 @@ VARIANTS = {
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jobs/effect.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="a run config with sft.enabled (e.g. configs/tiny.yaml)")
+    add_config_args(parser)  # a run config with sft.enabled: the embedded default has it
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated, e.g. 0,1,2")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)}")
     parser.add_argument("--prefix", default="effect", help="run names start with this")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]

@@ -27,7 +27,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from bpo_ray.config import ConfigError, RunConfig, load_config
+from bpo_ray.config import ConfigError, RunConfig, add_config_args, load_config
 from bpo_ray.eval.compare import format_table, headline
 from bpo_ray.models.loader import resolve_model_path
 from bpo_ray.pipeline import data, negatives, reference, report, sft, train
@@ -87,8 +87,7 @@ def run_stages(cfg: RunConfig, *, until: str | None = None, from_stage: str | No
 def parse_args(argv: list[str] | None, stages: Sequence[Stage], prog: str = "bpo run") -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="run config YAML (default: the embedded tiny default)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-5")
+    add_config_args(parser)
     names = ", ".join(s.name for s in stages)
     parser.add_argument("--from-stage", metavar="STAGE",
                         help=f"run this stage and the ones after it ({names}; round-<k>/<stage> for rounds ≥ 2)")
