@@ -119,6 +119,13 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600):
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
+def dockerfile_copies(text: str) -> list[tuple[list[str], str]]:
+    """A Dockerfile's COPY instructions as (sources, destination), flags such as --chown left out."""
+    import re
+
+    return [(sources.split(), dest) for sources, dest in re.findall(r"^COPY(?: --\S+)* (.+) (\S+)$", text, re.M)]
+
+
 def build_wheel(tmp: Path, src: Path | None = None) -> Path:
     """The wheel users install, built with the test environment's setuptools from ``src``, or else from a copy
     of the checkout (nothing written into it)."""

@@ -15,7 +15,7 @@ import yaml
 
 from bpo_ray.config import load_config, validate_config
 from bpo_ray.resources import node_satisfies, stage_requests
-from conftest import REPO
+from conftest import REPO, dockerfile_copies
 
 CLUSTER = REPO / "cluster"
 LAUNCHER = ["aws.yaml", "gcp.yaml"]
@@ -95,8 +95,8 @@ def test_gpu_image_pins_the_stack_that_goes_together():
     ignored = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
                if line.strip() and not line.startswith("#")}
     assert {".git", ".venv*", ".cache", "runs"} <= ignored
-    copied = re.findall(r"^COPY \S+ (.+) /app\S*$", dockerfile, re.M)
-    assert all(not any(src.startswith(i.rstrip("*")) for i in ignored) for line in copied for src in line.split())
+    copied = [src for sources, _ in dockerfile_copies(dockerfile) for src in sources]
+    assert copied and all(not any(src.startswith(i.rstrip("*")) for i in ignored) for src in copied)
 
 
 @pytest.mark.parametrize("name", LAUNCHER)

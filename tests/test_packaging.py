@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import re
 import shutil
 import zipfile
 from email.parser import Parser
 from pathlib import Path
 
-from conftest import REPO, build_wheel
+from conftest import REPO, build_wheel, dockerfile_copies
 
 
 def _assert_licensed(wheel_path: Path) -> None:
@@ -38,8 +37,8 @@ def test_the_gpu_images_dependency_layer_holds_every_file_the_package_metadata_n
     setuptools enforces it."""
     dockerfile = (REPO / "cluster" / "Dockerfile").read_text()
     layer = dockerfile[:dockerfile.index('"/app[vllm]"')]
-    for sources, dest in re.findall(r"^COPY --chown=\S+ (.+) (/app\S*)$", layer, re.M):
-        for source in sources.split():
+    for sources, dest in dockerfile_copies(layer):
+        for source in sources:
             target = tmp_path / dest.lstrip("/")
             target = target / source if dest.endswith("/") else target
             target.parent.mkdir(parents=True, exist_ok=True)
