@@ -341,26 +341,38 @@ def test_step_lines_show_rate_and_eta(tmp_path):
 
 
 def _adopt(rank: int, world: int, port: int, out: str) -> None:
+    import sys
+
     import deepspeed.comm
+    from deepspeed.ops.op_builder.cpu import FusedAdamBuilder
 
-    from bpo_ray.train.setup import adopt_process_group
+    from bpo_ray.train.setup import adopt_process_group, probe_the_cpu_once
 
+    probes = []  # py-cpuinfo's probe: a subprocess of its own module
+    sys.addaudithook(lambda event, args: event == "subprocess.Popen" and "cpuinfo" in str(args[1])
+                     and probes.append(args[1]))
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     adopt_process_group()
+    probe_the_cpu_once()
+    flags = [FusedAdamBuilder().cxx_args() for _ in range(2)]  # two loads' worth of the optimizer op's flags
     with open(f"{out}/{rank}.json", "w") as f:
         json.dump({"world": deepspeed.comm.get_world_size(),
-                   "shm_all_reduce": deepspeed.comm.comm.cdb.shm_comm_op is not None}, f)
+                   "shm_all_reduce": deepspeed.comm.comm.cdb.shm_comm_op is not None,
+                   "cpu_probes": len(probes), "same_flags": flags[0] == flags[1]}, f)
     torch.distributed.destroy_process_group()
 
 
-def test_deepspeed_adopts_the_process_group_without_building_the_inference_all_reduce(tmp_path, monkeypatch):
-    """The worker's DeepSpeed sees both ranks, and its CPU backend builds no shared-memory all-reduce (only
-    tensor-parallel inference calls it) into an empty extensions folder."""
+def test_deepspeed_starts_in_a_worker_with_both_ranks_one_cpu_probe_and_no_inference_all_reduce(tmp_path,
+                                                                                                 monkeypatch):
+    """The worker's DeepSpeed sees both ranks; its CPU backend builds no shared-memory all-reduce (only
+    tensor-parallel inference calls it) into an empty extensions folder; and the optimizer op's compile flags,
+    which DeepSpeed asks py-cpuinfo for twice per load, cost one probe (a subprocess, ~1 s) per worker."""
     import torch.multiprocessing as mp
 
     extensions = tmp_path / "torch_extensions"
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(extensions))
     mp.spawn(_adopt, args=(2, free_ports()[0], str(tmp_path)), nprocs=2)
     for rank in (0, 1):
-        assert json.loads((tmp_path / f"{rank}.json").read_text()) == {"world": 2, "shm_all_reduce": False}
+        assert json.loads((tmp_path / f"{rank}.json").read_text()) == {
+            "world": 2, "shm_all_reduce": False, "cpu_probes": 1, "same_flags": True}
     assert not (extensions / "deepspeed_shm_comm").exists()

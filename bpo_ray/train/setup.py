@@ -1,5 +1,5 @@
 """Model preparation, the generated DeepSpeed config (plain functions of the train config) and DeepSpeed's
-adoption of the worker's process group."""
+start in a worker (the process group it adopts, the CPU probe it repeats)."""
 
 from __future__ import annotations
 
@@ -158,3 +158,16 @@ def adopt_process_group() -> None:
     if shm_all_reduce is not None:
         deepspeed.ops.__compatible_ops__[shm_all_reduce.NAME] = False
     deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+
+
+def probe_the_cpu_once() -> None:
+    """DeepSpeed's CPU op builders ask py-cpuinfo for an op's compile flags each time they load it, a cached
+    build included, and ask twice (``-march``, then the SIMD width). Each answer is a new Python subprocess
+    that probes the CPU: 1.1 to 2.3 s on 2 cores, per worker, per training run. The CPU does not change under
+    a process, so its first answer serves both, and any later load."""
+    import functools
+
+    import cpuinfo  # a DeepSpeed dependency; its builders import the function from the module at each call
+
+    if not hasattr(cpuinfo.get_cpu_info, "cache_info"):
+        cpuinfo.get_cpu_info = functools.cache(cpuinfo.get_cpu_info)

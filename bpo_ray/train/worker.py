@@ -41,6 +41,7 @@ from bpo_ray.train.setup import (
     disable_dropout,
     param_groups,
     prepare_model,
+    probe_the_cpu_once,
     trainable_parameters,
 )
 
@@ -150,6 +151,7 @@ def train_loop_per_worker(job: FitJob) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     adopt_process_group()
+    probe_the_cpu_once()
     torch.manual_seed(train.seed)
 
     ds_config = deepspeed_config(train, world, cfg.resources.use_gpu, job.total_steps)
