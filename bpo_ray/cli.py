@@ -122,7 +122,7 @@ def _run_job(flags: list[str], overrides, until: str | None = None, prog: str = 
 def _generate(args) -> int:
     """Data + negatives stages into one run directory; refuses to touch a different output unless asked."""
     from bpo_ray import storage
-    from bpo_ray.pipeline import Pipeline, RunDir, stages_until
+    from bpo_ray.pipeline import MissingInputs, Pipeline, RunDir, stages_until
     from bpo_ray.pipeline.summary import summary
     from bpo_ray.runtime import init_ray, setup_logging
 
@@ -147,6 +147,11 @@ def _generate(args) -> int:
     if existing and not args.overwrite and not complete:
         print(f"error: {run.root} already holds different or unfinished output ({', '.join(existing)}); "
               "pass --overwrite to replace it", file=sys.stderr)
+        return 2
+    try:  # before Ray starts
+        pipeline.check_inputs()
+    except MissingInputs as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     run.save_config(cfg)
     if not complete:  # nothing to run: no need to start Ray

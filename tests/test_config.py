@@ -179,6 +179,20 @@ def test_cli_rejects_typo_before_ray_starts(tmp_path):
     assert time.time() - started < 60
 
 
+def test_cli_names_a_missing_input_before_ray_starts(tmp_path):
+    """A mistyped path is refused at once with its key and the stages that would open it: ``bpo train --pairs``
+    on the embedded default, whose sft stage would otherwise run first, and ``bpo generate --data``."""
+    pairs, records = tmp_path / "prefs.jsonl", tmp_path / "records.jsonl"
+    trained = run_cli("train", "--pairs", str(pairs), f"storage_path={tmp_path / 'runs'}")
+    assert trained.returncode == 2, trained.stderr[-2000:]
+    assert f"negatives.extra_pairs.path: {pairs} (does not exist; read by negatives)" in trained.stderr
+    assert not (tmp_path / "runs").exists()  # no stage ran, nothing was written
+    generated = run_cli("generate", "--data", str(records), "--out", str(tmp_path / "pairs"))
+    assert generated.returncode == 2, generated.stderr[-2000:]
+    assert f"data.path: {records} (does not exist; read by data)" in generated.stderr
+    assert not (tmp_path / "pairs").exists()
+
+
 def test_without_config_every_command_line_runs_the_embedded_default():
     """No --config is the demo (configs/tiny.yaml: an SFT base to align, rates for tiny models), not the code's
     defaults, which train an untrained tiny model at a 7B model's learning rate."""

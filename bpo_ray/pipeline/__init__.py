@@ -6,6 +6,6 @@
 
 from bpo_ray.pipeline.job import STAGES, main, run_stages, stages_until
 from bpo_ray.pipeline.rundir import RunDir, policy_path, stage_key
-from bpo_ray.pipeline.runner import Pipeline, Stage
+from bpo_ray.pipeline.runner import MissingInputs, Pipeline, Stage
 
-__all__ = ["STAGES", "Pipeline", "RunDir", "Stage", "main", "policy_path", "run_stages", "stage_key", "stages_until"]
+__all__ = ["STAGES", "MissingInputs", "Pipeline", "RunDir", "Stage", "main", "policy_path", "run_stages", "stage_key", "stages_until"]

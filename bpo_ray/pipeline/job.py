@@ -30,24 +30,25 @@ from collections.abc import Sequence
 from bpo_ray.config import ConfigError, RunConfig, add_config_args, load_config
 from bpo_ray.eval.compare import format_table, headline
 from bpo_ray.models.loader import resolve_model_path
-from bpo_ray.pipeline import data, negatives, reference, report, sft, train
+from bpo_ray.pipeline import data, inputs, negatives, reference, report, sft, train
 from bpo_ray.pipeline import eval as evaluation
 from bpo_ray.pipeline.rundir import RunDir, round_prefix, split_stage_name
-from bpo_ray.pipeline.runner import Pipeline, Stage
+from bpo_ray.pipeline.runner import MissingInputs, Pipeline, Stage
 from bpo_ray.pipeline.summary import summary
 from bpo_ray.runtime import init_ray, setup_logging
 from bpo_ray.train.worker import TRAINING_LOG
 
 log = logging.getLogger("bpo_ray.job")
 
-# In order; ``reads``: the config sections or fields a stage's output depends on (with its upstream's output).
+# In order; ``reads``: the config sections or fields a stage's output depends on (with its upstream's output);
+# ``inputs``: the paths from outside the run directory it opens, looked for before Ray starts.
 STAGES = (
-    Stage("sft", sft.run, reads=("model", "sft"), keep=TRAINING_LOG),
-    Stage("data", data.run, reads=("data",)),
-    Stage("negatives", negatives.run, reads=("model", "negatives")),
-    Stage("reference", reference.run, reads=reference.READS, read_before=(("model", "train"),)),
-    Stage("train", train.run, reads=("model", "train"), keep=TRAINING_LOG),
-    Stage("eval", evaluation.run, reads=("model", "serve", "eval")),
+    Stage("sft", sft.run, reads=("model", "sft"), keep=TRAINING_LOG, inputs=inputs.sft),
+    Stage("data", data.run, reads=("data",), inputs=inputs.data),
+    Stage("negatives", negatives.run, reads=("model", "negatives"), inputs=inputs.negatives),
+    Stage("reference", reference.run, reads=reference.READS, read_before=(("model", "train"),), inputs=inputs.policy),
+    Stage("train", train.run, reads=("model", "train"), keep=TRAINING_LOG, inputs=inputs.policy),
+    Stage("eval", evaluation.run, reads=("model", "serve", "eval"), inputs=inputs.evaluation),
     Stage("report", report.run, reads=()),
 )
 
@@ -117,7 +118,15 @@ def main(argv: list[str] | None = None, until: str | None = None, prog: str = "b
         print(f"error: {err}", file=sys.stderr)
         return 2
     run = pipeline.run
-    log.info("resolved config (saved to %s):\n%s", run.save_config(cfg), cfg.to_yaml())
+    try:  # before Ray starts: what the stages to run open exists, and the run directory can be reached
+        pipeline.check_inputs()
+        log.info("resolved config (saved to %s):\n%s", run.save_config(cfg), cfg.to_yaml())
+    except MissingInputs as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"error: the run directory {run.root} cannot be reached: {err}", file=sys.stderr)
+        return 2
 
     if args.force or not pipeline.all_finished():  # everything finished for these inputs: no Ray needed
         init_ray(cfg.resources)

@@ -38,6 +38,17 @@ class Stage:
     # What it read before its ``reads`` were narrowed: output finished under those keys is still its output
     # for the same config, so a run directory from before resumes without re-running it.
     read_before: tuple[tuple[str, ...], ...] = ()
+    # The paths from outside the run directory it opens, by config key (``pipeline/inputs.py``).
+    inputs: Callable[[RunConfig], dict[str, str | None]] | None = None
+
+
+class MissingInputs(FileNotFoundError):
+    """Paths the stages about to run would open that do not exist (or cannot be reached)."""
+
+    def __init__(self, missing: dict[str, tuple[str, list[str], str]]):
+        self.missing = missing  # config key → (path, the stages that would open it, why it cannot be read)
+        lines = [f"  {key}: {path} ({why}; read by {', '.join(stages)})" for key, (path, stages, why) in missing.items()]
+        super().__init__("input not found:\n" + "\n".join(lines))
 
 
 @dataclass
@@ -98,7 +109,37 @@ class Pipeline:
             upstream = manifest.get("output_id", "")
         return True
 
+    def pending(self) -> list[Stage]:
+        """The stages ``run_all`` would run, in order: the first selected one not finished for these inputs
+        (any selected one with ``force``), and every selected one after it, whose upstream it changes."""
+        upstream, pending = "", []
+        for index, stage in enumerate(self.stages):
+            selected = self._selected(index)
+            if pending:
+                if selected:
+                    pending.append(stage)
+                continue
+            finished, manifest = self._finished(stage, *self._keys(stage, upstream))
+            if selected and (self.force or not finished):
+                pending.append(stage)
+            else:
+                upstream = (manifest or {}).get("output_id", "")
+        return pending
+
+    def check_inputs(self) -> None:
+        """Raises MissingInputs naming every path a pending stage would open that does not exist."""
+        found: dict[str, tuple[str, list[str], str]] = {}
+        for stage in self.pending():
+            for key, path in (stage.inputs(self.cfg) if stage.inputs else {}).items():
+                if key in found:
+                    found[key][1].append(stage.name)
+                elif path and (why := _unreadable(path)):
+                    found[key] = (path, [stage.name], why)
+        if found:
+            raise MissingInputs(found)
+
     def run_all(self) -> dict[str, dict]:
+        self.check_inputs()
         tracked = tracking.open_run(self.cfg, self.run.tracking)  # None unless cfg.tracking names a backend
         upstream = ""
         try:
@@ -133,3 +174,10 @@ class Pipeline:
         tracking.log_stage(tracked, stage.name, manifest, self.run.root)
         return manifest
 
+
+def _unreadable(path: str) -> str | None:
+    """Why ``path`` cannot be opened (None: it exists)."""
+    try:
+        return None if storage.exists(path) else "does not exist"
+    except OSError as err:  # a bucket that cannot be reached, or not with these credentials
+        return f"cannot be reached: {err}"
