@@ -276,7 +276,7 @@ def test_the_inputs_of_the_stages_about_to_run_are_looked_for_before_any_runs(tm
     """Each missing path is named with its key and the stages that would open it, before the first stage
     runs (in the demo, a mistyped pairs file was found after 10 minutes of sft, as a Ray Data traceback).
     Hub ids are not looked up; a finished stage's inputs are not needed to resume."""
-    from bpo_ray.pipeline import STAGES, MissingInputs
+    from bpo_ray.pipeline import STAGES, MissingInputs, run_stages
 
     records, pairs, model = tmp_path / "data" / "records.json", tmp_path / "pairs.parquet", tmp_path / "base"
     overrides = ["data.format=llava_json", f"data.path={records}", f"negatives.extra_pairs.path={pairs}",
@@ -287,7 +287,7 @@ def test_the_inputs_of_the_stages_about_to_run_are_looked_for_before_any_runs(tm
     stages = [dataclasses.replace(s, run=lambda c, r, k, name=s.name: calls.append(name) or {}) for s in STAGES]
     pipeline = Pipeline(cfg, RunDir.for_config(cfg), stages)
     with pytest.raises(MissingInputs) as missing:
-        pipeline.run_all()
+        run_stages(cfg, stages=stages)
     assert calls == []
     assert missing.value.missing == {
         "data.path": (str(records), ["data"], "does not exist"),
@@ -302,16 +302,16 @@ def test_the_inputs_of_the_stages_about_to_run_are_looked_for_before_any_runs(tm
         path.write_text("[]")
     model.mkdir()
     with pytest.raises(MissingInputs) as missing:  # the last stage's inputs stop the first one too
-        pipeline.run_all()
+        pipeline.check_inputs()
     assert calls == [] and list(missing.value.missing) == ["eval.coco_annotations", "eval.coco_image_root"]
     on_shapes = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"coco_annotations": None,
                                                                            "coco_image_root": None})})
-    Pipeline(on_shapes, RunDir.for_config(on_shapes), stages).run_all()
+    run_stages(on_shapes, stages=stages)
     assert calls == [s.name for s in STAGES]
     records.unlink()  # gone once the stage that read it finished: resuming, or training again, needs it not
     calls.clear()
     retrained = on_shapes.model_copy(update={"train": on_shapes.train.model_copy(update={"lr": 1e-3})})
-    Pipeline(retrained, RunDir.for_config(retrained), stages).run_all()
+    run_stages(retrained, stages=stages)
     assert calls == ["train", "eval", "report"]
 
     hub = load_config(None, [f"storage_path={tmp_path / 'hub'}", "model.name_or_path=llava-hf/llava-1.5-7b-hf",

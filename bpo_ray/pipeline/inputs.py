@@ -4,7 +4,7 @@ starts, so a mistyped path is named at once, not found by a stage after the stag
 the demo, 10 minutes of sft) and reported as a Ray Data traceback.
 
 Hub ids (models, ``load_dataset`` names) cannot be looked up from here: a name counts as a path when it is
-a URI, absolute, starts with ``./``, ``../`` or ``~``, or the format it is read in is a file's.
+a URI, absolute or starts with ``./`` or ``../``, or when the format it is read in is a file's.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from bpo_ray import storage
 from bpo_ray.config import TINY_SCHEME, DataConfig, RunConfig, bootstraps
 from bpo_ray.data.dataset import pairs_format
 
-PATH_PREFIXES = ("/", "./", "../", "~")
+PATH_PREFIXES = ("/", "./", "../")
 
 
 def _is_path(name: str) -> bool:
@@ -27,17 +27,18 @@ def _source(data: DataConfig, key: str) -> dict[str, str | None]:
     return {f"{key}.path": data.path, f"{key}.image_root": data.image_root}
 
 
+def _model(cfg: RunConfig) -> dict[str, str | None]:
+    name = cfg.model.name_or_path
+    return {"model.name_or_path": name} if _is_path(name) else {}
+
+
 def _base_model(cfg: RunConfig) -> dict[str, str | None]:
     """The base model, read by every stage that loads the policy when no sft stage makes one in the run."""
-    name = cfg.model.name_or_path
-    return {"model.name_or_path": name} if _is_path(name) and not cfg.sft.enabled else {}
+    return {} if cfg.sft.enabled else _model(cfg)
 
 
 def sft(cfg: RunConfig) -> dict[str, str | None]:
-    if not cfg.sft.enabled:
-        return {}
-    name = cfg.model.name_or_path
-    return {**_source(cfg.sft.data, "sft.data"), **({"model.name_or_path": name} if _is_path(name) else {})}
+    return {**_source(cfg.sft.data, "sft.data"), **_model(cfg)} if cfg.sft.enabled else {}
 
 
 def data(cfg: RunConfig) -> dict[str, str | None]:
@@ -67,4 +68,3 @@ def evaluation(cfg: RunConfig) -> dict[str, str | None]:
         return {}
     return {**_base_model(cfg), "eval.coco_annotations": cfg.eval.coco_annotations,
             "eval.coco_image_root": cfg.eval.coco_image_root}
-

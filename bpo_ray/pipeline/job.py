@@ -81,8 +81,9 @@ def run_stages(cfg: RunConfig, *, until: str | None = None, from_stage: str | No
     cluster this process is connected to; every stage's manifest by name."""
     stages = stages_for(cfg.rounds, stages)
     chosen = stages_until(until, stages) if until else stages
-    return Pipeline(cfg, RunDir.for_config(cfg), chosen, from_stage=from_stage, only_stage=only_stage,
-                    force=force).run_all()
+    pipeline = Pipeline(cfg, RunDir.for_config(cfg), chosen, from_stage=from_stage, only_stage=only_stage, force=force)
+    pipeline.check_inputs()
+    return pipeline.run_all()
 
 
 def parse_args(argv: list[str] | None, stages: Sequence[Stage], prog: str = "bpo run") -> argparse.Namespace:

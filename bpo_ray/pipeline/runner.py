@@ -127,19 +127,18 @@ class Pipeline:
         return pending
 
     def check_inputs(self) -> None:
-        """Raises MissingInputs naming every path a pending stage would open that does not exist."""
-        found: dict[str, tuple[str, list[str], str]] = {}
+        """Raises MissingInputs naming every path a pending stage would open that does not exist (each path
+        looked up once, however many stages open it). The entry points call it before Ray starts."""
+        named: dict[str, tuple[str, list[str]]] = {}
         for stage in self.pending():
             for key, path in (stage.inputs(self.cfg) if stage.inputs else {}).items():
-                if key in found:
-                    found[key][1].append(stage.name)
-                elif path and (why := _unreadable(path)):
-                    found[key] = (path, [stage.name], why)
+                if path:
+                    named.setdefault(key, (path, []))[1].append(stage.name)
+        found = {key: (path, stages, why) for key, (path, stages) in named.items() if (why := _unreadable(path))}
         if found:
             raise MissingInputs(found)
 
     def run_all(self) -> dict[str, dict]:
-        self.check_inputs()
         tracked = tracking.open_run(self.cfg, self.run.tracking)  # None unless cfg.tracking names a backend
         upstream = ""
         try:
