@@ -143,18 +143,18 @@ def _generate(args) -> int:
     stages = stages_until("negatives")
     pipeline = Pipeline(cfg, run, stages, force=args.overwrite)
     existing = [s.name for s in stages if storage.exists(run.stage_dir(s.name))]
-    complete = not args.overwrite and pipeline.all_finished()
-    if existing and not args.overwrite and not complete:
+    pending = pipeline.pending()  # all of them with --overwrite
+    if existing and not args.overwrite and pending:
         print(f"error: {run.root} already holds different or unfinished output ({', '.join(existing)}); "
               "pass --overwrite to replace it", file=sys.stderr)
         return 2
     try:  # before Ray starts
-        pipeline.check_inputs()
+        pipeline.check_inputs(pending)
     except MissingInputs as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     run.save_config(cfg)
-    if not complete:  # nothing to run: no need to start Ray
+    if pending:  # nothing to run: no need to start Ray
         init_ray(cfg.resources)
     pipeline.run_all()
     print(f"\npairs: {run.pairs}")

@@ -48,7 +48,7 @@ def test_sft_fine_tunes_the_base_that_later_stages_align(tmp_path, tiny_models, 
     assert pairs and {p["generator"] for p in pairs} == {run.sft_model}
 
     # Re-running the job skips the finished sft stage (the demo trains its base once).
-    assert Pipeline(cfg, run, stages_until("negatives")).all_finished()
+    assert not Pipeline(cfg, run, stages_until("negatives")).pending()
 
 
 def test_sft_settings_that_cannot_work_fail_at_config_time():

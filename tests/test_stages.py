@@ -142,7 +142,7 @@ def test_a_run_directory_from_before_the_pipeline_package_resumes(tmp_path):
     calls: list[str] = []
     pipeline = Pipeline(cfg, run, [dataclasses.replace(s, run=lambda c, r, k, name=s.name: calls.append(name))
                                    for s in STAGES])
-    assert pipeline.all_finished()
+    assert not pipeline.pending()
     pipeline.run_all()
     assert calls == [] and pipeline.manifests["train"]["steps"] == 12
 

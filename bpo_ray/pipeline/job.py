@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None, until: str | None = None, prog: str = "b
         return 2
     run = pipeline.run
     try:  # before Ray starts: what the stages to run open exists, and the run directory can be reached
-        pipeline.check_inputs()
+        pending = pipeline.pending()
+        pipeline.check_inputs(pending)
         log.info("resolved config (saved to %s):\n%s", run.save_config(cfg), cfg.to_yaml())
     except MissingInputs as err:
         print(f"error: {err}", file=sys.stderr)
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None, until: str | None = None, prog: str = "b
         print(f"error: the run directory {run.root} cannot be reached: {err}", file=sys.stderr)
         return 2
 
-    if args.force or not pipeline.all_finished():  # everything finished for these inputs: no Ray needed
+    if pending:  # nothing to run (all finished for these inputs, or not selected): no Ray needed
         init_ray(cfg.resources)
         # Tiny models (tiny://...) are built once into cache_dir; real ones resolve to their hub id or path.
         base = resolve_model_path(cfg.model.name_or_path, cfg.cache_dir)

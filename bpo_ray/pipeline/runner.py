@@ -99,16 +99,6 @@ class Pipeline:
         started = [k for k in (key, *earlier) if self.run.has_checkpoints(kind, k)]
         return started[0] if started else key
 
-    def all_finished(self) -> bool:
-        """Whether every stage already has finished output for these inputs (nothing would run)."""
-        upstream = ""
-        for stage in self.stages:
-            finished, manifest = self._finished(stage, *self._keys(stage, upstream))
-            if not finished:
-                return False
-            upstream = manifest.get("output_id", "")
-        return True
-
     def pending(self) -> list[Stage]:
         """The stages ``run_all`` would run, in order: the first selected one not finished for these inputs
         (any selected one with ``force``), and every selected one after it, whose upstream it changes."""
@@ -126,11 +116,12 @@ class Pipeline:
                 upstream = (manifest or {}).get("output_id", "")
         return pending
 
-    def check_inputs(self) -> None:
+    def check_inputs(self, pending: list[Stage] | None = None) -> None:
         """Raises MissingInputs naming every path a pending stage would open that does not exist (each path
-        looked up once, however many stages open it). The entry points call it before Ray starts."""
+        looked up once, however many stages open it). The entry points call it before Ray starts.
+        ``pending``: ``self.pending()``, when the caller has it."""
         named: dict[str, tuple[str, list[str]]] = {}
-        for stage in self.pending():
+        for stage in self.pending() if pending is None else pending:
             for key, path in (stage.inputs(self.cfg) if stage.inputs else {}).items():
                 if path:
                     named.setdefault(key, (path, []))[1].append(stage.name)
