@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from bpo_ray.config import ConfigError, add_config_args, load_config
+
+
+def _path(value: str) -> str:
+    """A path argument, ``~`` expanded as the config's paths are (a shell leaves ``--out=~/x`` as it is)."""
+    return os.path.expanduser(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,11 +21,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("make-tiny", help="build a tiny random model (+ tokenizer trained here) and save it")
     p.add_argument("--arch", required=True, choices=["llava", "qwen2_vl", "llm"])
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", type=_path, required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("make-data", help="write the synthetic shapes dataset (LLaVA format + truth)")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", type=_path, required=True, help="output directory")
     p.add_argument("--num-images", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=64)
@@ -47,9 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "fine-tunes the base first, sft.enabled=false skips that) on a LLaVA-format file "
                     "(bpo generate --data FILE --image-root DIR --out DIR). With --config: everything from it.")
     add_config_args(p)
-    p.add_argument("--data", help="LLaVA JSON/JSONL (or .parquet) file of records")
-    p.add_argument("--image-root", help="where the records' relative image paths resolve")
-    p.add_argument("--out", help="output run directory (default: storage_path/run_name of the config)")
+    p.add_argument("--data", type=_path, help="LLaVA JSON/JSONL (or .parquet) file of records")
+    p.add_argument("--image-root", type=_path, help="where the records' relative image paths resolve")
+    p.add_argument("--out", type=_path, help="output run directory (default: storage_path/run_name of the config)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing, different or unfinished output")
 
     p = sub.add_parser(
@@ -65,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "finished stages; training resumes from its latest checkpoint. Exports model/. With "
                     "--pairs, trains on existing preference pairs instead of bootstrapping them.")
     add_config_args(p)
-    p.add_argument("--pairs", help="existing preference pairs (TRL, RLAIF-V or scored-completions layout; .json, "
+    p.add_argument("--pairs", type=_path, help="existing preference pairs (TRL, RLAIF-V or scored-completions layout; .json, "
                                    ".jsonl, parquet, a save_to_disk folder or a load_dataset name): "
                                    "train on them alone (negatives.extra_pairs with bootstrapping off)")
 
@@ -74,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serves --model (a directory, hub id or tiny://arch; default: the config's run_dir/model) "
                     "at http://HOST:PORT/v1 with the config's serve section. Ctrl-C / SIGTERM stops it.")
     add_config_args(p)
-    p.add_argument("--model", help="model to serve (default: the run's exported model, storage_path/run_name/model)")
+    p.add_argument("--model", type=_path, help="model to serve (default: the run's exported model, storage_path/run_name/model)")
     p.add_argument("--model-id", help="the name clients pass as `model` (default: serve.model_id)")
     p.add_argument("--host", help="bind address (default: serve.host, 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default: serve.port, 8000)")
@@ -89,11 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint", required=True, help="OpenAI base URL, e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--model", required=True, help="the model name the endpoint serves")
     p.add_argument("--api-key", help="Bearer key, if the endpoint needs one")
-    p.add_argument("--data", help="a shapes dataset directory (bpo make-data); default: held-out images "
+    p.add_argument("--data", type=_path, help="a shapes dataset directory (bpo make-data); default: held-out images "
                                   "generated from the config's eval section")
-    p.add_argument("--coco-annotations", help="COCO instances JSON for POPE on real images")
-    p.add_argument("--coco-image-root", help="directory the COCO file names resolve in")
-    p.add_argument("--out", help="write metrics + predictions JSON here")
+    p.add_argument("--coco-annotations", type=_path, help="COCO instances JSON for POPE on real images")
+    p.add_argument("--coco-image-root", type=_path, help="directory the COCO file names resolve in")
+    p.add_argument("--out", type=_path, help="write metrics + predictions JSON here")
     return parser
 
 
@@ -112,6 +118,23 @@ def pairs_overrides(path: str) -> list[str]:
             "negatives.injection.enabled=false", "negatives.existence.enabled=false"]
 
 
+def generate_overrides(data: str | None, image_root: str | None, out: str | None) -> list[str]:
+    """``bpo generate --data FILE --image-root DIR --out DIR``: local paths made absolute, URIs as given (the
+    output's parent is the storage path, its name the run's)."""
+    from bpo_ray import storage
+
+    overrides = []
+    if data:
+        fmt = "parquet" if data.endswith(".parquet") else "llava_json"
+        overrides += [f"data.format={fmt}", f"data.path={storage.absolute(data)}"]
+        if image_root:
+            overrides.append(f"data.image_root={storage.absolute(image_root)}")
+    if out:
+        storage_path, _, run_name = storage.absolute(out).rstrip("/").rpartition("/")
+        overrides += [f"storage_path={storage_path}", f"run_name={run_name}"]
+    return overrides
+
+
 def _run_job(flags: list[str], overrides, until: str | None = None, prog: str = "bpo run") -> int:
     """Run the pipeline's job, optionally only up to a stage."""
     from bpo_ray.pipeline import main as job_main
@@ -127,16 +150,7 @@ def _generate(args) -> int:
     from bpo_ray.runtime import init_ray, setup_logging
 
     setup_logging()
-    overrides = list(args.overrides)
-    if args.data:
-        fmt = "parquet" if args.data.endswith(".parquet") else "llava_json"
-        overrides += [f"data.format={fmt}", f"data.path={Path(args.data).absolute()}"]
-        if args.image_root:
-            overrides.append(f"data.image_root={Path(args.image_root).absolute()}")
-    if args.out:
-        out = Path(args.out).absolute()
-        overrides += [f"storage_path={out.parent}", f"run_name={out.name}"]
-    cfg = _load(args.config, overrides)
+    cfg = _load(args.config, [*args.overrides, *generate_overrides(args.data, args.image_root, args.out)])
     if cfg is None:
         return 2
     run = RunDir.for_config(cfg)

@@ -193,6 +193,61 @@ def test_cli_names_a_missing_input_before_ray_starts(tmp_path):
     assert not (tmp_path / "pairs").exists()
 
 
+def test_a_leading_tilde_is_the_home_directory_in_every_path(tmp_path, monkeypatch):
+    """As in a shell, for every path the config takes (file, overrides) and the config file itself: nothing
+    downstream expands it (pyarrow, Ray, transformers), so ``storage_path: ~/runs`` made a folder named ``~``
+    in the working directory. Hub ids, URIs and relative paths are left as they are."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    home = {
+        "storage_path": "~/runs", "cache_dir": "~/cache", "model": {"name_or_path": "~/models/llava"},
+        "data": {"format": "llava_json", "path": "~/data/records.json", "image_root": "~/data/images"},
+        "sft": {"data": {"format": "parquet", "path": "~/sft"}},
+        "negatives": {"injection": {"engine": "hf", "model": "~/models/llm", "vocabulary": "~/words.json"},
+                      "existence": {"enabled": True, "annotations": "~/coco/train.json"},
+                      "extra_pairs": {"path": "~/pairs.jsonl", "image_root": "~/pair-images"}},
+        "serve": {"local_image_root": "~/served"},
+        "eval": {"coco_annotations": "~/coco/val.json", "coco_image_root": "~/coco/val"},
+        "tracking": {"mlflow": {"tracking_uri": "~/mlruns"}, "wandb": {"dir": "~/wandb"}},
+    }
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(home))
+    cfg = load_config("~/run.yaml", ["sft.data.image_root=~/sft-images"])
+    assert "~" not in cfg.to_yaml()
+    neg = cfg.negatives
+    assert [cfg.storage_path, cfg.cache_dir, cfg.run_dir, cfg.model.name_or_path, cfg.data.path, cfg.data.image_root,
+            cfg.sft.data.path, cfg.sft.data.image_root, neg.injection.model, neg.injection.vocabulary,
+            neg.existence.annotations, neg.extra_pairs.path, neg.extra_pairs.image_root, cfg.serve.local_image_root,
+            cfg.eval.coco_annotations, cfg.eval.coco_image_root, cfg.tracking.mlflow.tracking_uri,
+            cfg.tracking.wandb.dir] == [
+        f"{tmp_path}/{p}" for p in ("runs", "cache", "runs/bpo-tiny", "models/llava", "data/records.json",
+                                    "data/images", "sft", "sft-images", "models/llm", "words.json", "coco/train.json",
+                                    "pairs.jsonl", "pair-images", "served", "coco/val.json", "coco/val", "mlruns",
+                                    "wandb")]
+    others = load_config(None, ["storage_path=s3://bucket/runs", "model.name_or_path=llava-hf/llava-1.5-7b-hf",
+                                "cache_dir=.cache/x", "data.format=llava_json", "data.path=data/records.json"])
+    assert (others.storage_path, others.model.name_or_path, others.cache_dir, others.data.path) == (
+        "s3://bucket/runs", "llava-hf/llava-1.5-7b-hf", ".cache/x", "data/records.json")
+
+
+def test_bpo_generate_keeps_uris_and_expands_the_home_directory(tmp_path, monkeypatch):
+    """``bpo generate``'s path flags: local paths absolute (and ``--out=~/x``, which a shell leaves as it is,
+    in the home directory); a URI as given (it was made a local path under the working directory)."""
+    from bpo_ray.cli import build_parser, generate_overrides
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    args = build_parser().parse_args(["generate", "--data=~/records.json", "--image-root=images", "--out=~/runs/gen"])
+    assert generate_overrides(args.data, args.image_root, args.out) == [
+        "data.format=llava_json", f"data.path={tmp_path}/records.json", f"data.image_root={tmp_path}/images",
+        f"storage_path={tmp_path}/runs", "run_name=gen"]
+    assert generate_overrides("s3://bucket/data/records.parquet", "s3://bucket/data", "s3://bucket/runs/gen/") == [
+        "data.format=parquet", "data.path=s3://bucket/data/records.parquet", "data.image_root=s3://bucket/data",
+        "storage_path=s3://bucket/runs", "run_name=gen"]
+    for flags, attr in ((["train", "--pairs=~/p.jsonl"], "pairs"), (["serve", "--model=~/m"], "model"),
+                        (["make-data", "--out=~/d"], "out"), (["eval", "--endpoint=x", "--model=~m", "--data=~/d"], "data")):
+        assert getattr(build_parser().parse_args(flags), attr) == f"{tmp_path}/{flags[-1].split('/')[-1]}"
+    assert build_parser().parse_args(["eval", "--endpoint=x", "--model=~m"]).model == "~m"  # a served name, not a path
+
+
 def test_without_config_every_command_line_runs_the_embedded_default():
     """No --config is the demo (configs/tiny.yaml: an SFT base to align, rates for tiny models), not the code's
     defaults, which train an untrained tiny model at a 7B model's learning rate."""

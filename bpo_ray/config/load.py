@@ -37,7 +37,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """YAML file (or ``RunConfig``'s defaults when ``path`` is None) + dotted ``key=value`` overrides."""
     raw: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
+        path = Path(path).expanduser()
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:

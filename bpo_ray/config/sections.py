@@ -4,10 +4,11 @@ part in the stage keys (``config/keys.py``)."""
 
 from __future__ import annotations
 
-from typing import Literal
+import os
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from bpo_ray.config.checks import impossible_combinations
 from bpo_ray.config.keys import KEYED_IF_SET, NO_LONGER_KEYED, NOT_KEYED, section_hash
@@ -17,11 +18,21 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
 
+def _home_expanded(value: str) -> str:
+    return os.path.expanduser(value) if value.startswith("~") else value
+
+
+# A local path, a URI, or (where the field says so) a hub id. A leading ``~`` is the home directory, as in a
+# shell: nothing downstream expands it (pyarrow, Ray, transformers), so ``storage_path: ~/runs`` made a folder
+# named ``~`` in the working directory. Expanded here, once: the saved config and the stage keys hold the path.
+PathStr = Annotated[str, AfterValidator(_home_expanded)]
+
+
 # ---------------------------------------------------------------------------------------------- model
 class ModelConfig(Section):
     """The policy MLLM: a hub id, a local directory, or ``tiny://llava`` / ``tiny://qwen2_vl``."""
 
-    name_or_path: str = "tiny://llava"
+    name_or_path: PathStr = "tiny://llava"
     revision: str | None = None
     trust_remote_code: bool = False
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -58,9 +69,9 @@ class SyntheticDataConfig(Section):
 class DataConfig(Section):
     format: Literal["synthetic", "llava_json", "parquet", "hf_disk"] = "synthetic"
     # File or directory for llava_json (.json/.jsonl), parquet, or a datasets.save_to_disk folder.
-    path: str | None = None
+    path: PathStr | None = None
     # Where relative image paths of llava_json records resolve (local path or pyarrow-filesystem URI).
-    image_root: str | None = None
+    image_root: PathStr | None = None
     synthetic: SyntheticDataConfig = SyntheticDataConfig()
     # Decompression-bomb guard: images with more pixels are rejected before decoding.
     max_image_pixels: int = Field(4096 * 4096, ge=1)
@@ -124,12 +135,12 @@ class InjectionConfig(Section):
     enabled: bool = True
     engine: Literal["rules", "hf", "vllm"] = "rules"
     # Text LLM that rewrites answers (engines hf / vllm): hub id, path, or tiny://llm.
-    model: str = "tiny://llm"
+    model: PathStr = "tiny://llm"
     mode: Literal["description", "qa", "auto"] = "auto"
     # The rules engine's words (negatives/vocabulary.py): general (COCO's categories, colours, counts,
     # spatial relations), shapes (the bundled data's own), or a JSON file (COCO categories or our layout).
     # auto: shapes for data.format synthetic, general otherwise.
-    vocabulary: str = Field("auto", min_length=1, json_schema_extra=KEYED_IF_SET)
+    vocabulary: PathStr = Field("auto", min_length=1, json_schema_extra=KEYED_IF_SET)
     sampling: SamplingConfig = SamplingConfig(temperature=0.8, top_p=0.95, max_new_tokens=256)
     pool: ActorPoolConfig = ActorPoolConfig()
 
@@ -141,7 +152,7 @@ class ExistenceConfig(Section):
     enabled: bool = False
     # A COCO instances file for the training images (image_ref matched by path or file name); None: the
     # bundled shapes' own truth (data.format synthetic).
-    annotations: str | None = None
+    annotations: PathStr | None = None
     strategies: list[Literal["random", "popular", "adversarial"]] = Field(
         ["random", "popular", "adversarial"], min_length=1)
     # existence: yes and no chosen one to one among these pairs. mix: over every yes/no pair the run makes
@@ -156,10 +167,10 @@ class PairsConfig(Section):
     scored completions (VLFeedback, the BPO authors' release), validated as records are."""
 
     # A .json/.jsonl file, parquet file(s), a datasets.save_to_disk folder, or a load_dataset name.
-    path: str = Field(min_length=1)
+    path: PathStr = Field(min_length=1)
     format: Literal["auto", "json", "jsonl", "parquet", "hf_disk", "hub"] = "auto"
     layout: Literal["auto", "trl", "rlaif_v", "completions"] = "auto"
-    image_root: str | None = None  # where relative image paths resolve
+    image_root: PathStr | None = None  # where relative image paths resolve
     split: str = "train"           # for hf_disk (a DatasetDict) and hub
     max_rows: int | None = Field(None, ge=1)
     max_image_pixels: int = Field(4096 * 4096, ge=1)
@@ -314,7 +325,7 @@ class ServeConfig(Section):
     default_max_tokens: int = Field(256, ge=1)
     api_key: str | None = Field(None, json_schema_extra=NO_LONGER_KEYED)
     # Images: data: URLs always; file:// only under local_image_root; http(s) only when allowed.
-    local_image_root: str | None = None
+    local_image_root: PathStr | None = None
     allow_remote_images: bool = False
     max_images_per_request: int = Field(1, ge=1)
     max_image_pixels: int = Field(4096 * 4096, ge=1)
@@ -347,8 +358,8 @@ class EvalConfig(Section):
     cooccurrence: float | None = Field(None, ge=0.0, le=1.0)
     concurrency: int = Field(16, ge=1, json_schema_extra=NO_LONGER_KEYED)  # requests in flight: how fast, not what is scored
     # Optional COCO-format annotation file for POPE on real images.
-    coco_annotations: str | None = None
-    coco_image_root: str | None = None
+    coco_annotations: PathStr | None = None
+    coco_image_root: PathStr | None = None
 
 
 # --------------------------------------------------------------------------------------------- export
@@ -364,7 +375,7 @@ class ExportConfig(Section):
 class MlflowConfig(Section):
     # None: what the driver's MLflow resolves (MLFLOW_TRACKING_URI, or its default); a relative local path
     # is made absolute there. Training workers log to the same URI, so it must be reachable from them.
-    tracking_uri: str | None = None
+    tracking_uri: PathStr | None = None
     experiment: str = Field("bpo-ray", min_length=1)
 
 
@@ -373,7 +384,7 @@ class WandbConfig(Section):
     entity: str | None = None
     # offline: runs are written under ``dir`` (or WANDB_DIR) and uploaded later with ``wandb sync``.
     mode: Literal["online", "offline"] = "online"
-    dir: str | None = None
+    dir: PathStr | None = None
 
 
 class TrackingConfig(Section):
@@ -402,9 +413,9 @@ class ResourcesConfig(Section):
 class RunConfig(Section):
     run_name: str = Field("bpo-tiny", pattern=r"^[A-Za-z0-9._-]+$")
     # Where run directories live: a local path or a pyarrow-filesystem URI (s3://, gs://).
-    storage_path: str = "runs"
+    storage_path: PathStr = "runs"
     # Built tiny models and bundled data are cached here so every run reuses them.
-    cache_dir: str = ".cache/bpo-ray"
+    cache_dir: PathStr = ".cache/bpo-ray"
     seed: int = 0
     # Bootstrapping rounds: round k+1 makes its weakened-image negatives with round k's aligned model (the
     # model's current prior), scores them with it as the reference and trains on from it (1: the paper's one
