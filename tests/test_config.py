@@ -228,24 +228,42 @@ def test_a_leading_tilde_is_the_home_directory_in_every_path(tmp_path, monkeypat
         "s3://bucket/runs", "llava-hf/llava-1.5-7b-hf", ".cache/x", "data/records.json")
 
 
-def test_bpo_generate_keeps_uris_and_expands_the_home_directory(tmp_path, monkeypatch):
-    """``bpo generate``'s path flags: local paths absolute (and ``--out=~/x``, which a shell leaves as it is,
-    in the home directory); a URI as given (it was made a local path under the working directory)."""
-    from bpo_ray.cli import build_parser, generate_overrides
+def test_command_line_paths_reach_the_config_as_given(tmp_path, monkeypatch):
+    """The path flags: local paths absolute (``--out=~/x``, which a shell leaves as it is, in the home
+    directory), URIs as given (``bpo generate`` made s3://b/x a folder under the working directory), and any
+    name read back exactly (overrides are YAML: " #" began a comment, ": " a mapping, 2024 was a number)."""
+    from bpo_ray.cli import build_parser, generate_overrides, pairs_overrides
 
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.chdir(tmp_path)
     args = build_parser().parse_args(["generate", "--data=~/records.json", "--image-root=images", "--out=~/runs/gen"])
-    assert generate_overrides(args.data, args.image_root, args.out) == [
-        "data.format=llava_json", f"data.path={tmp_path}/records.json", f"data.image_root={tmp_path}/images",
-        f"storage_path={tmp_path}/runs", "run_name=gen"]
-    assert generate_overrides("s3://bucket/data/records.parquet", "s3://bucket/data", "s3://bucket/runs/gen/") == [
-        "data.format=parquet", "data.path=s3://bucket/data/records.parquet", "data.image_root=s3://bucket/data",
-        "storage_path=s3://bucket/runs", "run_name=gen"]
+    cfg = load_config(None, generate_overrides(args.data, args.image_root, args.out))
+    assert (cfg.data.format, cfg.data.path, cfg.data.image_root, cfg.storage_path, cfg.run_name) == (
+        "llava_json", f"{tmp_path}/records.json", f"{tmp_path}/images", f"{tmp_path}/runs", "gen")
+    on_s3 = load_config(None, generate_overrides("s3://bucket/data/records.parquet", "s3://bucket/data",
+                                                 "s3://bucket/runs/gen/"))
+    assert (on_s3.data.format, on_s3.data.path, on_s3.data.image_root, on_s3.storage_path, on_s3.run_name) == (
+        "parquet", "s3://bucket/data/records.parquet", "s3://bucket/data", "s3://bucket/runs", "gen")
+    odd = "my data: 1 #2/2024"
+    assert load_config(None, generate_overrides(odd, None, None)).data.path == f"{tmp_path}/{odd}"
+    for name in (odd, "2024", "null", "openbmb/RLAIF-V-Dataset"):
+        assert load_config(None, pairs_overrides(name)).negatives.extra_pairs.path == name
     for flags, attr in ((["train", "--pairs=~/p.jsonl"], "pairs"), (["serve", "--model=~/m"], "model"),
                         (["make-data", "--out=~/d"], "out"), (["eval", "--endpoint=x", "--model=~m", "--data=~/d"], "data")):
         assert getattr(build_parser().parse_args(flags), attr) == f"{tmp_path}/{flags[-1].split('/')[-1]}"
     assert build_parser().parse_args(["eval", "--endpoint=x", "--model=~m"]).model == "~m"  # a served name, not a path
+
+
+def test_bpo_eval_takes_the_coco_flags_together(tmp_path):
+    """``--coco-annotations`` without ``--coco-image-root`` is refused with both keys, before any request is
+    made (the absent flag was written into the config as the string "None", the folder images were then
+    looked for in)."""
+    annotations = tmp_path / "val.json"
+    annotations.write_text('{"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [], '
+                           '"categories": [{"id": 1, "name": "dog"}]}')
+    alone = run_cli("eval", "--endpoint", "http://127.0.0.1:9/v1", "--model", "m", "--coco-annotations", str(annotations))
+    assert alone.returncode == 2, alone.stderr[-2000:]
+    assert "eval.coco_annotations and eval.coco_image_root go together" in alone.stderr
 
 
 def test_without_config_every_command_line_runs_the_embedded_default():
