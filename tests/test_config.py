@@ -88,6 +88,10 @@ def test_typo_in_yaml_file(tmp_path):
     (["negatives.injection.vocabulary=/x/words.json"], "negatives.injection.vocabulary: '/x/words.json' is not"),
     (["serve.engine=vllm", "serve.num_gpus_per_replica=1", "serve.api_key=k"], "not enforced by the vllm engine"),
     (["serve.min_replicas=3", "serve.max_replicas=2"], "min_replicas (3) > max_replicas (2)"),
+    (["cache_dir=s3://bucket/cache"], "cache_dir 's3://bucket/cache' must be a local path"),
+    (["serve.local_image_root=gs://bucket/images"], "serve.local_image_root 'gs://bucket/images' must be a local"),
+    (["tracking.wandb.dir=s3://bucket/wandb"], "tracking.wandb.dir 's3://bucket/wandb' must be a local path"),
+    (["cache_dir=file:///tmp/cache"], "cache_dir 'file:///tmp/cache' must be a local path"),
 ])
 def test_impossible_combinations_fail_with_the_key(overrides, message):
     with pytest.raises(ConfigError) as err:

@@ -86,6 +86,11 @@ def impossible_combinations(cfg: RunConfig):
         yield "eval.seed equals data.synthetic.seed: the evaluation images would be the training images"
     if bool(cfg.eval.coco_annotations) != bool(cfg.eval.coco_image_root):
         yield "eval.coco_annotations and eval.coco_image_root go together (the file and where its images are)"
+    local = {"cache_dir": cfg.cache_dir, "serve.local_image_root": cfg.serve.local_image_root,
+             "tracking.wandb.dir": cfg.tracking.wandb.dir if cfg.tracking.wandb else None}
+    for key, path in local.items():
+        if path and "://" in path:  # read as a plain local path: s3://b/x became a folder named s3: here
+            yield f"{key} {path!r} must be a local path (a folder on each node), not a URI"
     for backend, module in (("mlflow", "mlflow"), ("wandb", "wandb")):
         if getattr(cfg.tracking, backend) is not None and importlib.util.find_spec(module) is None:
             yield f"tracking.{backend} is set but {module} is not installed: pip install 'bpo-ray[tracking]'"
