@@ -72,16 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
                     "finished stages; training resumes from its latest checkpoint. Exports model/. With "
                     "--pairs, trains on existing preference pairs instead of bootstrapping them.")
     add_config_args(p)
-    p.add_argument("--pairs", type=_path, help="existing preference pairs (TRL, RLAIF-V or scored-completions layout; .json, "
-                                   ".jsonl, parquet, a save_to_disk folder or a load_dataset name): "
-                                   "train on them alone (negatives.extra_pairs with bootstrapping off)")
+    p.add_argument("--pairs", type=_path,
+                   help="existing preference pairs (TRL, RLAIF-V or scored-completions layout; .json, .jsonl, "
+                        "parquet, a save_to_disk folder or a load_dataset name): train on them alone "
+                        "(negatives.extra_pairs with bootstrapping off)")
 
     p = sub.add_parser(
         "serve", help="serve a model over an OpenAI-compatible HTTP endpoint (Ray Serve) until interrupted",
         description="Serves --model (a directory, hub id or tiny://arch; default: the config's run_dir/model) "
                     "at http://HOST:PORT/v1 with the config's serve section. Ctrl-C / SIGTERM stops it.")
     add_config_args(p)
-    p.add_argument("--model", type=_path, help="model to serve (default: the run's exported model, storage_path/run_name/model)")
+    p.add_argument("--model", type=_path,
+                   help="model to serve (default: the run's exported model, storage_path/run_name/model)")
     p.add_argument("--model-id", help="the name clients pass as `model` (default: serve.model_id)")
     p.add_argument("--host", help="bind address (default: serve.host, 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default: serve.port, 8000)")
