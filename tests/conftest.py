@@ -27,10 +27,10 @@ os.environ.setdefault("RAY_enable_metrics_collection", "0")
 # A busy 2-core machine can take longer than Ray's default 30 s to bring up a GCS server.
 os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
 # Ray Train's controller polls its workers every 2 s by default: each short training run here waited up to that
-# long to see its workers start and again to see them finish. Ray Train hands this variable from the driver to
-# its controller, so every training the tests start (the shared cluster's, the CLIs', submitted jobs') polls
-# every 0.5 s: a whole-job run of 2 trainings took 79 s instead of 95 (sft 25 s vs 31, train 23 vs 27). Ray's
-# default stays for users: on a real cluster training takes hours and the poll is RPCs to every worker.
+# long to see its workers start and again to see them finish (about 3 s a run). Ray Train hands this variable
+# from the driver to its controller, so every training the tests start (the shared cluster's, the CLIs',
+# submitted jobs') polls every 0.5 s. Ray's default stays for users: a real training takes hours, and each
+# poll is an RPC to every worker.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 REPO = Path(__file__).resolve().parents[1]
