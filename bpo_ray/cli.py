@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
-from bpo_ray.config import ConfigError, add_config_args, load_config
+from bpo_ray.config import ConfigError, add_config_args, literal_override, load_config
 
 
 def _path(value: str) -> str:
@@ -115,15 +114,9 @@ def _load(config: str | None, overrides: list[str]):
         return None
 
 
-def _override(key: str, value: str | int) -> str:
-    """A flag's value as an override that reads back as exactly that value: overrides are YAML, in which a
-    path's " #" starts a comment, ": " makes a mapping and 2024 is a number (a JSON string is YAML too)."""
-    return f"{key}={json.dumps(value)}"
-
-
 def pairs_overrides(path: str) -> list[str]:
     """``bpo train --pairs PATH``: the existing pairs alone, nothing bootstrapped."""
-    return [_override("negatives.extra_pairs.path", path), "negatives.weakening.enabled=false",
+    return [literal_override("negatives.extra_pairs.path", path), "negatives.weakening.enabled=false",
             "negatives.injection.enabled=false", "negatives.existence.enabled=false"]
 
 
@@ -135,12 +128,12 @@ def generate_overrides(data: str | None, image_root: str | None, out: str | None
     overrides = []
     if data:
         fmt = "parquet" if data.endswith(".parquet") else "llava_json"
-        overrides += [f"data.format={fmt}", _override("data.path", storage.absolute(data))]
+        overrides += [f"data.format={fmt}", literal_override("data.path", storage.absolute(data))]
         if image_root:
-            overrides.append(_override("data.image_root", storage.absolute(image_root)))
+            overrides.append(literal_override("data.image_root", storage.absolute(image_root)))
     if out:
         storage_path, _, run_name = storage.absolute(out).rstrip("/").rpartition("/")
-        overrides += [_override("storage_path", storage_path), _override("run_name", run_name)]
+        overrides += [literal_override("storage_path", storage_path), literal_override("run_name", run_name)]
     return overrides
 
 
@@ -194,7 +187,7 @@ def _serve(args) -> int:
     overrides = list(args.overrides)
     for flag in ("host", "port", "engine", "model_id"):
         if getattr(args, flag) is not None:
-            overrides.append(_override(f"serve.{flag}", getattr(args, flag)))
+            overrides.append(literal_override(f"serve.{flag}", getattr(args, flag)))
     cfg = _load(args.config, overrides)
     if cfg is None:
         return 2
@@ -220,9 +213,9 @@ def _eval(args) -> int:
     overrides = list(args.overrides)
     # Only the flags given: an absent one written as an override would be the string "None".
     if args.coco_annotations:
-        overrides.append(_override("eval.coco_annotations", args.coco_annotations))
+        overrides.append(literal_override("eval.coco_annotations", args.coco_annotations))
     if args.coco_image_root:
-        overrides.append(_override("eval.coco_image_root", args.coco_image_root))
+        overrides.append(literal_override("eval.coco_image_root", args.coco_image_root))
     cfg = _load(args.config, overrides)
     if cfg is None:
         return 2

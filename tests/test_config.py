@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bpo_ray.config import ConfigError, RunConfig, apply_override, load_config
+from bpo_ray.config import ConfigError, RunConfig, apply_override, literal_override, load_config
 from conftest import REPO, run_cli
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -252,6 +252,7 @@ def test_command_line_paths_reach_the_config_as_given(tmp_path, monkeypatch):
     assert load_config(None, generate_overrides(odd, None, None)).data.path == f"{tmp_path}/{odd}"
     for name in (odd, "2024", "null", "openbmb/RLAIF-V-Dataset"):
         assert load_config(None, pairs_overrides(name)).negatives.extra_pairs.path == name
+        assert load_config(None, [literal_override("model.name_or_path", name)]).model.name_or_path == name
     for flags, attr in ((["train", "--pairs=~/p.jsonl"], "pairs"), (["serve", "--model=~/m"], "model"),
                         (["make-data", "--out=~/d"], "out"), (["eval", "--endpoint=x", "--model=~m", "--data=~/d"], "data")):
         assert getattr(build_parser().parse_args(flags), attr) == f"{tmp_path}/{flags[-1].split('/')[-1]}"

@@ -14,6 +14,7 @@ from bpo_ray.config.load import (
     ConfigError,
     add_config_args,
     apply_override,
+    literal_override,
     load_config,
     validate_config,
 )
@@ -49,5 +50,5 @@ __all__ = [
     "ExportConfig", "InjectionConfig", "LoraConfig", "MlflowConfig", "ModelConfig", "NegativesConfig",
     "PairsConfig", "ResourcesConfig", "RunConfig", "SFTConfig", "SamplingConfig", "Section", "ServeConfig",
     "SyntheticDataConfig", "TrackingConfig", "TrainConfig", "WandbConfig", "WeakeningConfig", "add_config_args",
-    "apply_override", "bootstraps", "load_config", "serve_problems", "validate_config",
+    "apply_override", "bootstraps", "literal_override", "load_config", "serve_problems", "validate_config",
 ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,13 @@ def validate_config(raw: dict[str, Any]) -> RunConfig:
         return RunConfig.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_explain(err)) from None
+
+
+def literal_override(key: str, value: str | int | float | bool) -> str:
+    """``key=value`` that reads back as exactly ``value``, for a value a program passes on (a path, a name):
+    overrides are YAML, in which a path's " #" starts a comment, ": " makes a mapping and 2024 is a number. A
+    JSON scalar is YAML too."""
+    return f"{key}={json.dumps(value)}"
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:

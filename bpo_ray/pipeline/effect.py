@@ -19,7 +19,7 @@ import json
 import sys
 
 from bpo_ray import storage
-from bpo_ray.config import ConfigError, add_config_args, load_config
+from bpo_ray.config import ConfigError, add_config_args, literal_override, load_config
 from bpo_ray.eval.sweep import format_summary, summarize
 from bpo_ray.pipeline import job
 from bpo_ray.pipeline.rundir import RunDir
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     for variant in variants:
         for seed in seeds:
             run_name = f"{args.prefix}-{variant}-s{seed}"
-            overrides = [*args.overrides, "sft.enabled=false", f"model.name_or_path={base_model}",
+            overrides = [*args.overrides, "sft.enabled=false", literal_override("model.name_or_path", base_model),
                          f"run_name={run_name}", f"seed={seed}", f"negatives.seed={seed}", f"train.seed={seed}",
                          f"eval.base={str(base_metrics is None).lower()}", *VARIANTS[variant]]
             if job.main(["--config", args.config, *overrides], prog="jobs/effect.py") != 0:
