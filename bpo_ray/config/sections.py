@@ -18,14 +18,10 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
 
-def _home_expanded(value: str) -> str:
-    return os.path.expanduser(value) if value.startswith("~") else value
-
-
 # A local path, a URI, or (where the field says so) a hub id. A leading ``~`` is the home directory, as in a
 # shell: nothing downstream expands it (pyarrow, Ray, transformers), so ``storage_path: ~/runs`` made a folder
 # named ``~`` in the working directory. Expanded here, once: the saved config and the stage keys hold the path.
-PathStr = Annotated[str, AfterValidator(_home_expanded)]
+PathStr = Annotated[str, AfterValidator(os.path.expanduser)]
 
 
 # ---------------------------------------------------------------------------------------------- model
