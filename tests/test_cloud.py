@@ -24,7 +24,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from bpo_ray import storage
-from conftest import REPO, build_wheel, free_ports
+from conftest import REPO, build_wheel, free_ports, run_cli
 
 BUCKET = "bpo-test"
 
@@ -120,6 +120,30 @@ def test_training_log_on_s3_goes_on_after_a_restart_elsewhere(s3):
     steps = [json.loads(line)["step"] for line in files["metrics.jsonl"].decode().splitlines()]
     assert steps == [1, 2, 3]
     assert sum(name.startswith("tb/events.out.tfevents") for name in files) == 2  # one per writer
+
+
+def test_bpo_generate_reads_its_records_and_writes_its_pairs_in_the_bucket(s3, tmp_path):
+    """``bpo generate`` with every path a URI, as a user with data in a bucket runs it: the records and images
+    are read from the bucket and the pairs written there, nothing under the working directory (its flags were
+    made local paths: s3://b/x became ./s3:/b/x, and the records were then "not found")."""
+    from bpo_ray.data.synthetic import write_dataset
+
+    storage.upload_dir(str(write_dataset(tmp_path / "data", num_images=4, seed=5, max_objects=2)),
+                       f"s3://{BUCKET}/gen-data")
+    out = f"s3://{BUCKET}/runs/gen"
+    work = tmp_path / "work"
+    work.mkdir()
+    done = run_cli("generate", "--data", f"s3://{BUCKET}/gen-data/records.json", "--image-root",
+                   f"s3://{BUCKET}/gen-data", "--out", out, "resources.ray_address=local", "sft.enabled=false",
+                   "negatives.weakening.enabled=false", f"cache_dir={tmp_path / 'cache'}", cwd=work)
+    assert done.returncode == 0, done.stderr[-3000:]
+    files = _files(out)
+    records = json.loads(files["data/manifest.json"])
+    assert records["finished"] and records["records_in"] == 8 and records["records_rejected"] == 0
+    pairs = json.loads(files["negatives/manifest.json"])
+    assert pairs["finished"] and pairs["pairs"] > 0
+    assert any(name.startswith("negatives/pairs/") and name.endswith(".parquet") for name in files)
+    assert list(work.iterdir()) == []
 
 
 # ------------------------------------------------------------------ the installed job, on S3
