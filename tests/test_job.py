@@ -25,6 +25,7 @@ import yaml
 from ray.dashboard.modules.job.common import JobErrorType
 from ray.job_submission import JobDetails, JobStatus, JobSubmissionClient, JobType
 
+from bpo_ray.train.worker import worker_dataset
 from conftest import REPO, free_ports, run_cli
 from ray_jobs import JobFailed, SubmittedJob, died_before_entrypoint
 from ray_procs import processes_of, running, stop_processes_of
@@ -64,6 +65,12 @@ def test_job_runs_the_embedded_default_and_resumes(tmp_path, monkeypatch):
     assert sft["finished"] and sft["steps"] == 2 and (run_dir / "sft" / "model" / "model.safetensors").is_file()
     assert f"sft: 2 steps on {sft['samples']} samples" in first.stdout
     assert not (run_dir / "round-2").exists()
+    # A training worker's progress is its step lines. Ray Data's bar for each pass over a worker's rows, redrawn
+    # as a new line at every update (11,000 of the demo's 16,000 lines), and its notes about it stay out.
+    lines = (first.stdout + first.stderr).splitlines()
+    assert any("bpo_ray.train: step 3/3" in line for line in lines)
+    assert not [line for line in lines if f"Dataset {worker_dataset(0)}_" in line or f"Dataset {worker_dataset(1)}_" in line
+                or "Progress bars disabled" in line]
     negatives = json.loads((run_dir / "negatives" / "manifest.json").read_text())
     card = (run_dir / "model" / "README.md").read_text()  # the model's card: its pairs, training, no eval
     assert f"{negatives['pairs']} preference pairs from {negatives['samples_in']} samples" in card

@@ -60,6 +60,10 @@ def fit(cfg: RunConfig, rows, objective: str, checkpoints: str, base: str, expor
     # Each worker's rows, in a seeded order that does not depend on how the files were written: the same
     # batches on a rerun and after a resume. Held in the object store: left lazy, every epoch re-ran the read.
     parts = worker_parts(rows, train.num_workers, list(ORDER_BY[objective]), train.seed)
+    for part in parts:
+        # A worker's step lines already say its rate and ETA. Ray Data's bar for each pass over a part is
+        # relayed to the driver and redrawn there as a new line of the job's log at every update.
+        part.context.enable_progress_bars = False
     micro_per_epoch, total_steps = optimizer_steps(num_rows, train, train.num_workers)
     storage.make_dir(log_dir)
     job = FitJob(cfg=cfg, objective=objective, policy_path=base, total_steps=total_steps, log_dir=log_dir,

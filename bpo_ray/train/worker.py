@@ -146,6 +146,10 @@ def train_loop_per_worker(job: FitJob) -> None:
     from bpo_ray.runtime import setup_worker_logging
 
     setup_worker_logging()  # a fresh worker process: its progress lines reach the driver's (and the job's) log
+    # This worker runs a Ray Data pass over its part every epoch; the step lines are its progress. Without
+    # these, each pass adds its own lines to the job's log, and the notice that fit() turned the bars off.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     cfg = job.cfg
     train = cfg.train
     ctx = ray.train.get_context()
