@@ -157,6 +157,32 @@ def test_lora_trains_the_vision_parts_the_config_leaves_unfrozen(tiny_models, ar
     assert any(projector in n for n in tower) and any(".blocks." in n or "vision_tower" in n for n in tower)
 
 
+@pytest.mark.parametrize("lora", [True, False])
+def test_gradient_checkpointing_recomputes_the_same_gradients(tiny_models, lora):
+    """train.gradient_checkpointing turns it on in the language model (under LoRA too) through transformers'
+    current API, with no deprecation warning, and the recomputed forward gives the gradients of the plain one."""
+    import warnings
+
+    _, processor = load_vlm(str(tiny_models["llava"]))
+    batch = collate([encode_pair(processor, p, 512) for p in PAIRS], pad_id(processor))
+    grads = {}
+    for checkpointing in (True, False):
+        torch.manual_seed(0)
+        model, _ = load_vlm(str(tiny_models["llava"]))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            policy = prepare_model(model, TrainConfig(lora={"enabled": lora, "r": 4, "alpha": 8, "dropout": 0.0},
+                                                      gradient_checkpointing=checkpointing))
+        assert not [str(w.message) for w in caught if "checkpointing" in str(w.message)]
+        assert model.is_activation_checkpointing == checkpointing
+        policy.train()
+        logps = pair_logps(policy, batch)
+        (logps.chosen.sum() - logps.rejected.sum()).backward()
+        grads[checkpointing] = {n: p.grad.clone() for n, p in policy.named_parameters() if p.requires_grad}
+    assert grads[True] and grads[True].keys() == grads[False].keys()
+    assert all(torch.equal(grads[True][n], grads[False][n]) for n in grads[True])
+
+
 def test_deepspeed_config_and_steps():
     train = TrainConfig(per_device_batch_size=4, gradient_accumulation_steps=2, epochs=2, zero_stage=3,
                         warmup_ratio=0.1)

@@ -4,6 +4,7 @@ start in a worker (the process group it adopts, the CPU probe it repeats)."""
 from __future__ import annotations
 
 import math
+import warnings
 
 from bpo_ray.config import TrainConfig
 
@@ -56,11 +57,17 @@ def prepare_model(model, train: TrainConfig):
         from peft import LoraConfig, get_peft_model
 
         targets = LM_LINEAR if train.lora.target_modules == "all-linear" else train.lora.target_modules
-        model = get_peft_model(model, LoraConfig(r=train.lora.r, lora_alpha=train.lora.alpha,
-                                                 lora_dropout=train.lora.dropout, target_modules=targets,
-                                                 modules_to_save=full_copies(model, train, freeze_projector)))
+        with warnings.catch_warnings():  # peft asks the model through transformers' old, warning name
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            model = get_peft_model(model, LoraConfig(r=train.lora.r, lora_alpha=train.lora.alpha,
+                                                     lora_dropout=train.lora.dropout, target_modules=targets,
+                                                     modules_to_save=full_copies(model, train, freeze_projector)))
     if train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        reentrant = {"use_reentrant": True}
+        if hasattr(model, "activation_checkpointing_enable"):  # its name since transformers 5.23
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=reentrant)
+        else:  # older 5.x: the old name (it warns from 5.23 on, and goes in 6)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=reentrant)
         model.enable_input_require_grads()
     model.config.use_cache = False
     return model
