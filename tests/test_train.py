@@ -340,6 +340,33 @@ def test_step_lines_show_rate_and_eta(tmp_path):
     progress.close()
 
 
+def test_step_lines_come_at_the_first_and_last_step_and_every_ten_seconds(tmp_path):
+    """A step every 0.125 s for 200 steps (resumed after 20): the log gets step 21, one every 10 s after it
+    (101, 181) and the last; metrics.jsonl gets all 200."""
+    import logging
+
+    from bpo_ray.train.worker import METRICS_FILE, TrainingLog
+
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.args[0])
+    logger = logging.getLogger("bpo_ray.train")
+    logger.addHandler(handler)
+    level, logger.level = logger.level, logging.INFO
+    try:
+        training_log = TrainingLog(str(tmp_path), trainable=1, total=2, total_steps=220, first_step=20)
+        start = training_log.since[0]
+        for step in range(21, 221):
+            training_log.log({"step": step, "loss": 1.0, "lr": 1e-3}, now=start + (step - 20) * 0.125)
+        training_log.sync()
+        training_log.close()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert lines == [21, 101, 181, 220]
+    assert len((tmp_path / METRICS_FILE).read_text().splitlines()) == 200
+
+
 def _adopt(rank: int, world: int, port: int, out: str) -> None:
     import sys
 

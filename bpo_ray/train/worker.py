@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
     from bpo_ray.train.fit import FitJob
 
 log = logging.getLogger("bpo_ray.train")
+LINE_EVERY_S = 10.0  # between step lines in the log, at most
 STATE_FILE = "state.json"
 METRICS_FILE = "metrics.jsonl"
 EVENTS_DIR = "tb"
@@ -330,6 +332,7 @@ class TrainingLog:
         self.tracker, self.stage = (Session(tracked, background=True) if tracked else None), stage
         # Progress: steps done since this attempt started (a resumed run's rate is its own), and how many remain.
         self.total_steps, self.since = total_steps, (time.time(), first_step)
+        self.last_line = -math.inf
         self._scratch = tempfile.TemporaryDirectory(prefix="bpo-train-log-")
         self.local = self._scratch.name
         metrics, events = storage.join(out_dir, METRICS_FILE), storage.join(out_dir, EVENTS_DIR)
@@ -340,7 +343,7 @@ class TrainingLog:
             storage.download_dir(events, os.path.join(self.local, EVENTS_DIR))
         self.writer = _tensorboard(os.path.join(self.local, EVENTS_DIR))
 
-    def log(self, metrics: dict) -> None:
+    def log(self, metrics: dict, now: float | None = None) -> None:
         with open(os.path.join(self.local, METRICS_FILE), "a") as f:
             f.write(json.dumps(metrics) + "\n")
         if self.writer:
@@ -350,10 +353,17 @@ class TrainingLog:
         if self.tracker:
             self.tracker.metrics({f"{self.stage}/{k}": v for k, v in metrics.items() if k != "step"},
                                  step=metrics["step"], step_metric=f"{self.stage}/step")
+        # The files and trackers above get every step; the job's log a line for this attempt's first and the last
+        # step and at most one every LINE_EVERY_S seconds between (the tiny demo trains 10 steps a second).
+        now = time.time() if now is None else now
+        step = metrics["step"]
+        if step not in (self.since[1] + 1, self.total_steps) and now - self.last_line < LINE_EVERY_S:
+            return
+        self.last_line = now
         dpo = (f" margin {metrics['reward_margin']:.4f} acc {metrics['reward_accuracy']:.2f}"
                if "reward_margin" in metrics else "")
-        log.info("step %d/%d loss %.4f%s lr %.2e (%d/%d params trainable)%s", metrics["step"], self.total_steps,
-                 metrics["loss"], dpo, metrics["lr"], self.trainable, self.total, self.progress(metrics["step"]))
+        log.info("step %d/%d loss %.4f%s lr %.2e (%d/%d params trainable)%s", step, self.total_steps,
+                 metrics["loss"], dpo, metrics["lr"], self.trainable, self.total, self.progress(step, now))
 
     def progress(self, step: int, now: float | None = None) -> str:
         """`` | 2.41 steps/s, ETA 1m 40s`` over this attempt's steps so far."""
