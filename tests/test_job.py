@@ -312,5 +312,6 @@ def test_ray_job_submit_runs_the_whole_job_and_resumes_after_a_stop(head_node, t
     assert "| pope adversarial f1 |" in markdown and "CHAIR_s" in markdown
     assert (run_dir / "plots" / "training.png").stat().st_size > 1000 and (run_dir / "plots" / "eval.png").is_file()
     assert f"report: {run_dir}/report.md" in logs
+    assert "/v1/chat/completions 200" not in logs  # the eval's requests are not one line each in the job's log
     card = (run_dir / "model" / "README.md").read_text()  # the card carries the eval table the report has
     assert "| pope adversarial f1 |" in card and "Base vs aligned on 4 held-out images" in card

@@ -13,11 +13,13 @@ from bpo_ray.config import ConfigError, ModelConfig, RunConfig, ServeConfig, ser
 log = logging.getLogger(__name__)
 
 
-def deploy(apps: dict[str, tuple[str, str]], cfg: ServeConfig, model: ModelConfig | None = None) -> dict[str, str]:
+def deploy(apps: dict[str, tuple[str, str]], cfg: ServeConfig, model: ModelConfig | None = None,
+           access_log: bool = True) -> dict[str, str]:
     """Start Serve's proxy on cfg.host:cfg.port and run one application per model.
 
     ``apps``: name → (model path, model id); each is served under ``/<name>`` (``/`` for an app named
-    "default"). ``model``: the run's model settings (dtype, attention kernel). Returns name → OpenAI base URL.
+    "default"). ``model``: the run's model settings (dtype, attention kernel). ``access_log``: Serve's line
+    per request in the replicas' logs (which reach the driver's). Returns name → OpenAI base URL.
     """
     from ray import serve
 
@@ -27,7 +29,8 @@ def deploy(apps: dict[str, tuple[str, str]], cfg: ServeConfig, model: ModelConfi
     urls = {}
     for name, (path, model_id) in apps.items():
         prefix = "/" if name == "default" else f"/{name}"
-        serve.run(build_app(path, cfg, model_id, model), name=name, route_prefix=prefix, blocking=False)
+        serve.run(build_app(path, cfg, model_id, model), name=name, route_prefix=prefix, blocking=False,
+                  logging_config={"enable_access_log": access_log})
         host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
         urls[name] = f"http://{host}:{cfg.port}{prefix.rstrip('/')}/v1"
     return urls
