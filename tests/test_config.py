@@ -150,8 +150,10 @@ def test_how_a_stage_runs_is_not_part_of_its_key():
     assert load_config(None, ["model.dtype=bfloat16"]).section_hash("model") != base.section_hash("model")
     # Fields keyed until 2026-12 (pools, checkpoint cadence, serving): out of the key, in the earlier one,
     # at any depth and through a single field as through its section.
-    moved = load_config(None, ["serve.port=9001", "train.reference_pool.max_size=4", "train.checkpoint_every=9"])
-    for reads in (("serve",), ("model", "train"), ("train.reference_pool",)):
+    moved = load_config(None, ["serve.port=9001", "train.reference_pool.max_size=4", "train.checkpoint_every=9",
+                               "train.gradient_checkpointing=false", "sft.gradient_checkpointing=true"])
+    for reads in (("serve",), ("model", "train"), ("train.reference_pool",), ("train.gradient_checkpointing",),
+                  ("sft",)):
         assert moved.section_hash(*reads) == base.section_hash(*reads), reads
         assert moved.section_hash(*reads, earlier=True) != base.section_hash(*reads, earlier=True), reads
     assert base.section_hash("data", earlier=True) == base.section_hash("data")  # nothing moved out of data

@@ -255,8 +255,8 @@ def test_a_sweep_over_training_settings_scores_its_pairs_once(tmp_path):
 
 
 def test_how_a_stage_runs_is_not_what_it_computes(tmp_path):
-    """Actor pools, checkpoint cadence and where the eval stage serves change how a stage runs: resuming with
-    a bigger pool, another port or more replicas re-runs nothing. What the models compute (the serving
+    """Actor pools, checkpoint cadence, activation checkpointing and where the eval stage serves change how a
+    stage runs: resuming with a bigger pool, another port or more replicas re-runs nothing. What the models compute (the serving
     context, a GPU for generation) still re-runs what depends on it."""
     from bpo_ray.pipeline import STAGES
 
@@ -265,7 +265,8 @@ def test_how_a_stage_runs_is_not_what_it_computes(tmp_path):
            "negatives.injection.pool.num_cpus=2", "negatives.weakening.pool.accelerator_type=L4",
            "train.reference_pool.max_size=4", "train.checkpoint_every=5", "train.keep_checkpoints=3",
            "train.max_failures=5", "sft.checkpoint_every=7", "serve.port=9001", "serve.host=0.0.0.0",
-           "serve.api_key=secret", "serve.max_replicas=2", "serve.max_batch_size=2", "eval.concurrency=4"]
+           "serve.api_key=secret", "serve.max_replicas=2", "serve.max_batch_size=2", "eval.concurrency=4",
+           "train.gradient_checkpointing=true", "sft.gradient_checkpointing=true"]
     assert _ran(tmp_path, *how) == []
     assert _ran(tmp_path, *how, "serve.max_model_len=128") == ["eval", "report"]
     assert _ran(tmp_path, *how, "serve.max_model_len=128", "negatives.weakening.pool.num_gpus=1",

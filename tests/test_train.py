@@ -68,7 +68,9 @@ def _cfg(root, model, *extra):
         "data.synthetic.num_images=6", "negatives.weakening.enabled=false", "train.num_workers=2",
         "train.per_device_batch_size=2", "train.lr=1e-2", "train.warmup_ratio=0", "train.checkpoint_every=2",
         "train.epochs=20",
-        "train.lora.r=8", "train.lora.alpha=16", *extra])
+        "train.lora.r=8", "train.lora.alpha=16",
+        "train.gradient_checkpointing=true",  # as the 7B configs train (reentrant, under ZeRO-3 and LoRA); tiny's is off
+        *extra])
 
 
 def _prepare(cfg):

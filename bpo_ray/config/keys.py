@@ -19,10 +19,10 @@ NOT_KEYED = {"stage_key": False}
 # An option added after run directories exist: part of the stage keys only when set, so runs made before it
 # existed (which behaved as its default does) still resume.
 KEYED_IF_SET = {"stage_key": "if_set"}
-# How a stage runs (actor pools, checkpoint cadence, serving's address and admission), which the stage keys
-# included until 2026-12: left out of them now, so resuming on a bigger cluster or another port re-runs
-# nothing; put back in the keys that run directories made before finished under (``section_hash(...,
-# earlier=True)``), so those still resume.
+# How a stage runs (actor pools, checkpoint cadence, activation checkpointing, serving's address and
+# admission), which the stage keys included until 2026-12: left out of them now, so resuming on a bigger
+# cluster or another port re-runs nothing; put back in the keys that run directories made before finished
+# under (``section_hash(..., earlier=True)``), so those still resume.
 NO_LONGER_KEYED = {"stage_key": "earlier"}
 
 

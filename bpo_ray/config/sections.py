@@ -238,7 +238,8 @@ class TrainConfig(Section):
     offload_optimizer: bool = False
     offload_params: bool = False
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    gradient_checkpointing: bool = True
+    # Activations recomputed in the backward pass: memory for time, the same gradients.
+    gradient_checkpointing: bool = Field(True, json_schema_extra=NO_LONGER_KEYED)
     freeze_vision_tower: bool = True
     # None: trained in full fine-tuning, frozen under LoRA (only the adapter trains). False with LoRA: trained
     # in full beside the adapter, as LLaVA's LoRA recipe trains its projector.
@@ -278,7 +279,7 @@ class SFTConfig(Section):
     max_grad_norm: float = Field(1.0, gt=0.0)
     zero_stage: Literal[0, 2, 3] = 3
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(False, json_schema_extra=NO_LONGER_KEYED)  # as train's
     freeze_vision_tower: bool = False
     lora: LoraConfig = LoraConfig(enabled=False)
     num_workers: int = Field(2, ge=1)
