@@ -148,8 +148,8 @@ def test_how_a_stage_runs_is_not_part_of_its_key():
     assert flash.model.attn_implementation == "flash_attention_2"
     assert flash.section_hash("model", "train") == base.section_hash("model", "train")
     assert load_config(None, ["model.dtype=bfloat16"]).section_hash("model") != base.section_hash("model")
-    # Fields keyed until 2026-12 (pools, checkpoint cadence, serving): out of the key, in the earlier one,
-    # at any depth and through a single field as through its section.
+    # Fields keyed until 2026-12 (pools, checkpoint cadence, activation checkpointing, serving): out of the
+    # key, in the earlier one, at any depth and through a single field as through its section.
     moved = load_config(None, ["serve.port=9001", "train.reference_pool.max_size=4", "train.checkpoint_every=9",
                                "train.gradient_checkpointing=false", "sft.gradient_checkpointing=true"])
     for reads in (("serve",), ("model", "train"), ("train.reference_pool",), ("train.gradient_checkpointing",),

@@ -256,8 +256,8 @@ def test_a_sweep_over_training_settings_scores_its_pairs_once(tmp_path):
 
 def test_how_a_stage_runs_is_not_what_it_computes(tmp_path):
     """Actor pools, checkpoint cadence, activation checkpointing and where the eval stage serves change how a
-    stage runs: resuming with a bigger pool, another port or more replicas re-runs nothing. What the models compute (the serving
-    context, a GPU for generation) still re-runs what depends on it."""
+    stage runs: resuming with a bigger pool, another port or more replicas re-runs nothing. What the models
+    compute (the serving context, a GPU for generation) still re-runs what depends on it."""
     from bpo_ray.pipeline import STAGES
 
     assert _ran(tmp_path) == [s.name for s in STAGES]

@@ -69,8 +69,8 @@ def _cfg(root, model, *extra):
         "train.per_device_batch_size=2", "train.lr=1e-2", "train.warmup_ratio=0", "train.checkpoint_every=2",
         "train.epochs=20",
         "train.lora.r=8", "train.lora.alpha=16",
-        "train.gradient_checkpointing=true",  # as the 7B configs train (reentrant, under ZeRO-3 and LoRA); tiny's is off
-        *extra])
+        # On, as the 7B configs train (reentrant, under ZeRO-3 and LoRA); the embedded default's is off.
+        "train.gradient_checkpointing=true", *extra])
 
 
 def _prepare(cfg):
@@ -354,7 +354,8 @@ def test_step_lines_come_at_the_first_and_last_step_and_every_ten_seconds(tmp_pa
     handler.emit = lambda record: lines.append(record.args[0])
     logger = logging.getLogger("bpo_ray.train")
     logger.addHandler(handler)
-    level, logger.level = logger.level, logging.INFO
+    level = logger.level
+    logger.setLevel(logging.INFO)  # (setLevel, not the attribute: it also drops the logger's cached verdicts)
     try:
         training_log = TrainingLog(str(tmp_path), trainable=1, total=2, total_steps=220, first_step=20)
         start = training_log.since[0]
