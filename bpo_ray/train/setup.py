@@ -3,7 +3,9 @@ start in a worker (the process group it adopts, the CPU probe it repeats)."""
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 import warnings
 
 from bpo_ray.config import TrainConfig
@@ -148,6 +150,22 @@ def deepspeed_config(train: TrainConfig, world_size: int, use_gpu: bool, total_s
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+def quiet_deepspeed(use_gpu: bool) -> None:
+    """Keep out of the job's log what DeepSpeed prints in a worker that says nothing about the run: on the CPU
+    path, its notice that it found no GPU (the config asked for none, so name the accelerator before DeepSpeed
+    loads); torch's FutureWarning for the collectives ZeRO-3 calls by their deprecated names, which fires again
+    after any ``warnings.catch_warnings`` block (in the demo, a line a step per rank); and its scheduler's
+    warning, when DeepSpeed builds the schedule, that its rate was read before the first step."""
+    if not use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    warnings.filterwarnings("ignore", r"`torch\.distributed\.\w+` is deprecated", FutureWarning)
+    logging.getLogger("DeepSpeed").addFilter(_not_the_schedule_build)  # added once however often it is called
+
+
+def _not_the_schedule_build(record) -> bool:
+    return "before it has started" not in record.getMessage()
 
 
 def adopt_process_group() -> None:

@@ -43,6 +43,7 @@ from bpo_ray.train.setup import (
     param_groups,
     prepare_model,
     probe_the_cpu_once,
+    quiet_deepspeed,
     trainable_parameters,
 )
 
@@ -142,6 +143,7 @@ def worker_dataset(rank: int) -> str:
 
 
 def train_loop_per_worker(job: FitJob) -> None:
+    quiet_deepspeed(job.cfg.resources.use_gpu)
     import deepspeed
     import ray.train
 
