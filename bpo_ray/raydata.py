@@ -3,12 +3,35 @@ give each training worker a fixed, seeded part of the rows; and the one way stag
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import math
 import os
 from collections import Counter
 
 from bpo_ray import storage
+
+
+@contextlib.contextmanager
+def quietly():
+    """Ray Data logs seven lines for each execution (its start, its plan, a progress block, its end). A stage
+    keeps its books (counts, the tables it writes) with two dozen small executions a job, which would be half
+    the job's log: those run with Ray Data at WARNING in this process. The stages' own work keeps its lines,
+    progress every 10 s included. Executions started here run to their end inside (Ray Data logs the end as
+    the result is handed over)."""
+    logger = logging.getLogger("ray.data")
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def count_rows(ds) -> int:
+    with quietly():
+        return ds.count()
 
 
 def write_by_kind(rows, out_dir: str, tables: dict[str, tuple[str, tuple[str, ...]]]) -> None:
@@ -22,7 +45,8 @@ def write_by_kind(rows, out_dir: str, tables: dict[str, tuple[str, tuple[str, ..
         target = storage.join(out_dir, name)
         storage.remove_dir(target)
         storage.make_dir(target)
-        rows.filter(expr=col("kind") == kind).select_columns(list(columns)).write_parquet(target)
+        with quietly():
+            rows.filter(expr=col("kind") == kind).select_columns(list(columns)).write_parquet(target)
 
 
 # Ray Data reads a Parquet folder's footers on a pool of actors it starts for every read: 32 by default, so
@@ -53,8 +77,9 @@ def count_by(ds, columns: list[str]) -> Counter:
     partial = ds.select_columns(columns).map_batches(_count_batch, batch_format="pandas",
                                                      fn_kwargs={"columns": columns})
     totals: Counter = Counter()
-    for row in partial.iter_rows():
-        totals[tuple(row[c] for c in columns)] += int(row["n"])
+    with quietly():
+        for row in partial.iter_rows():
+            totals[tuple(row[c] for c in columns)] += int(row["n"])
     return totals
 
 
@@ -130,7 +155,7 @@ def worker_parts(rows, num_workers: int, order_by: list[str], seed: int, rows_pe
     Either way two runs of one config trained on different batches, and a resumed run could skip micro-batches
     other than the ones it had trained on. Here a hash of (seed, ``order_by`` columns) orders the rows, fixed-size
     blocks hold them (the workers' shuffle buffer fills block by block), and the driver splits them."""
-    blocks = max(num_workers, math.ceil(rows.count() / rows_per_block))
+    blocks = max(num_workers, math.ceil(count_rows(rows) / rows_per_block))
     # Without boundaries Ray Data samples the keys first and, when it cannot tell how many blocks a read gives,
     # sorts into 200 partitions: 200 tasks (about 10 s on 2 CPUs) for a few dozen rows.
     return (rows.map_batches(_order_keys, batch_format="pandas", fn_kwargs={"columns": order_by, "seed": seed})

@@ -75,6 +75,11 @@ def test_job_runs_the_embedded_default_and_resumes(tmp_path, monkeypatch):
     # its scheduler's warning at build time, its notice that a CPU run found no GPU.
     assert not [line for line in lines if "RayTrainWorker" in line and any(noise in line for noise in (
         "is deprecated", "before it has started", "unable to detect it"))]
+    # The stages' bookkeeping (counts, the tables they write) runs without Ray Data's lines; their work keeps them.
+    plans = [line for line in lines if "Execution plan of Dataset" in line]
+    assert any("ReferenceScorer" in line for line in plans), plans
+    assert not [line for line in plans if any(op in line for op in ("count_rows", "_count_batch", "Write]",
+                                                                     "AggregateNumRows", "yes_no_sides"))]
     negatives = json.loads((run_dir / "negatives" / "manifest.json").read_text())
     card = (run_dir / "model" / "README.md").read_text()  # the model's card: its pairs, training, no eval
     assert f"{negatives['pairs']} preference pairs from {negatives['samples_in']} samples" in card

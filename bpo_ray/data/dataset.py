@@ -19,7 +19,7 @@ from bpo_ray.config import DataConfig, PairsConfig, SyntheticDataConfig
 from bpo_ray.data import readers
 from bpo_ray.data.images import ImageStore, store_images
 from bpo_ray.data.records import ImageLimits, validate_record
-from bpo_ray.raydata import count_by, read_json_items, read_parquet, write_by_kind
+from bpo_ray.raydata import count_by, count_rows, read_json_items, read_parquet, write_by_kind
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def read_validated(data: DataConfig, cache_dir: str, out_dir: str, name: str, st
     ``store``, each image is stored there once and samples reference it (``data/images.py``); without, samples
     carry their image bytes."""
     ds, image_root = read_raw(data, cache_dir)
-    records_in = ds.count()  # counted on the input side, so the conservation check below can fail
+    records_in = count_rows(ds)  # counted on the input side, so the conservation check below can fail
     limits = ImageLimits(data.max_image_pixels, data.max_image_bytes)
     rows = ds.flat_map(_validated_rows, fn_kwargs={"image_root": image_root, "limits": limits})
     if store is not None:

@@ -49,7 +49,7 @@ from bpo_ray.negatives.existence import EXISTENCE, balancing_drops, existence_qu
 from bpo_ray.negatives.generation import GenerationSpec, generate_column
 from bpo_ray.negatives.pairs import ERROR_INJECTION, IMAGE_WEAKENING, Drop
 from bpo_ray.pipeline.rundir import RunDir, policy_path
-from bpo_ray.raydata import count_by, read_parquet, write_by_kind
+from bpo_ray.raydata import count_by, count_rows, quietly, read_parquet, write_by_kind
 
 
 def run(cfg: RunConfig, run_dir: RunDir, key: str) -> dict:
@@ -62,7 +62,7 @@ def run(cfg: RunConfig, run_dir: RunDir, key: str) -> dict:
     outputs, generators, samples_in, words = [], {}, 0, None
     if bootstraps(cfg):
         samples = read_parquet(run_dir.samples)
-        samples_in = samples.count()
+        samples_in = count_rows(samples)
         marked = samples.map_batches(split_on_chosen_length, fn_kwargs={"max_words": neg.max_words})
         ok = marked.filter(expr=col("too_long") == False).drop_columns(["too_long"])  # noqa: E712
         too_long = marked.filter(expr=col("too_long") == True).drop_columns(["too_long"])  # noqa: E712
@@ -110,7 +110,7 @@ def run(cfg: RunConfig, run_dir: RunDir, key: str) -> dict:
     external_in = None
     if neg.extra_pairs is not None:
         raw, fmt = read_pairs_raw(neg.extra_pairs)
-        external_in = raw.count()
+        external_in = count_rows(raw)
         limits = ImageLimits(neg.extra_pairs.max_image_pixels, neg.extra_pairs.max_image_bytes)
         outputs.append(raw.flat_map(preference_rows, fn_kwargs={
             "layout": neg.extra_pairs.layout, "image_root": pairs_image_root(neg.extra_pairs, fmt), "limits": limits,
@@ -118,7 +118,8 @@ def run(cfg: RunConfig, run_dir: RunDir, key: str) -> dict:
             store_images, batch_format="numpy", fn_kwargs={"store": run_dir.image_store("negatives")}))
 
     rows = (outputs[0].union(*outputs[1:]) if len(outputs) > 1 else outputs[0]).materialize()
-    sides = rows.map_batches(yes_no_sides).materialize()  # what the run's yes/no pairs argue for
+    with quietly():
+        sides = rows.map_batches(yes_no_sides).materialize()  # what the run's yes/no pairs argue for
     totals = count_by(sides, ["side"])
     yes_no = {"yes_chosen": totals.get(("yes",), 0), "no_chosen": totals.get(("no",), 0)}
     mix, side = planned is not None and neg.existence.balance == "mix", None

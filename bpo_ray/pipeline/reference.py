@@ -10,7 +10,7 @@ from bpo_ray.config import RunConfig
 from bpo_ray.data.images import detach_images, with_images
 from bpo_ray.negatives.batches import ERROR_COLUMNS
 from bpo_ray.pipeline.rundir import RunDir, policy_path
-from bpo_ray.raydata import count_by, read_parquet, write_by_kind
+from bpo_ray.raydata import count_by, count_rows, read_parquet, write_by_kind
 from bpo_ray.resources import pool_request, torch_threads
 from bpo_ray.train.batch import WeakImages
 from bpo_ray.train.reference import ReferenceScorer, scored_columns
@@ -27,7 +27,7 @@ def run(cfg: RunConfig, run_dir: RunDir, key: str) -> dict:
     import ray.data
 
     pairs = read_parquet(run_dir.pairs)
-    pairs_in = pairs.count()
+    pairs_in = count_rows(pairs)
     pairs = with_images(pairs, run_dir.root)  # the bytes, for scoring only: the table written keeps references
     pool = cfg.train.reference_pool
     weak = WeakImages.for_config(cfg)

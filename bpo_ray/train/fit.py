@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from bpo_ray import storage
 from bpo_ray.config import RunConfig
-from bpo_ray.raydata import worker_parts
+from bpo_ray.raydata import count_rows, worker_parts
 from bpo_ray.resources import train_worker_request
 from bpo_ray.tracking import TrackedRun
 from bpo_ray.train.setup import optimizer_steps
@@ -54,7 +54,7 @@ def fit(cfg: RunConfig, rows, objective: str, checkpoints: str, base: str, expor
     from ray.train.torch import TorchTrainer
 
     train, res = cfg.train, cfg.resources
-    num_rows = rows.count()
+    num_rows = count_rows(rows)
     if num_rows < train.num_workers:
         raise ValueError(f"{objective}: {num_rows} rows cannot feed {train.num_workers} workers")
     # Each worker's rows, in a seeded order that does not depend on how the files were written: the same
