@@ -8,13 +8,8 @@ STAMP := $(VENV)/.bpo-installed
 export RAY_AUTH_MODE ?= token
 export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
-# DeepSpeed compiles a small C++ op (its CPU Adam, ~40 s on 2 cores) on first use. Kept in the user's cache under
-# what it is built for (Python, torch and DeepSpeed versions, the CPU's instruction set: it is built with
-# -march=native), so a new checkout or virtualenv of the same stack loads it instead of compiling it again.
-EXT_BUILD := $(shell $(PYTHON) -c 'import sys; print(sys.implementation.cache_tag)')-$(shell \
-	sed -n 's/^\(torch\|deepspeed\)==/\1/p' constraints.txt | paste -sd- -)-cpu$(shell \
-	grep -m1 -E '^(flags|Features)' /proc/cpuinfo 2>/dev/null | cksum | cut -d' ' -f1)
-export TORCH_EXTENSIONS_DIR ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/bpo-ray/torch_extensions/$(EXT_BUILD)
+# DeepSpeed compiles a small C++ op on first use; keep it across runs.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
 VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.bpo-installed
