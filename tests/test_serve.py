@@ -74,10 +74,9 @@ def endpoints(ray_local, tiny_models, shapes_dir):
         "tight": (tiny_models["llava"], ServeConfig(**small, max_ongoing_requests=1, max_queued_requests=1,
                                                     max_batch_size=1, retry_after_s=2)),
     }
-    urls = {}
-    for name, (path, cfg) in apps.items():
-        serve.run(build_app(str(path), cfg), name=name, route_prefix=f"/{name}", blocking=False)
-        urls[name] = f"http://127.0.0.1:{port}/{name}/v1"
+    serve.run_many([serve.RunTarget(build_app(str(path), cfg), name=name, route_prefix=f"/{name}")
+                    for name, (path, cfg) in apps.items()])
+    urls = {name: f"http://127.0.0.1:{port}/{name}/v1" for name in apps}
     for name, url in urls.items():
         wait_healthy(url, timeout_s=180, api_key=API_KEY if name == "locked" else None)
     yield urls

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 from bpo_ray import storage
 from bpo_ray.config import RunConfig
@@ -35,9 +36,14 @@ def run(cfg: RunConfig, run_dir: RunDir, key: str) -> dict:
     try:
         for url in urls.values():  # a 7B model downloading and loading on a fresh GPU node takes minutes
             wait_healthy(url, timeout_s=1800, api_key=cfg.serve.api_key)
-        for name, url in urls.items():
-            log.info("eval: %s at %s", name, url)
-            metrics, model_rows = evaluate(Endpoint(url, models[name][1], cfg.serve.api_key), cfg, dataset)
+        # Both models at once: each has its own replicas, so evaluating one after the other would only wait.
+        with ThreadPoolExecutor(len(urls)) as pool:
+            running = {}
+            for name, url in urls.items():
+                log.info("eval: %s at %s", name, url)
+                running[name] = pool.submit(evaluate, Endpoint(url, models[name][1], cfg.serve.api_key), cfg, dataset)
+        for name, done in running.items():
+            metrics, model_rows = done.result()
             results[name] = metrics
             rows += [{"model": name, **r} for r in model_rows]
     finally:

@@ -26,13 +26,16 @@ def deploy(apps: dict[str, tuple[str, str]], cfg: ServeConfig, model: ModelConfi
     from bpo_ray.serve.app import build_app
 
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    urls = {}
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+    targets, urls = [], {}
     for name, (path, model_id) in apps.items():
         prefix = "/" if name == "default" else f"/{name}"
-        serve.run(build_app(path, cfg, model_id, model), name=name, route_prefix=prefix, blocking=False,
-                  logging_config={"enable_access_log": access_log})
-        host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+        targets.append(serve.RunTarget(build_app(path, cfg, model_id, model), name=name, route_prefix=prefix,
+                                       logging_config={"enable_access_log": access_log}))
         urls[name] = f"http://{host}:{cfg.port}{prefix.rstrip('/')}/v1"
+    # The models load at once (on a cluster, a checkpoint download and load each, minutes), not one after the
+    # other; this returns when every application runs, and raises if one fails to deploy.
+    serve.run_many(targets)
     return urls
 
 
