@@ -75,6 +75,11 @@ def test_job_runs_the_embedded_default_and_resumes(tmp_path, monkeypatch):
     # its scheduler's warning at build time, its notice that a CPU run found no GPU.
     assert not [line for line in lines if "RayTrainWorker" in line and any(noise in line for noise in (
         "is deprecated", "before it has started", "unable to detect it"))]
+    # Nor Ray Train's two lines per rank at each checkpoint: rank 0 says where each checkpoint went, once.
+    assert not [line for line in lines if "Reporting training result" in line or "Checkpoint successfully" in line]
+    saved_at = sorted(line.split("bpo_ray.train: checkpoint at ")[1] for line in lines
+                      if "bpo_ray.train: checkpoint at " in line)
+    assert [line.split(f": {run_dir / 'checkpoints'}/")[0] for line in saved_at] == ["step 2/2", "step 3/3"], saved_at
     # The stages' bookkeeping (counts, the tables they write) runs without Ray Data's lines; their work keeps them.
     plans = [line for line in lines if "Execution plan of Dataset" in line]
     assert any("ReferenceScorer" in line for line in plans), plans

@@ -168,6 +168,17 @@ def _not_the_schedule_build(record) -> bool:
     return "before it has started" not in record.getMessage()
 
 
+def quiet_ray_train_reports() -> None:
+    """Ray Train logs two INFO lines per rank at every checkpoint: "Checkpoint successfully created at" and
+    "Reporting training result N: TrainingReport(...)" with the whole metrics dict (in the demo, 54 of the log's
+    473 lines, most of its bytes). Both modules log nothing else at INFO; warnings still print. Rank 0 logs one
+    line per checkpoint itself (the loop)."""
+    from ray.train.v2._internal.execution import context, storage
+
+    for name in (context.__file__, storage.__name__):  # context.py names its logger after its file
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def adopt_process_group() -> None:
     """Hand the torch process group Ray Train created to DeepSpeed (before zero.Init or initialize, or it sees
     a world of one). On the CPU, DeepSpeed would also compile (~30 s on a fresh machine) and load a shared-memory

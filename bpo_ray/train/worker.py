@@ -44,6 +44,7 @@ from bpo_ray.train.setup import (
     prepare_model,
     probe_the_cpu_once,
     quiet_deepspeed,
+    quiet_ray_train_reports,
     trainable_parameters,
 )
 
@@ -154,6 +155,7 @@ def train_loop_per_worker(job: FitJob) -> None:
     # these, each pass adds its own lines to the job's log, and the notice that fit() turned the bars off.
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    quiet_ray_train_reports()
     cfg = job.cfg
     train = cfg.train
     ctx = ray.train.get_context()
@@ -235,6 +237,9 @@ def train_loop_per_worker(job: FitJob) -> None:
                     training_log.log(metrics)
                     training_log.sync()
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+                persisted = ray.train.get_checkpoint()  # as uploaded: report returns once it is
+                if training_log and persisted:
+                    log.info("checkpoint at step %d/%d: %s", step, job.total_steps, persisted.path)
         # No report between checkpoints: Ray Train V2 drains one report per worker per controller poll (2 s),
         # so reporting every step would cap training at one step per poll. Rank 0 logs every step itself.
         elif training_log:
