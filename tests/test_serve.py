@@ -248,6 +248,25 @@ def test_app_builder_is_what_serve_run_and_rayservice_import(endpoints, tiny_mod
         serve.delete("built")
 
 
+def test_undeploy_takes_down_its_apps_together_and_leaves_the_others(endpoints, tiny_models):
+    """What the eval stage does with its two models: deployed at once, deleted at once; undeploy returns when
+    both are gone, and Serve keeps running for the applications that are not ours."""
+    from ray import serve
+
+    from bpo_ray.serve.launch import deploy, undeploy
+
+    port = int(endpoints["llava"].split(":")[2].split("/")[0])
+    ours = {name: (str(tiny_models["llava"]), MODEL) for name in ("ours-base", "ours-aligned")}
+    urls = deploy(ours, ServeConfig(host="127.0.0.1", port=port, num_cpus_per_replica=0.5), access_log=False)
+    for url in urls.values():
+        wait_healthy(url, timeout_s=120)
+    undeploy(list(urls))
+    assert not set(ours) & set(serve.status().applications)
+    assert {"llava", "qwen", "locked", "tight"} <= set(serve.status().applications)
+    assert post(endpoints["llava"], chat("hi")).status_code == 200
+    assert post(urls["ours-base"], chat("hi")).status_code == 404
+
+
 # ---------------------------------------------------------------------------------------------- load
 async def _load(url: str, payloads: list[dict], concurrency: int) -> list[int]:
     gate = asyncio.Semaphore(concurrency)

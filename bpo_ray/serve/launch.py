@@ -43,8 +43,13 @@ def undeploy(names: list[str]) -> None:
     """Delete our applications; stop Serve itself only when nothing else is left on it."""
     from ray import serve
 
-    for name in names:
-        serve.delete(name)
+    for name in names:  # all at once: each drains its replicas for seconds
+        serve.delete(name, _blocking=False)
+    deadline = time.monotonic() + 60  # as long as serve.delete waits for one
+    while left := set(names) & set(serve.status().applications):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"Serve applications {sorted(left)} were not deleted in 60 s")
+        time.sleep(0.2)
     if not serve.status().applications:
         serve.shutdown()
 
