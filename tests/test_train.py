@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from bpo_ray.config import load_config
 from bpo_ray.models.generate import Sampling, generate
 from bpo_ray.pipeline import RunDir, reference, run_stages, train
-from bpo_ray.raydata import order_key, worker_parts
+from bpo_ray.raydata import SORT_ON_DRIVER_UP_TO, order_key, worker_parts
 from conftest import REPO, free_ports
 from train_checkpoints import recorded_checkpoint
 
@@ -42,13 +42,14 @@ def test_each_worker_trains_on_the_same_rows_however_they_were_written(ray_local
     written_twice = [ray.data.from_items(rows, override_num_blocks=3),
                      ray.data.from_items(random.Random(1).sample(rows, len(rows)), override_num_blocks=7)]
 
-    def seen(dataset, seed=0):  # each worker's batches, drawn as worker.py draws them
+    def seen(dataset, seed=0, on_driver=SORT_ON_DRIVER_UP_TO):  # each worker's batches, drawn as worker.py draws them
         return [[list(batch["sample_id"]) for batch in part.iter_batches(
             batch_size=16, batch_format="pandas", local_shuffle_buffer_size=64, local_shuffle_seed=5)]
-            for part in worker_parts(dataset, 2, ["sample_id"], seed, rows_per_block=100)]
+            for part in worker_parts(dataset, 2, ["sample_id"], seed, rows_per_block=100, sort_on_driver_up_to=on_driver)]
 
     first, second = (seen(d) for d in written_twice)
     assert first == second
+    assert seen(written_twice[1], on_driver=0) == first  # a table too large for the driver: the cluster sorts it alike
     # The parts, in order, are the rows sorted by their seeded hash (the sort's fixed key ranges lose none).
     in_parts = [r["sample_id"] for part in worker_parts(written_twice[1], 2, ["sample_id"], 0, rows_per_block=100)
                 for r in part.iter_rows()]
