@@ -154,7 +154,7 @@ SORT_ON_DRIVER_UP_TO = 50_000
 
 
 def worker_parts(rows, num_workers: int, order_by: list[str], seed: int, rows_per_block: int = 512,
-                 sort_on_driver_up_to: int = SORT_ON_DRIVER_UP_TO) -> list:
+                 sort_on_driver_up_to: int = SORT_ON_DRIVER_UP_TO, num_rows: int | None = None) -> list:
     """``rows`` as ``num_workers`` equal, materialized parts, in a seeded order that depends only on the rows.
 
     Stages write their tables in parallel, so the same rows come back in a different order and in different
@@ -162,8 +162,9 @@ def worker_parts(rows, num_workers: int, order_by: list[str], seed: int, rows_pe
     Either way two runs of one config trained on different batches, and a resumed run could skip micro-batches
     other than the ones it had trained on. Here a hash of (seed, ``order_by`` columns) orders the rows, fixed-size
     blocks hold them (the workers' shuffle buffer fills block by block), and the driver splits them. Where the
-    rows are sorted (driver or cluster, by ``sort_on_driver_up_to``) does not change the parts."""
-    num_rows = count_rows(rows)
+    rows are sorted (driver or cluster, by ``sort_on_driver_up_to``) does not change the parts. ``num_rows``:
+    the rows' count where the caller has it (counting is a pass over the table)."""
+    num_rows = count_rows(rows) if num_rows is None else num_rows
     blocks = max(num_workers, math.ceil(num_rows / rows_per_block))
     if num_rows <= sort_on_driver_up_to:
         ordered = _sorted_on_driver(rows, order_by, seed)

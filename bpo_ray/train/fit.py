@@ -59,7 +59,7 @@ def fit(cfg: RunConfig, rows, objective: str, checkpoints: str, base: str, expor
         raise ValueError(f"{objective}: {num_rows} rows cannot feed {train.num_workers} workers")
     # Each worker's rows, in a seeded order that does not depend on how the files were written: the same
     # batches on a rerun and after a resume. Held in the object store: left lazy, every epoch re-ran the read.
-    parts = worker_parts(rows, train.num_workers, list(ORDER_BY[objective]), train.seed)
+    parts = worker_parts(rows, train.num_workers, list(ORDER_BY[objective]), train.seed, num_rows=num_rows)
     for part in parts:
         # A worker's step lines already say its rate and ETA. Ray Data's bar for each pass over a part is
         # relayed to the driver and redrawn there as a new line of the job's log at every update.

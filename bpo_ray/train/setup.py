@@ -171,7 +171,7 @@ def _not_the_schedule_build(record) -> bool:
 def quiet_ray_train_reports() -> None:
     """Ray Train logs two INFO lines per rank at every checkpoint: "Checkpoint successfully created at" and
     "Reporting training result N: TrainingReport(...)" with the whole metrics dict (in the demo, 54 of the log's
-    473 lines, most of its bytes). Both modules log nothing else at INFO; warnings still print. Rank 0 logs one
+    477 lines, a third of its bytes). Both modules log nothing else at INFO; warnings still print. Rank 0 logs one
     line per checkpoint itself (the loop)."""
     from ray.train.v2._internal.execution import context, storage
 
