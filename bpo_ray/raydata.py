@@ -185,7 +185,8 @@ def _sorted_on_driver(rows, order_by: list[str], seed: int):
 
     with quietly():
         tables = ray.get(rows.to_arrow_refs())
-    # Files written by parallel tasks may type a column each their own way (all-null in one: type null).
-    table = pa.concat_tables(tables, promote_options="default")
+    # Blocks may type a column each their own way (all-null in one: type null; string beside large_string), as
+    # the cluster's sort takes them.
+    table = pa.concat_tables(tables, promote_options="permissive")
     keys = _order_keys(table.select(order_by).to_pandas(), order_by, seed)[ORDER_COLUMN].to_numpy()
     return ray.data.from_arrow(table.take(pa.array(np.argsort(keys, kind="stable"))))

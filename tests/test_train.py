@@ -38,7 +38,8 @@ def test_each_worker_trains_on_the_same_rows_however_they_were_written(ray_local
     training, and a resume skips exactly the micro-batches already trained on."""
     import ray.data
 
-    rows = [{"sample_id": f"s{i:04d}", "answer": f"a{i}"} for i in range(1203)]
+    # A column all null in some blocks (typed null there), as an unscored reference column can be.
+    rows = [{"sample_id": f"s{i:04d}", "answer": f"a{i}", "ref": None if i < 600 else i / 7} for i in range(1203)]
     written_twice = [ray.data.from_items(rows, override_num_blocks=3),
                      ray.data.from_items(random.Random(1).sample(rows, len(rows)), override_num_blocks=7)]
 
