@@ -147,26 +147,30 @@ def key_boundaries(parts: int) -> list[int]:
     return [KEY_SPACE * i // parts for i in range(1, parts)]
 
 
-# Up to this many rows (images by reference: a few KB each at most) a table is ordered on the driver: one read
-# and a local sort, where the cluster's sort takes a few seconds of tasks even for a dozen rows (3.5 s for 20,
-# 5.3 s for 4,500 on 2 CPUs, against about 1 s). Larger tables sort on the cluster and never reach the driver.
-SORT_ON_DRIVER_UP_TO = 50_000
+# A table this small is ordered on the driver: one read and a local sort, where the cluster's sort takes a few
+# seconds of tasks even for a dozen rows (3.5 s for 20, 5.3 s for 4,500 on 2 CPUs, against about 1 s). Rows
+# reference their images and weigh a few KB; the bytes bound keeps out tables that still carry them inline
+# (written before the image store). Larger tables sort on the cluster and never reach the driver.
+SORT_ON_DRIVER_MAX_ROWS = 50_000
+SORT_ON_DRIVER_MAX_BYTES = 256 * 2**20
 
 
 def worker_parts(rows, num_workers: int, order_by: list[str], seed: int, rows_per_block: int = 512,
-                 sort_on_driver_up_to: int = SORT_ON_DRIVER_UP_TO, num_rows: int | None = None) -> list:
+                 num_rows: int | None = None, on_driver: bool | None = None) -> list:
     """``rows`` as ``num_workers`` equal, materialized parts, in a seeded order that depends only on the rows.
 
     Stages write their tables in parallel, so the same rows come back in a different order and in different
     files run to run; Ray Train's default ``streaming_split`` then hands blocks to whichever worker asks first.
     Either way two runs of one config trained on different batches, and a resumed run could skip micro-batches
     other than the ones it had trained on. Here a hash of (seed, ``order_by`` columns) orders the rows, fixed-size
-    blocks hold them (the workers' shuffle buffer fills block by block), and the driver splits them. Where the
-    rows are sorted (driver or cluster, by ``sort_on_driver_up_to``) does not change the parts. ``num_rows``:
-    the rows' count where the caller has it (counting is a pass over the table)."""
+    blocks hold them (the workers' shuffle buffer fills block by block), and the driver splits them.
+    ``num_rows``: the rows' count where the caller has it (counting is a pass over the table). ``on_driver``:
+    where the rows are sorted (None: by their size, ``sorts_on_driver``); the parts are the same either way."""
     num_rows = count_rows(rows) if num_rows is None else num_rows
     blocks = max(num_workers, math.ceil(num_rows / rows_per_block))
-    if num_rows <= sort_on_driver_up_to:
+    if on_driver is None:
+        on_driver, rows = sorts_on_driver(rows, num_rows)
+    if on_driver:
         ordered = _sorted_on_driver(rows, order_by, seed)
     else:
         # Without boundaries Ray Data samples the keys first and, when it cannot tell how many blocks a read
@@ -174,6 +178,16 @@ def worker_parts(rows, num_workers: int, order_by: list[str], seed: int, rows_pe
         ordered = (rows.map_batches(_order_keys, batch_format="pandas", fn_kwargs={"columns": order_by, "seed": seed})
                    .sort(ORDER_COLUMN, boundaries=key_boundaries(max(blocks, 2))).drop_columns([ORDER_COLUMN]))
     return ordered.repartition(blocks).materialize().split(num_workers, equal=True)
+
+
+def sorts_on_driver(rows, num_rows: int) -> tuple:
+    """(whether ``rows`` is small enough to be ordered on the driver, the rows to order): a table within the
+    row bound is read once here, materialized, so that its size is known and either sort starts from it."""
+    if num_rows > SORT_ON_DRIVER_MAX_ROWS:
+        return False, rows
+    with quietly():
+        rows = rows.materialize()
+    return rows.size_bytes() <= SORT_ON_DRIVER_MAX_BYTES, rows
 
 
 def _sorted_on_driver(rows, order_by: list[str], seed: int):

@@ -16,10 +16,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from bpo_ray import raydata
 from bpo_ray.config import load_config
 from bpo_ray.models.generate import Sampling, generate
 from bpo_ray.pipeline import RunDir, reference, run_stages, train
-from bpo_ray.raydata import SORT_ON_DRIVER_UP_TO, order_key, worker_parts
+from bpo_ray.raydata import SORT_ON_DRIVER_MAX_ROWS, order_key, sorts_on_driver, worker_parts
 from conftest import REPO, free_ports
 from train_checkpoints import recorded_checkpoint
 
@@ -43,14 +44,15 @@ def test_each_worker_trains_on_the_same_rows_however_they_were_written(ray_local
     written_twice = [ray.data.from_items(rows, override_num_blocks=3),
                      ray.data.from_items(random.Random(1).sample(rows, len(rows)), override_num_blocks=7)]
 
-    def seen(dataset, seed=0, on_driver=SORT_ON_DRIVER_UP_TO):  # each worker's batches, drawn as worker.py draws them
+    def seen(dataset, seed=0, on_driver=None):  # each worker's batches, drawn as worker.py draws them
         return [[list(batch["sample_id"]) for batch in part.iter_batches(
             batch_size=16, batch_format="pandas", local_shuffle_buffer_size=64, local_shuffle_seed=5)]
-            for part in worker_parts(dataset, 2, ["sample_id"], seed, rows_per_block=100, sort_on_driver_up_to=on_driver)]
+            for part in worker_parts(dataset, 2, ["sample_id"], seed, rows_per_block=100, on_driver=on_driver)]
 
+    assert sorts_on_driver(written_twice[0], len(rows))[0]  # a small table: ordered on the driver
     first, second = (seen(d) for d in written_twice)
     assert first == second
-    assert seen(written_twice[1], on_driver=0) == first  # a table too large for the driver: the cluster sorts it alike
+    assert seen(written_twice[1], on_driver=False) == first  # a table too large for the driver: the cluster sorts it alike
     # The parts, in order, are the rows sorted by their seeded hash (the sort's fixed key ranges lose none).
     in_parts = [r["sample_id"] for part in worker_parts(written_twice[1], 2, ["sample_id"], 0, rows_per_block=100)
                 for r in part.iter_rows()]
@@ -61,6 +63,20 @@ def test_each_worker_trains_on_the_same_rows_however_they_were_written(ray_local
     assert sum(len(b) for b in first[0]) == sum(len(b) for b in first[1]) == 601
     assert first[0][0] != sorted(first[0][0])  # shuffled, and by the seed:
     assert seen(written_twice[0], seed=1) != first
+
+
+def test_only_small_tables_are_sorted_on_the_driver(ray_local, monkeypatch):
+    """Rows reference their images: a table with too many rows, or one that still carries its images inline (from
+    before the image store), is sorted on the cluster; the count alone decides the first without a read."""
+    import ray.data
+
+    many = ray.data.range(SORT_ON_DRIVER_MAX_ROWS + 1)
+    assert sorts_on_driver(many, SORT_ON_DRIVER_MAX_ROWS + 1) == (False, many)
+    inline = ray.data.from_items([{"sample_id": f"s{i}", "image": bytes(64 * 1024)} for i in range(40)])
+    assert sorts_on_driver(inline, 40)[0]
+    monkeypatch.setattr(raydata, "SORT_ON_DRIVER_MAX_BYTES", 2**20)  # 40 images of 64 KB: 2.5 MB
+    heavy, read = sorts_on_driver(inline, 40)
+    assert not heavy and read.count() == 40
 
 
 def _cfg(root, model, *extra):
