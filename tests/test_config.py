@@ -77,6 +77,8 @@ def test_typo_in_yaml_file(tmp_path):
      "train.image_weight needs distortions"),
     (["train.image_weight=1", "train.image_distortions=[]"], "train.image_weight needs distortions"),
     (["negatives.existence.balance=mix"], "negatives.existence.balance 'mix' balances with existence pairs"),
+    (["negatives.existence.balance=steer"], "negatives.existence.balance 'steer' balances with existence pairs"),
+    (["negatives.existence.balance=errors"], "negatives.existence.balance 'errors' balances with existence pairs"),
     (["serve.host=0.0.0.0"], "serve.api_key"),
     (["data.format=parquet"], "data.path is required"),
     (["model.name_or_path=tiny://llm"], "must be a vision model"),

@@ -15,7 +15,8 @@ from bpo_ray.negatives.batches import (
     drop_for_balance,
     existence_batch,
     existence_prompts,
-    keep_policy_errors,
+    judge_policy_answers,
+    policy_judgements,
     yes_no_sides,
 )
 from bpo_ray.negatives.existence import (
@@ -26,6 +27,7 @@ from bpo_ray.negatives.existence import (
     existence_questions,
     plan,
     questions_for,
+    steering_share,
     yes_no_side,
 )
 
@@ -159,6 +161,38 @@ def test_balancing_drops_the_surplus_from_the_existence_pairs_of_the_side_that_h
     assert balancing_drops(7, 7, candidates, seed=0) == (None, [])
 
 
+def test_balancing_to_a_share_drops_the_preferred_pairs_first():
+    candidates = {"yes": [f"y{i}" for i in range(50)], "no": [f"n{i}" for i in range(50)]}
+    # 60 yes : 40 no to a yes share of 0.4: 40 no allow round(0.4 * 40 / 0.6) = 27 yes, so 33 go.
+    first = frozenset({"y7", "y3", "y41"})
+    side, drop = balancing_drops(yes=60, no=40, candidates=candidates, seed=0, share=0.4, first=first)
+    assert side == "yes" and len(drop) == 33 and set(drop[:3]) == first and not set(drop[3:]) & first
+    assert (60 - len(drop)) / (60 - len(drop) + 40) == pytest.approx(0.4, abs=0.01)
+    # 40 yes : 60 no to a yes share of 0.6: 40 yes allow round(0.4 * 40 / 0.6) = 27 no, so 33 go.
+    side, drop = balancing_drops(yes=40, no=60, candidates=candidates, seed=0, share=0.6)
+    assert side == "no" and len(drop) == 33
+    # Already on the share (within rounding), or under it on the side that has existence pairs: nothing goes.
+    assert balancing_drops(40, 60, candidates, seed=0, share=0.4) == (None, [])
+    side, drop = balancing_drops(yes=30, no=70, candidates=candidates, seed=0, share=0.4)
+    assert side == "no" and len(drop) == 70 - 45  # 30 yes allow round(0.6 * 30 / 0.4) = 45 no
+    # One half is mix's balance: the same draw as without a share.
+    assert balancing_drops(10, 13, candidates, seed=0, share=0.5) == balancing_drops(10, 13, candidates, seed=0)
+    for share in (0.0, 1.0, -0.2):
+        with pytest.raises(ValueError, match="between 0 and 1"):
+            balancing_drops(10, 13, candidates, seed=0, share=share)
+
+
+def test_the_steering_share_leans_against_the_policys_yes_bias_within_its_limit():
+    assert steering_share(questions=100, present=50, said_yes=60) == pytest.approx(0.4)  # says yes too often
+    assert steering_share(questions=100, present=50, said_yes=45) == pytest.approx(0.55)  # says no too often
+    assert steering_share(questions=100, present=50, said_yes=50) == 0.5  # unbiased: mix's balance
+    assert steering_share(questions=200, present=90, said_yes=100) == pytest.approx(0.45)  # truth not one half
+    assert steering_share(questions=100, present=50, said_yes=95) == pytest.approx(0.4)  # at most 0.1 off
+    assert steering_share(questions=100, present=50, said_yes=0, limit=0.2) == pytest.approx(0.7)
+    with pytest.raises(ValueError, match="no existence questions"):
+        steering_share(questions=0, present=0, said_yes=0)
+
+
 def test_dropped_existence_pairs_become_errors_with_their_reason_and_nothing_else_changes():
     rows = [{c: "" for c in OUT_COLUMNS} | {"sample_id": sid, "negative_type": kind, "kind": "pair",
                                               "chosen": "No, there is no red star.", "rejected": "Yes, there is."}
@@ -192,10 +226,10 @@ def test_the_policy_is_asked_each_question_on_the_clean_image_and_only_its_wrong
     # Right, wrong, unclear (neither yes nor no: kept, as POPE counts it a yes), and a failed generation.
     answers = ["Yes, there is one.", "No.", "A red circle.", ""]
     errors = ["", "", "", "RuntimeError: out of memory"]
-    out = keep_policy_errors({"carry": asked["carry"], "seed": asked["seed"],
-                              "generated_text": np.array(answers, dtype=object),
-                              "finish_reason": np.array(["stop"] * 4, dtype=object),
-                              "generation_error": np.array(errors, dtype=object)})
+    generated = {"carry": asked["carry"], "seed": asked["seed"], "generated_text": np.array(answers, dtype=object),
+                 "finish_reason": np.array(["stop"] * 4, dtype=object),
+                 "generation_error": np.array(errors, dtype=object)}
+    out = judge_policy_answers(generated)
     assert set(out) == set(OUT_COLUMNS)
     assert list(out["kind"]) == ["error", "pair", "pair", "error"]
     assert list(out["reason"]) == ["answered_right", "", "", "generation_failed"]
@@ -206,8 +240,23 @@ def test_the_policy_is_asked_each_question_on_the_clean_image_and_only_its_wrong
         if c not in ("kind", "reason", "detail", "edits", "image"):
             assert list(out[c]) == list(made[c]), c
     # An absent object: "no" is right, "yes" is wrong.
-    flipped = keep_policy_errors({"carry": asked["carry"][2:3], "seed": asked["seed"][2:3],
-                                  "generated_text": np.array(["No, there is not."], dtype=object),
-                                  "finish_reason": np.array(["stop"], dtype=object),
-                                  "generation_error": np.array([""], dtype=object)})
+    flipped = judge_policy_answers({"carry": asked["carry"][2:3], "seed": asked["seed"][2:3],
+                                    "generated_text": np.array(["No, there is not."], dtype=object),
+                                    "finish_reason": np.array(["stop"], dtype=object),
+                                    "generation_error": np.array([""], dtype=object)})
     assert list(flipped["reason"]) == ["answered_right"]
+
+    # balance: steer keeps every answered question a pair (the failed generation still an error); the
+    # judgements say, per pair, whether the object is there, whether the policy said yes and was right.
+    kept = judge_policy_answers(generated, keep_right=True)
+    assert list(kept["kind"]) == ["pair", "pair", "pair", "error"] and kept["reason"][3] == "generation_failed"
+    assert [json.loads(e)["policy_answer"] for e in kept["edits"]] == answers
+    judged = policy_judgements(kept)
+    assert list(judged["sample_id"]) == list(made["sample_id"][:3])
+    assert list(judged["present"]) == [True, True, False]
+    assert list(judged["said_yes"]) == [True, False, True]  # "A red circle.": neither word, a yes as POPE reads it
+    assert list(judged["right"]) == [True, False, False]
+    assert set(policy_judgements(made)["sample_id"]) == set()  # pairs the policy was not asked about
+    dropped = drop_for_balance(kept, frozenset(kept["sample_id"][:1]), "yes", balance="steer")
+    assert dropped["reason"][0] == "balance"
+    assert "more yes-chosen ones than the steered share allows (negatives.existence.balance: steer)" in dropped["detail"][0]

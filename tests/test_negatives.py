@@ -15,7 +15,7 @@ from PIL import Image
 
 from bpo_ray.config import SamplingConfig, load_config
 from bpo_ray.eval.metrics import parse_yes_no
-from bpo_ray.negatives.existence import EXISTENCE
+from bpo_ray.negatives.existence import EXISTENCE, steering_share
 from bpo_ray.negatives.generation import HFGenerator
 from bpo_ray.negatives.pairs import ERROR_INJECTION, IMAGE_WEAKENING, Drop
 from bpo_ray.pipeline import RunDir, run_stages
@@ -267,6 +267,7 @@ def test_existence_pairs_are_balanced_and_reported(tmp_path, tiny_models, shapes
 
     pairs = [p for p in _pairs(run) if p["negative_type"] == EXISTENCE]
     assert len(pairs) == made["pairs"]
+    asked_side = {p["sample_id"]: "yes" if p["chosen"].startswith("Yes") else "no" for p in pairs}
     samples = {s["sample_id"]: s for s in pq.read_table(run.samples).to_pylist()}
     for pair in pairs:
         lender = samples[pair["sample_id"].split("~")[0]]  # the image's representative sample
@@ -313,6 +314,73 @@ def test_existence_pairs_are_balanced_and_reported(tmp_path, tiny_models, shapes
         asked = json.loads(pair["edits"])
         said_yes, understood = parse_yes_no(asked["policy_answer"])
         assert asked["policy_answer"] and not (understood and said_yes == asked["present"]), asked
+
+    # Steered: the policy answers every question as above (greedy: the same answers) and all stay pairs; the whole
+    # mix is balanced to the yes-chosen share that leans against the policy's bias, its right answers dropped first.
+    _, run, manifests = _run(_base(tmp_path, tiny_models, shapes_dir / "records.json") + [
+        "negatives.weakening.enabled=false", "negatives.existence.enabled=true", "negatives.existence.balance=steer",
+        f"negatives.existence.annotations={annotations}", f"data.image_root={shapes_dir}"])
+    neg = manifests["negatives"]
+    steered, before, after = neg["by_type"][EXISTENCE], neg["yes_no"]["before_balance"], neg["yes_no"]
+    assert before == yes_no  # the same questions and flips as without the policy's answers
+    right_ids = {e["sample_id"] for e in right}
+    said_yes = (sum(asked_side[i] == "yes" for i in right_ids)  # a right answer says what is there
+                + sum(parse_yes_no(json.loads(p["edits"])["policy_answer"])[0] for p in pairs))
+    assert steered["policy_answered"] == steered["questions"] == made["pairs"]
+    assert steered["policy_accuracy"] == len(right_ids) / made["pairs"] and steered["truth_yes_rate"] == 0.5
+    assert steered["policy_yes_rate"] == said_yes / made["pairs"]
+    share = steered["target_yes_share"]
+    assert share == steering_share(made["pairs"], present, said_yes) != 0.5  # the tiny random model is biased
+    side = "yes" if share < 0.5 else "no"
+    kept = [p for p in _pairs(run) if p["negative_type"] == EXISTENCE]
+    dropped = {e["sample_id"] for e in pq.read_table(run.path("negatives", "errors")).to_pylist()
+               if e["negative_type"] == EXISTENCE and e["reason"] == "balance"}
+    assert len(dropped) == steered["dropped_for_balance"] > 0 and len(kept) + len(dropped) == made["pairs"]
+    assert {asked_side[i] for i in dropped} == {side}
+    yes, no = after["yes_chosen"], after["no_chosen"]
+    assert yes + no + len(dropped) == before["yes_chosen"] + before["no_chosen"]
+    assert (steered["yes_chosen"], steered["no_chosen"]) == (sum(asked_side[p["sample_id"]] == "yes" for p in kept),
+                                                             sum(asked_side[p["sample_id"]] == "no" for p in kept))
+    on_share = yes == round(share * no / (1 - share)) if side == "yes" else no == round((1 - share) * yes / share)
+    assert on_share or steered[f"{side}_chosen"] == 0  # or that side ran out of existence pairs
+    if right_ids & {p["sample_id"] for p in kept if asked_side[p["sample_id"]] == side}:
+        assert dropped <= right_ids  # a right answer left while a wrong one went: the right ones were not first
+
+
+def test_steering_takes_its_share_from_the_answers_and_drops_the_right_ones_first(ray_local):
+    """``balance: steer`` on a table of answered existence pairs: the policy says yes to 16 of 20 questions about
+    10 objects there and 10 not (unclear answers count as yes, as POPE reads them), so the share is one half
+    moved by the most allowed, 0.1, against it: 0.4. Ten yes- and ten no-chosen pairs: 3 yes-chosen go, and
+    they are the 3 the policy answered right, not any of the 7 it answered unclearly."""
+    import ray.data
+
+    from bpo_ray.negatives.batches import OUT_COLUMNS, judge_policy_answers, yes_no_sides
+    from bpo_ray.pipeline.negatives import _balance_the_mix, _steer
+
+    answers = {True: ["Yes, there is one."] * 3 + ["A red circle."] * 7, False: ["Yes."] * 6 + ["No."] * 4}
+    carried = []
+    for present, said in answers.items():
+        for k, answer in enumerate(said):
+            chosen, rejected = ("Yes, there is.", "No, there is not.") if present else ("No, there is not.", "Yes.")
+            pair = {c: "" for c in OUT_COLUMNS} | {
+                "sample_id": f"s{int(present)}{k}~{EXISTENCE}:red star", "negative_type": EXISTENCE, "kind": "pair",
+                "chosen": chosen, "rejected": rejected, "edits": json.dumps({"asked": "red star", "present": present}),
+                "seed": 0, "rejected_truncated": False, "image": b""}
+            carried.append((pickle.dumps(pair), answer))
+    judged = judge_policy_answers({"carry": np.array([c for c, _ in carried], dtype=object),
+                                   "generated_text": np.array([a for _, a in carried], dtype=object),
+                                   "generation_error": np.array([""] * len(carried), dtype=object)}, keep_right=True)
+    rows = ray.data.from_items([{c: judged[c][i] for c in OUT_COLUMNS} for i in range(len(carried))]).materialize()
+    sides = rows.map_batches(yes_no_sides).materialize()
+    steer = _steer(rows)
+    assert steer["policy_answered"] == 20 and steer["policy_yes_rate"] == 16 / 20 and steer["truth_yes_rate"] == 0.5
+    assert steer["target_yes_share"] == pytest.approx(0.4) and steer["policy_accuracy"] == 7 / 20
+    right_there = {f"s1{k}~{EXISTENCE}:red star" for k in range(3)}
+    assert right_there < steer["right"] and len(steer["right"]) == 7  # and the 4 absent ones it said no to
+    balanced, side = _balance_the_mix(rows, sides, {"yes_chosen": 10, "no_chosen": 10}, 0, "steer", steer)
+    dropped = [r for r in balanced.iter_rows() if r["kind"] == "error"]
+    assert side == "yes" and {r["sample_id"] for r in dropped} == right_there
+    assert {r["reason"] for r in dropped} == {"balance"} and all("steered share" in r["detail"] for r in dropped)
 
 
 def test_the_functions_ray_data_runs_as_plain_tasks_import_without_torch():

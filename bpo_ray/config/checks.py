@@ -39,8 +39,9 @@ def impossible_combinations(cfg: RunConfig):
             load(vocabulary)
         except ValueError as err:
             yield f"negatives.injection.vocabulary: {err}"
-    if neg.existence.balance == "mix" and not neg.existence.enabled:
-        yield "negatives.existence.balance 'mix' balances with existence pairs: set negatives.existence.enabled=true"
+    if neg.existence.balance != "existence" and not neg.existence.enabled:
+        yield (f"negatives.existence.balance {neg.existence.balance!r} balances with existence pairs: set "
+               "negatives.existence.enabled=true")
     if neg.existence.enabled and neg.existence.annotations is None and cfg.data.format != "synthetic":
         yield ("negatives.existence needs object annotations for these images: set negatives.existence.annotations "
                "(a COCO instances file); only the bundled shapes carry their own")

@@ -155,7 +155,10 @@ class ExistenceConfig(Section):
     # (weakening argues only for "no"), by dropping the existence pairs on the side that has more. errors:
     # only the questions the policy answers wrong on the clean image (greedy, as the eval asks), so the pairs
     # lean the way the policy's own yes/no bias needs correcting: BPO's bootstrapping, applied to existence.
-    balance: Literal["existence", "mix", "errors"] = Field("existence", json_schema_extra=KEYED_IF_SET)
+    # steer: as mix, to a yes-chosen share of one half moved against the policy's bias (by as much as it says
+    # yes more or less often than the truth, on the clean training images, at most 0.1), dropping first the
+    # pairs it answers right.
+    balance: Literal["existence", "mix", "errors", "steer"] = Field("existence", json_schema_extra=KEYED_IF_SET)
 
 
 class PairsConfig(Section):

@@ -192,11 +192,12 @@ def existence_prompts(batch: dict, seed: int) -> dict:
     }
 
 
-def keep_policy_errors(batch: dict) -> dict:
-    """The policy's answers to the existence questions, read as POPE reads them (``eval/metrics.py``): a
-    question it answered wrong, or with neither yes nor no, stays a pair; one it answered right becomes an
-    error (``Drop.ANSWERED_RIGHT``), a failed generation a ``generation_failed`` one. Its answer is kept in
-    ``edits`` (``policy_answer``) either way."""
+def judge_policy_answers(batch: dict, keep_right: bool = False) -> dict:
+    """The policy's answers to the existence questions, read as POPE reads them (``eval/metrics.py``), kept in
+    ``edits`` (``policy_answer``). ``balance: errors``: a question it answered wrong, or with neither yes nor
+    no, stays a pair; one it answered right becomes an error (``Drop.ANSWERED_RIGHT``). ``keep_right``
+    (``balance: steer``): every answered question stays a pair. A failed generation is a ``generation_failed``
+    error either way."""
     out = []
     for r in _rows(batch):
         pair = pickle.loads(r["carry"])
@@ -205,11 +206,29 @@ def keep_policy_errors(batch: dict) -> dict:
         pair["edits"] = json.dumps({**asked, "policy_answer": answer})
         if r["generation_error"]:
             pair.update(kind="error", reason=Drop.GENERATION_FAILED, detail=r["generation_error"])
-        elif understood and said_yes == asked["present"]:
+        elif understood and said_yes == asked["present"] and not keep_right:
             pair.update(kind="error", reason=Drop.ANSWERED_RIGHT,
                         detail=f"the policy answered {answer!r} (negatives.existence.balance: errors)")
         out.append(pair)
     return _columns(out, OUT_COLUMNS)
+
+
+def policy_judgements(batch: dict) -> dict:
+    """One row per existence pair the policy answered (``judge_policy_answers``): its id, whether the object
+    is there, whether the policy said yes (POPE's rule: an unclear answer counts as yes) and whether it was
+    right (said yes or no clearly, and matched)."""
+    rows = []
+    for r in _rows(batch):
+        if r["kind"] != "pair" or r["negative_type"] != EXISTENCE:
+            continue
+        asked = json.loads(r["edits"])
+        if "policy_answer" in asked:
+            said_yes, understood = parse_yes_no(asked["policy_answer"])
+            rows.append((r["sample_id"], asked["present"], said_yes, understood and said_yes == asked["present"]))
+    columns = {"sample_id": np.array([row[0] for row in rows], dtype=object)}
+    for i, name in enumerate(("present", "said_yes", "right"), start=1):
+        columns[name] = np.array([row[i] for row in rows], dtype=bool)
+    return columns
 
 
 def yes_no_sides(batch: dict) -> dict:
@@ -220,13 +239,15 @@ def yes_no_sides(batch: dict) -> dict:
             for i, name in enumerate(("sample_id", "negative_type", "side"))}
 
 
-def drop_for_balance(batch: dict, ids: frozenset, side: str) -> dict:
+def drop_for_balance(batch: dict, ids: frozenset, side: str, balance: str = "mix") -> dict:
     """The existence pairs ``ids`` become errors (``Drop.BALANCE``); every other row passes unchanged."""
+    over = "ones" if balance == "mix" else "ones than the steered share allows"
     out = []
     for r in _rows(batch):
         if r["kind"] == "pair" and r["negative_type"] == EXISTENCE and r["sample_id"] in ids:
             r = {**r, "kind": "error", "reason": Drop.BALANCE,
-                 "detail": f"the run's yes/no pairs had more {side}-chosen ones (negatives.existence.balance: mix)"}
+                 "detail": f"the run's yes/no pairs had more {side}-chosen {over} (negatives.existence.balance: "
+                           f"{balance})"}
         out.append(r)
     return _columns(out, OUT_COLUMNS)
 

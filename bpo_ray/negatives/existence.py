@@ -135,12 +135,29 @@ def yes_no_side(chosen: str, rejected: str) -> str | None:
     return None
 
 
-def balancing_drops(yes: int, no: int, candidates: dict[str, list[str]], seed: int) -> tuple[str | None, list[str]]:
-    """Which existence pairs to drop so the whole mix has as many yes-chosen pairs as no-chosen ones: from the
-    side with more (``yes`` or ``no``), as many as it has more, or all it has; drawn seeded, not in
-    table order. ``candidates``: the existence pairs' ids per side. Returns (side, ids)."""
-    if yes == no:
+def balancing_drops(yes: int, no: int, candidates: dict[str, list[str]], seed: int, share: float = 0.5,
+                    first: frozenset[str] = frozenset()) -> tuple[str | None, list[str]]:
+    """Which existence pairs to drop so that yes-chosen pairs are ``share`` of the whole mix's yes/no pairs (0.5:
+    as many as no-chosen ones): from the side over its share, as many as it is over by, or all it has; those in
+    ``first`` before the others, each group drawn seeded, not in table order. ``candidates``: the existence
+    pairs' ids per side. Returns (side, ids)."""
+    if not 0 < share < 1:
+        raise ValueError(f"share {share} is not between 0 and 1")
+    surplus_yes = yes - round(share * no / (1 - share))  # yes-chosen pairs over the share the no-chosen allow
+    surplus_no = no - round((1 - share) * yes / share)
+    if surplus_yes <= 0 and surplus_no <= 0:
         return None, []
-    side = "yes" if yes > no else "no"
-    pool = sorted(candidates.get(side, ()), key=lambda pair_id: (stable_seed(seed, "balance", pair_id), pair_id))
-    return side, pool[: abs(yes - no)]
+    side, surplus = ("yes", surplus_yes) if surplus_yes > 0 else ("no", surplus_no)
+    pool = sorted(candidates.get(side, ()),
+                  key=lambda pair_id: (pair_id not in first, stable_seed(seed, "balance", pair_id), pair_id))
+    return side, pool[:surplus]
+
+
+def steering_share(questions: int, present: int, said_yes: int, limit: float = 0.1) -> float:
+    """``balance: steer``: the yes-chosen share of the run's yes/no pairs that leans against the policy's own
+    bias: one half, moved by as much as the policy says yes more (or less) often than the objects asked about
+    are there, on the training questions; within ``limit`` of one half."""
+    if questions <= 0:
+        raise ValueError("no existence questions were answered")
+    lean = (present - said_yes) / questions
+    return 0.5 + max(-limit, min(limit, lean))

@@ -21,7 +21,7 @@ class Drop:
     IMAGE_PLACEHOLDER = "image_placeholder"
     TRUNCATED = "truncated"
     GENERATION_FAILED = "generation_failed"
-    BALANCE = "balance"  # an existence pair left out so the run's yes/no pairs balance (existence.balance: mix)
+    BALANCE = "balance"  # an existence pair left out so the run's yes/no pairs balance (existence.balance: mix, steer)
     ANSWERED_RIGHT = "answered_right"  # an existence question the policy already answers right (balance: errors)
 
 

@@ -37,6 +37,7 @@ VARIANTS = {
     "existence": ["negatives.existence.enabled=true"],
     "existence-mix": ["negatives.existence.enabled=true", "negatives.existence.balance=mix"],
     "existence-errors": ["negatives.existence.enabled=true", "negatives.existence.balance=errors"],
+    "existence-steer": ["negatives.existence.enabled=true", "negatives.existence.balance=steer"],
     "anchor": ["train.anchor_weight=1.0"],
     "existence+anchor": ["negatives.existence.enabled=true", "train.anchor_weight=1.0"],
     "image": ["train.image_weight=1.0"],

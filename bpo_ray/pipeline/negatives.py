@@ -8,8 +8,8 @@ Two branches from the validated samples (``data/samples``):
 - existing pairs (``negatives.extra_pairs``, optional): TRL / RLAIF-V / scored-completions data read and
   validated (``data/preferences.py``), beside the bootstrapped pairs or alone.
 Output: ``negatives/pairs``, ``negatives/errors`` and the manifest, whose counts satisfy, per branch,
-``samples_in − chosen_too_long == pairs + errors`` (existence: pairs + the ones dropped for balance or
-answered right == the questions planned; existing pairs: rows in == rows that made pairs + rows rejected).
+``samples_in − chosen_too_long == pairs + errors`` (existence: pairs + the ones dropped for balance, answered
+right or whose answer failed == the questions planned; existing pairs: rows in == rows that made pairs + rows rejected).
 """
 
 from __future__ import annotations
@@ -38,14 +38,15 @@ from bpo_ray.negatives.batches import (
     external_pair_layouts,
     finish_generated,
     injection_prompts,
-    keep_policy_errors,
+    judge_policy_answers,
+    policy_judgements,
     rules_batch,
     rules_edit_kinds,
     split_on_chosen_length,
     weaken_batch,
     yes_no_sides,
 )
-from bpo_ray.negatives.existence import EXISTENCE, balancing_drops, existence_questions
+from bpo_ray.negatives.existence import EXISTENCE, balancing_drops, existence_questions, steering_share
 from bpo_ray.negatives.generation import GenerationSpec, generate_column
 from bpo_ray.negatives.pairs import ERROR_INJECTION, IMAGE_WEAKENING, Drop
 from bpo_ray.pipeline.rundir import RunDir, policy_path
@@ -105,7 +106,8 @@ def run(cfg: RunConfig, run_dir: RunDir, key: str) -> dict:
     if neg.existence.enabled:
         questions, planned = _existence_plan(cfg, samples)
         asked = samples.map_batches(existence_batch, fn_kwargs={"questions": questions})
-        outputs.append(_keep_policy_errors(cfg, run_dir, asked) if neg.existence.balance == "errors" else asked)
+        answered = neg.existence.balance in ("errors", "steer")
+        outputs.append(_ask_the_policy(cfg, run_dir, asked) if answered else asked)
 
     external_in = None
     if neg.extra_pairs is not None:
@@ -122,9 +124,11 @@ def run(cfg: RunConfig, run_dir: RunDir, key: str) -> dict:
         sides = rows.map_batches(yes_no_sides).materialize()  # what the run's yes/no pairs argue for
     totals = count_by(sides, ["side"])
     yes_no = {"yes_chosen": totals.get(("yes",), 0), "no_chosen": totals.get(("no",), 0)}
-    mix, side = planned is not None and neg.existence.balance == "mix", None
-    if mix:
-        rows, side = _balance_the_mix(rows, sides, yes_no, neg.seed)
+    # mix, steer: balanced over every yes/no pair of the run, to one half or to the steered share
+    rebalance, side = planned is not None and neg.existence.balance in ("mix", "steer"), None
+    steer = _steer(rows) if rebalance and neg.existence.balance == "steer" else None
+    if rebalance:
+        rows, side = _balance_the_mix(rows, sides, yes_no, neg.seed, neg.existence.balance, steer)
     write_by_kind(rows, run_dir.stage_dir("negatives"), {"pairs": ("pair", PAIR_COLUMNS), "errors": ("error", ERROR_COLUMNS)})
     counts = count_by(rows, ["kind", "negative_type", "reason"])
     manifest = _manifest(counts, samples_in, generators, neg, time.time() - started)
@@ -139,18 +143,26 @@ def run(cfg: RunConfig, run_dir: RunDir, key: str) -> dict:
         if made + dropped != planned["pairs"]:
             raise RuntimeError(f"negatives/{EXISTENCE}: {planned['pairs']} questions planned but {made} pairs "
                                f"+ {dropped} dropped out ({dropped_by})")
-        if neg.existence.balance == "errors":  # the pairs kept: what the policy answered wrong, per side
+        questions, questions_yes, questions_no = planned["pairs"], planned["yes_chosen"], planned["no_chosen"]
+        answered = neg.existence.balance in ("errors", "steer")
+        if answered or rebalance:  # the pairs per side as made (before balancing), without failed generations
             kept = count_by(sides.filter(expr=col("negative_type") == EXISTENCE), ["side"])
-            planned = {**planned, "pairs": made, "errors": dropped, "questions": planned["pairs"],
-                       "questions_yes_chosen": planned["yes_chosen"], "questions_no_chosen": planned["no_chosen"],
-                       "yes_chosen": kept.get(("yes",), 0), "no_chosen": kept.get(("no",), 0),
-                       "answered_right": dropped_by.get(Drop.ANSWERED_RIGHT, 0)}
-        if mix:
-            planned = {**planned, "pairs": made, "errors": dropped, "dropped_for_balance": dropped}
+            planned = {**planned, "pairs": made, "errors": dropped,
+                       "yes_chosen": kept.get(("yes",), 0), "no_chosen": kept.get(("no",), 0)}
+        if answered:
+            planned.update(questions=questions, questions_yes_chosen=questions_yes, questions_no_chosen=questions_no,
+                           generation_failed=dropped_by.get(Drop.GENERATION_FAILED, 0))
+            if neg.existence.balance == "errors":  # steer keeps them: its policy_accuracy says how many
+                planned["answered_right"] = dropped_by.get(Drop.ANSWERED_RIGHT, 0)
+        if rebalance:
+            balanced = dropped_by.get(Drop.BALANCE, 0)
+            planned["dropped_for_balance"] = balanced
+            if steer:
+                planned.update({k: v for k, v in steer.items() if k != "right"})
             before = dict(yes_no)
             if side is not None:  # the side the dropped pairs argued for
-                planned[f"{side}_chosen"] -= dropped
-                yes_no[f"{side}_chosen"] -= dropped
+                planned[f"{side}_chosen"] -= balanced
+                yes_no[f"{side}_chosen"] -= balanced
             yes_no["before_balance"] = before
         manifest["by_type"][EXISTENCE] = planned
         manifest["pairs"] += made
@@ -161,14 +173,31 @@ def run(cfg: RunConfig, run_dir: RunDir, key: str) -> dict:
     return manifest
 
 
-def _keep_policy_errors(cfg: RunConfig, run_dir: RunDir, pairs):
-    """``balance: errors``: the policy (weakening's: the model being aligned) answers each existence question on
-    its clean image, greedy and as long as the eval lets it, on weakening's engine and pool; only the
-    questions it gets wrong stay pairs, so their yes/no balance is the policy's own bias reversed."""
+def _ask_the_policy(cfg: RunConfig, run_dir: RunDir, pairs):
+    """``balance: errors`` and ``steer``: the policy (weakening's: the model being aligned) answers each
+    existence question on its clean image, greedy and as long as the eval lets it, on weakening's engine and
+    pool. ``errors``: only the questions it gets wrong stay pairs, so their yes/no balance is the policy's own
+    bias reversed; ``steer``: all stay, its answers set the share ``_steer`` balances to."""
     greedy = SamplingConfig(temperature=0.0, max_new_tokens=POPE_MAX_TOKENS)
     prompts = with_images(pairs, run_dir.root).map_batches(existence_prompts, fn_kwargs={"seed": cfg.negatives.seed})
     return generate_column(prompts, _policy_on_images(cfg, policy_path(cfg, run_dir), greedy)).map_batches(
-        keep_policy_errors)
+        judge_policy_answers, fn_kwargs={"keep_right": cfg.negatives.existence.balance == "steer"})
+
+
+def _steer(rows) -> dict:
+    """How the policy answered the existence questions, and the yes-chosen share that leans against its bias
+    (``existence.steering_share``); ``right``: the pairs it answered right, the first to drop for balance."""
+    with quietly():
+        judged = rows.map_batches(policy_judgements).materialize()
+    questions = present = said_yes = 0
+    right = []
+    for row in judged.iter_rows():
+        questions, present, said_yes = questions + 1, present + row["present"], said_yes + row["said_yes"]
+        if row["right"]:
+            right.append(row["sample_id"])
+    return {"policy_answered": questions, "policy_yes_rate": said_yes / questions,
+            "truth_yes_rate": present / questions, "policy_accuracy": len(right) / questions,
+            "target_yes_share": steering_share(questions, present, said_yes), "right": frozenset(right)}
 
 
 def _policy_on_images(cfg: RunConfig, policy: str, sampling: SamplingConfig) -> GenerationSpec:
@@ -178,17 +207,20 @@ def _policy_on_images(cfg: RunConfig, policy: str, sampling: SamplingConfig) -> 
                           model=cfg.model)
 
 
-def _balance_the_mix(rows, sides, yes_no: dict, seed: int):
-    """Drop existence pairs from the side the run's yes/no pairs (``sides``) lean to until both sides are as
-    many (or the side has no existence pairs left); the dropped ones become errors. Returns (rows, that side)."""
+def _balance_the_mix(rows, sides, yes_no: dict, seed: int, balance: str, steer: dict | None):
+    """Drop existence pairs from the side the run's yes/no pairs (``sides``) lean to until yes-chosen ones are
+    their share (``mix``: one half; ``steer``: ``steer["target_yes_share"]``, the ones the policy answered right
+    first) or the side has no existence pairs left; the dropped ones become errors. Returns (rows, that side)."""
     from ray.data.expressions import col
 
     candidates: dict[str, list[str]] = {}
     for row in sides.filter(expr=col("negative_type") == EXISTENCE).iter_rows():
         candidates.setdefault(row["side"], []).append(row["sample_id"])
-    side, drop = balancing_drops(yes_no["yes_chosen"], yes_no["no_chosen"], candidates, seed)
+    share, first = (steer["target_yes_share"], steer["right"]) if steer else (0.5, frozenset())
+    side, drop = balancing_drops(yes_no["yes_chosen"], yes_no["no_chosen"], candidates, seed, share, first)
     if drop:
-        rows = rows.map_batches(drop_for_balance, fn_kwargs={"ids": frozenset(drop), "side": side}).materialize()
+        rows = rows.map_batches(drop_for_balance, fn_kwargs={"ids": frozenset(drop), "side": side,
+                                                             "balance": balance}).materialize()
     return rows, side
 
 
