@@ -182,15 +182,16 @@ def test_balancing_to_a_share_drops_the_preferred_pairs_first():
             balancing_drops(10, 13, candidates, seed=0, share=share)
 
 
-def test_the_steering_share_leans_against_the_policys_yes_bias_within_its_limit():
-    assert steering_share(questions=100, present=50, said_yes=60) == pytest.approx(0.4)  # says yes too often
-    assert steering_share(questions=100, present=50, said_yes=45) == pytest.approx(0.55)  # says no too often
-    assert steering_share(questions=100, present=50, said_yes=50) == 0.5  # unbiased: mix's balance
-    assert steering_share(questions=200, present=90, said_yes=100) == pytest.approx(0.45)  # truth not one half
-    assert steering_share(questions=100, present=50, said_yes=95) == pytest.approx(0.4)  # at most 0.1 off
-    assert steering_share(questions=100, present=50, said_yes=0, limit=0.2) == pytest.approx(0.7)
+def test_the_steering_share_leans_against_the_policys_yes_bias_by_its_gain_within_its_limit():
+    assert steering_share(questions=100, present=50, said_yes=60, gain=1) == pytest.approx(0.4)  # says yes too often
+    assert steering_share(questions=100, present=50, said_yes=60, gain=0.3) == pytest.approx(0.47)
+    assert steering_share(questions=100, present=50, said_yes=45, gain=1) == pytest.approx(0.55)  # says no too often
+    assert steering_share(questions=100, present=50, said_yes=50, gain=1) == 0.5  # unbiased: mix's balance
+    assert steering_share(questions=200, present=90, said_yes=100, gain=0.5) == pytest.approx(0.475)  # truth 0.45
+    assert steering_share(questions=100, present=50, said_yes=95, gain=1) == pytest.approx(0.4)  # at most 0.1 off
+    assert steering_share(questions=100, present=50, said_yes=0, gain=1, limit=0.2) == pytest.approx(0.7)
     with pytest.raises(ValueError, match="no existence questions"):
-        steering_share(questions=0, present=0, said_yes=0)
+        steering_share(questions=0, present=0, said_yes=0, gain=1)
 
 
 def test_dropped_existence_pairs_become_errors_with_their_reason_and_nothing_else_changes():

@@ -330,7 +330,8 @@ def test_existence_pairs_are_balanced_and_reported(tmp_path, tiny_models, shapes
     assert steered["policy_accuracy"] == len(right_ids) / made["pairs"] and steered["truth_yes_rate"] == 0.5
     assert steered["policy_yes_rate"] == said_yes / made["pairs"]
     share = steered["target_yes_share"]
-    assert share == steering_share(made["pairs"], present, said_yes) != 0.5  # the tiny random model is biased
+    assert steered["steer_gain"] == 0.3  # the default
+    assert share == steering_share(made["pairs"], present, said_yes, 0.3) != 0.5  # the tiny random model is biased
     side = "yes" if share < 0.5 else "no"
     kept = [p for p in _pairs(run) if p["negative_type"] == EXISTENCE]
     dropped = {e["sample_id"] for e in pq.read_table(run.path("negatives", "errors")).to_pylist()
@@ -349,8 +350,8 @@ def test_existence_pairs_are_balanced_and_reported(tmp_path, tiny_models, shapes
 
 def test_steering_takes_its_share_from_the_answers_and_drops_the_right_ones_first(ray_local):
     """``balance: steer`` on a table of answered existence pairs: the policy says yes to 16 of 20 questions about
-    10 objects there and 10 not (unclear answers count as yes, as POPE reads them), so the share is one half
-    moved by the most allowed, 0.1, against it: 0.4. Ten yes- and ten no-chosen pairs: 3 yes-chosen go, and
+    10 objects there and 10 not (unclear answers count as yes, as POPE reads them), so at gain 1 the share is
+    one half moved by the most allowed, 0.1, against it: 0.4. Ten yes- and ten no-chosen pairs: 3 yes-chosen go, and
     they are the 3 the policy answered right, not any of the 7 it answered unclearly."""
     import ray.data
 
@@ -372,7 +373,7 @@ def test_steering_takes_its_share_from_the_answers_and_drops_the_right_ones_firs
                                    "generation_error": np.array([""] * len(carried), dtype=object)}, keep_right=True)
     rows = ray.data.from_items([{c: judged[c][i] for c in OUT_COLUMNS} for i in range(len(carried))]).materialize()
     sides = rows.map_batches(yes_no_sides).materialize()
-    steer = _steer(rows)
+    steer = _steer(rows, gain=1.0)
     assert steer["policy_answered"] == 20 and steer["policy_yes_rate"] == 16 / 20 and steer["truth_yes_rate"] == 0.5
     assert steer["target_yes_share"] == pytest.approx(0.4) and steer["policy_accuracy"] == 7 / 20
     right_there = {f"s1{k}~{EXISTENCE}:red star" for k in range(3)}

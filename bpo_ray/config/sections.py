@@ -155,10 +155,13 @@ class ExistenceConfig(Section):
     # (weakening argues only for "no"), by dropping the existence pairs on the side that has more. errors:
     # only the questions the policy answers wrong on the clean image (greedy, as the eval asks), so the pairs
     # lean the way the policy's own yes/no bias needs correcting: BPO's bootstrapping, applied to existence.
-    # steer: as mix, to a yes-chosen share of one half moved against the policy's bias (by as much as it says
-    # yes more or less often than the truth, on the clean training images, at most 0.1), dropping first the
-    # pairs it answers right.
+    # steer: as mix, to a yes-chosen share of one half moved against the policy's bias (steer_gain times how
+    # much more or less often it says yes than the truth, on the clean training images, at most 0.1 off),
+    # dropping first the pairs it answers right.
     balance: Literal["existence", "mix", "errors", "steer"] = Field("existence", json_schema_extra=KEYED_IF_SET)
+    # The yes-ratio follows the pairs' share steeply: on the demo's base, the whole bias (gain 1) took it from
+    # 0.58 (mix) to 0.29 where the truth is 0.50 (docs/results.md); 0.3 is where a line through the two meets it.
+    steer_gain: float = Field(0.3, gt=0, le=1, json_schema_extra=KEYED_IF_SET)
 
 
 class PairsConfig(Section):

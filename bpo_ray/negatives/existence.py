@@ -153,11 +153,11 @@ def balancing_drops(yes: int, no: int, candidates: dict[str, list[str]], seed: i
     return side, pool[:surplus]
 
 
-def steering_share(questions: int, present: int, said_yes: int, limit: float = 0.1) -> float:
+def steering_share(questions: int, present: int, said_yes: int, gain: float, limit: float = 0.1) -> float:
     """``balance: steer``: the yes-chosen share of the run's yes/no pairs that leans against the policy's own
-    bias: one half, moved by as much as the policy says yes more (or less) often than the objects asked about
-    are there, on the training questions; within ``limit`` of one half."""
+    bias: one half, moved by ``gain`` times how much more (or less) often the policy says yes than the objects
+    asked about are there, on the training questions; within ``limit`` of one half."""
     if questions <= 0:
         raise ValueError("no existence questions were answered")
-    lean = (present - said_yes) / questions
+    lean = gain * (present - said_yes) / questions
     return 0.5 + max(-limit, min(limit, lean))

@@ -126,7 +126,7 @@ def run(cfg: RunConfig, run_dir: RunDir, key: str) -> dict:
     yes_no = {"yes_chosen": totals.get(("yes",), 0), "no_chosen": totals.get(("no",), 0)}
     # mix, steer: balanced over every yes/no pair of the run, to one half or to the steered share
     rebalance, side = planned is not None and neg.existence.balance in ("mix", "steer"), None
-    steer = _steer(rows) if rebalance and neg.existence.balance == "steer" else None
+    steer = _steer(rows, neg.existence.steer_gain) if rebalance and neg.existence.balance == "steer" else None
     if rebalance:
         rows, side = _balance_the_mix(rows, sides, yes_no, neg.seed, neg.existence.balance, steer)
     write_by_kind(rows, run_dir.stage_dir("negatives"), {"pairs": ("pair", PAIR_COLUMNS), "errors": ("error", ERROR_COLUMNS)})
@@ -184,7 +184,7 @@ def _ask_the_policy(cfg: RunConfig, run_dir: RunDir, pairs):
         judge_policy_answers, fn_kwargs={"keep_right": cfg.negatives.existence.balance == "steer"})
 
 
-def _steer(rows) -> dict:
+def _steer(rows, gain: float) -> dict:
     """How the policy answered the existence questions, and the yes-chosen share that leans against its bias
     (``existence.steering_share``); ``right``: the pairs it answered right, the first to drop for balance."""
     with quietly():
@@ -197,7 +197,8 @@ def _steer(rows) -> dict:
             right.append(row["sample_id"])
     return {"policy_answered": questions, "policy_yes_rate": said_yes / questions,
             "truth_yes_rate": present / questions, "policy_accuracy": len(right) / questions,
-            "target_yes_share": steering_share(questions, present, said_yes), "right": frozenset(right)}
+            "steer_gain": gain, "target_yes_share": steering_share(questions, present, said_yes, gain),
+            "right": frozenset(right)}
 
 
 def _policy_on_images(cfg: RunConfig, policy: str, sampling: SamplingConfig) -> GenerationSpec:
