@@ -103,10 +103,10 @@ def run(cfg: RunConfig, run_dir: RunDir, key: str) -> dict:
                                              "truncated": neg.truncated}))
 
     planned = None
+    answered = neg.existence.balance in ("errors", "steer")  # the policy answers each existence question
     if neg.existence.enabled:
         questions, planned = _existence_plan(cfg, samples)
         asked = samples.map_batches(existence_batch, fn_kwargs={"questions": questions})
-        answered = neg.existence.balance in ("errors", "steer")
         outputs.append(_ask_the_policy(cfg, run_dir, asked) if answered else asked)
 
     external_in = None
@@ -143,14 +143,13 @@ def run(cfg: RunConfig, run_dir: RunDir, key: str) -> dict:
         if made + dropped != planned["pairs"]:
             raise RuntimeError(f"negatives/{EXISTENCE}: {planned['pairs']} questions planned but {made} pairs "
                                f"+ {dropped} dropped out ({dropped_by})")
-        questions, questions_yes, questions_no = planned["pairs"], planned["yes_chosen"], planned["no_chosen"]
-        answered = neg.existence.balance in ("errors", "steer")
+        planned_total, planned_yes, planned_no = planned["pairs"], planned["yes_chosen"], planned["no_chosen"]
         if answered or rebalance:  # the pairs per side as made (before balancing), without failed generations
             kept = count_by(sides.filter(expr=col("negative_type") == EXISTENCE), ["side"])
             planned = {**planned, "pairs": made, "errors": dropped,
                        "yes_chosen": kept.get(("yes",), 0), "no_chosen": kept.get(("no",), 0)}
         if answered:
-            planned.update(questions=questions, questions_yes_chosen=questions_yes, questions_no_chosen=questions_no,
+            planned.update(questions=planned_total, questions_yes_chosen=planned_yes, questions_no_chosen=planned_no,
                            generation_failed=dropped_by.get(Drop.GENERATION_FAILED, 0))
             if neg.existence.balance == "errors":  # steer keeps them: its policy_accuracy says how many
                 planned["answered_right"] = dropped_by.get(Drop.ANSWERED_RIGHT, 0)
