@@ -115,20 +115,24 @@ def _load(config: str | None, overrides: list[str]):
 
 
 def pairs_overrides(path: str) -> list[str]:
-    """``bpo train --pairs PATH``: the existing pairs alone, nothing bootstrapped."""
+    """``bpo train --pairs PATH``: the existing pairs alone, nothing bootstrapped (so one round: a second would
+    train on the same pairs again)."""
     return [literal_override("negatives.extra_pairs.path", path), "negatives.weakening.enabled=false",
-            "negatives.injection.enabled=false", "negatives.existence.enabled=false"]
+            "negatives.injection.enabled=false", "negatives.existence.enabled=false", "rounds=1"]
 
 
 def generate_overrides(data: str | None, image_root: str | None, out: str | None) -> list[str]:
     """``bpo generate --data FILE --image-root DIR --out DIR``: local paths made absolute, URIs as given (the
-    output's parent is the storage path, its name the run's)."""
+    output's parent is the storage path, its name the run's). Records from a file carry no object truth to
+    ask existence questions about (the bundled shapes do): those pairs are off unless the overrides after these
+    turn them on with ``negatives.existence.annotations``."""
     from bpo_ray import storage
 
     overrides = []
     if data:
         fmt = "parquet" if data.endswith(".parquet") else "llava_json"
-        overrides += [f"data.format={fmt}", literal_override("data.path", storage.absolute(data))]
+        overrides += [f"data.format={fmt}", literal_override("data.path", storage.absolute(data)),
+                      "negatives.existence.enabled=false"]
         if image_root:
             overrides.append(literal_override("data.image_root", storage.absolute(image_root)))
     if out:
@@ -152,7 +156,7 @@ def _generate(args) -> int:
     from bpo_ray.runtime import init_ray, setup_logging
 
     setup_logging()
-    cfg = _load(args.config, [*args.overrides, *generate_overrides(args.data, args.image_root, args.out)])
+    cfg = _load(args.config, [*generate_overrides(args.data, args.image_root, args.out), *args.overrides])
     if cfg is None:
         return 2
     run = RunDir.for_config(cfg)

@@ -76,9 +76,6 @@ def test_typo_in_yaml_file(tmp_path):
     (["train.image_weight=1", "negatives.weakening.enabled=false", "negatives.weakening.distortions=[]"],
      "train.image_weight needs distortions"),
     (["train.image_weight=1", "train.image_distortions=[]"], "train.image_weight needs distortions"),
-    (["negatives.existence.balance=mix"], "negatives.existence.balance 'mix' balances with existence pairs"),
-    (["negatives.existence.balance=steer"], "negatives.existence.balance 'steer' balances with existence pairs"),
-    (["negatives.existence.balance=errors"], "negatives.existence.balance 'errors' balances with existence pairs"),
     (["serve.host=0.0.0.0"], "serve.api_key"),
     (["data.format=parquet"], "data.path is required"),
     (["model.name_or_path=tiny://llm"], "must be a vision model"),
@@ -123,6 +120,30 @@ def test_bad_files(tmp_path):
     bad.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(bad)
+
+
+def test_the_papers_bpo_is_one_switch_from_the_embedded_default():
+    """The embedded default grounds yes/no answers too (steered existence pairs, two rounds); switched off, the
+    existence section's other settings are read by nothing, so the paper's BPO keys every stage as a config
+    without that section does (a run directory made under the earlier default resumes)."""
+    tiny = REPO / "configs" / "tiny.yaml"
+    grounded = load_config(tiny)
+    assert grounded.rounds == 2 and grounded.negatives.existence.enabled
+    assert grounded.negatives.existence.balance == "steer"
+    paper = load_config(tiny, ["negatives.existence.enabled=false", "rounds=1"])
+    raw = yaml.safe_load(tiny.read_text())
+    del raw["rounds"], raw["negatives"]["existence"]
+    without = RunConfig.model_validate(raw)
+    assert paper.negatives.existence.balance == "steer"  # kept, as set, and inert
+    for reads in (("model", "negatives"), ("model", "train"), ("data",), ("model", "sft")):
+        assert paper.section_hash(*reads) == without.section_hash(*reads), reads
+    assert grounded.section_hash("model", "negatives") != paper.section_hash("model", "negatives")
+    for balance in ("mix", "errors", "steer"):  # any balance, with the section off, changes nothing
+        off = load_config(None, [f"negatives.existence.balance={balance}"])
+        assert off.section_hash("negatives") == load_config(None, []).section_hash("negatives")
+        on = load_config(None, ["negatives.existence.enabled=true", f"negatives.existence.balance={balance}"])
+        assert on.section_hash("negatives") != load_config(None, ["negatives.existence.enabled=true"]).section_hash(
+            "negatives")
 
 
 def test_section_hash_tracks_only_its_sections():
@@ -261,6 +282,23 @@ def test_command_line_paths_reach_the_config_as_given(tmp_path, monkeypatch):
                         (["make-data", "--out=~/d"], "out"), (["eval", "--endpoint=x", "--model=~m", "--data=~/d"], "data")):
         assert getattr(build_parser().parse_args(flags), attr) == f"{tmp_path}/{flags[-1].split('/')[-1]}"
     assert build_parser().parse_args(["eval", "--endpoint=x", "--model=~m"]).model == "~m"  # a served name, not a path
+
+
+def test_commands_on_their_own_data_leave_out_what_needs_the_shapes_or_bootstrapping():
+    """On the embedded default (existence pairs, two rounds): ``bpo generate --data`` reads records with no
+    object truth, so existence pairs are off unless the overrides after the flags bring annotations;
+    ``bpo train --pairs`` bootstraps nothing, so one round (a second would train on the same pairs again)."""
+    from bpo_ray.cli import generate_overrides, pairs_overrides
+
+    tiny = REPO / "configs" / "tiny.yaml"
+    own = generate_overrides("/x/records.json", None, None)
+    assert not load_config(tiny, own).negatives.existence.enabled
+    again = load_config(tiny, [*own, "negatives.existence.enabled=true", "negatives.existence.annotations=/x/i.json"])
+    assert again.negatives.existence.enabled and again.negatives.existence.annotations == "/x/i.json"
+    assert load_config(tiny, generate_overrides(None, None, "/x/out")).negatives.existence.enabled  # the shapes
+    alone = load_config(tiny, pairs_overrides("/x/pairs.jsonl"))
+    assert alone.rounds == 1 and not alone.negatives.existence.enabled
+    assert load_config(tiny, [*pairs_overrides("/x/pairs.jsonl"), "rounds=3"]).rounds == 3
 
 
 def test_bpo_eval_takes_the_coco_flags_together(tmp_path):

@@ -39,12 +39,9 @@ def impossible_combinations(cfg: RunConfig):
             load(vocabulary)
         except ValueError as err:
             yield f"negatives.injection.vocabulary: {err}"
-    if neg.existence.balance != "existence" and not neg.existence.enabled:
-        yield (f"negatives.existence.balance {neg.existence.balance!r} balances with existence pairs: set "
-               "negatives.existence.enabled=true")
     if neg.existence.enabled and neg.existence.annotations is None and cfg.data.format != "synthetic":
         yield ("negatives.existence needs object annotations for these images: set negatives.existence.annotations "
-               "(a COCO instances file); only the bundled shapes carry their own")
+               "(a COCO instances file), or negatives.existence.enabled=false; only the bundled shapes carry their own")
     if neg.weakening.enabled and not neg.weakening.distortions:
         yield "negatives.weakening.distortions is empty while weakening is enabled"
     if not cfg.resources.use_gpu:

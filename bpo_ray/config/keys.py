@@ -17,7 +17,8 @@ from pydantic import BaseModel
 # setting them never invalidates finished stages or checkpoints.
 NOT_KEYED = {"stage_key": False}
 # An option added after run directories exist: part of the stage keys only when set, so runs made before it
-# existed (which behaved as its default does) still resume.
+# existed (which behaved as its default does) still resume. A section so marked that is switched off
+# (``enabled: false``) counts as unset: nothing reads its other settings.
 KEYED_IF_SET = {"stage_key": "if_set"}
 # How a stage runs (actor pools, checkpoint cadence, activation checkpointing, serving's address and
 # admission), which the stage keys included until 2026-12: left out of them now, so resuming on a bigger
@@ -74,10 +75,11 @@ def _keyed_field(cfg: BaseModel, path: str, earlier: bool) -> Any:
 
 def _left_out(field, value, earlier: bool) -> bool:
     """Whether a field's value stays out of the stage keys: never keyed, no longer keyed (unless ``earlier``),
-    or keyed only once set and unset."""
+    or keyed only once set and unset (or a section switched off)."""
     marker = field.json_schema_extra
-    return (marker == NOT_KEYED or (marker == NO_LONGER_KEYED and not earlier)
-            or (marker == KEYED_IF_SET and value == field.get_default()))
+    if marker == KEYED_IF_SET:
+        return value == field.get_default() or getattr(value, "enabled", True) is False
+    return marker == NOT_KEYED or (marker == NO_LONGER_KEYED and not earlier)
 
 
 def _unkeyed(value: BaseModel, earlier: bool) -> dict:

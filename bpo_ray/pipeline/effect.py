@@ -24,27 +24,38 @@ from bpo_ray.eval.sweep import format_summary, summarize
 from bpo_ray.pipeline import job
 from bpo_ray.pipeline.rundir import RunDir
 
-# name → overrides on top of the config (which makes both kinds of negatives with its own beta).
+# The paper's BPO on the embedded default (which adds steered existence pairs over two rounds).
+PAPER = ["negatives.existence.enabled=false", "rounds=1"]
+
+
+def _existence(balance: str) -> list[str]:
+    return ["rounds=1", "negatives.existence.enabled=true", f"negatives.existence.balance={balance}"]
+
+
+# name → overrides on top of the config: the paper's BPO (both kinds of negatives, one round) and ablations of
+# it, then the grounding options alone and combined.
 VARIANTS = {
-    "both": [],
-    "injection": ["negatives.weakening.enabled=false"],
-    "weakening": ["negatives.injection.enabled=false"],
-    "beta0.05": ["train.beta=0.05"],
-    "beta0.5": ["train.beta=0.5"],
-    "companion-q": ["data.synthetic.companion_questions=1.0"],
+    "both": PAPER,
+    "injection": [*PAPER, "negatives.weakening.enabled=false"],
+    "weakening": [*PAPER, "negatives.injection.enabled=false"],
+    "beta0.05": [*PAPER, "train.beta=0.05"],
+    "beta0.5": [*PAPER, "train.beta=0.5"],
+    "companion-q": [*PAPER, "data.synthetic.companion_questions=1.0"],
     # Grounding yes/no answers (not in the paper): balanced existence pairs, mDPO's anchor and its
     # image-conditional term, and combinations.
-    "existence": ["negatives.existence.enabled=true"],
-    "existence-mix": ["negatives.existence.enabled=true", "negatives.existence.balance=mix"],
-    "existence-errors": ["negatives.existence.enabled=true", "negatives.existence.balance=errors"],
-    "existence-steer": ["negatives.existence.enabled=true", "negatives.existence.balance=steer"],
-    "anchor": ["train.anchor_weight=1.0"],
-    "existence+anchor": ["negatives.existence.enabled=true", "train.anchor_weight=1.0"],
-    "image": ["train.image_weight=1.0"],
-    "existence+image": ["negatives.existence.enabled=true", "train.image_weight=1.0"],
-    "image-crop": ["train.image_weight=1.0", "train.image_distortions=[{kind: crop, strength: 0.85}]"],
-    # Bootstrapping: a second round on the model the first aligned.
-    "rounds2": ["rounds=2"],
+    "existence": _existence("existence"),
+    "existence-mix": _existence("mix"),
+    "existence-errors": _existence("errors"),
+    "existence-steer": _existence("steer"),
+    "anchor": [*PAPER, "train.anchor_weight=1.0"],
+    "existence+anchor": [*_existence("existence"), "train.anchor_weight=1.0"],
+    "image": [*PAPER, "train.image_weight=1.0"],
+    "existence+image": [*_existence("existence"), "train.image_weight=1.0"],
+    "image-crop": [*PAPER, "train.image_weight=1.0", "train.image_distortions=[{kind: crop, strength: 0.85}]"],
+    # Bootstrapping: a second round on the model the first aligned; with steered existence pairs, the
+    # embedded default.
+    "rounds2": ["negatives.existence.enabled=false", "rounds=2"],
+    "steer-rounds2": ["negatives.existence.enabled=true", "negatives.existence.balance=steer", "rounds=2"],
 }
 
 
