@@ -100,7 +100,7 @@ class StorePoller:
 
 def one(n: int, max_new_tokens: int, work: Path) -> dict:
     """Run the stages on the n-sample dataset in this process (the driver); what it measured."""
-    from bpo_ray.config import load_config
+    from bpo_ray.config import PAPER_BPO, load_config
     from bpo_ray.data.images import rows_with_images
     from bpo_ray.pipeline import RunDir, run_stages
     from bpo_ray.raydata import read_parquet, worker_parts
@@ -113,7 +113,7 @@ def one(n: int, max_new_tokens: int, work: Path) -> dict:
         f"storage_path={work}", f"run_name=scale-{n}", f"cache_dir={ROOT / '.cache' / 'bpo-ray'}",
         "sft.enabled=false", "eval.enabled=false", "data.format=llava_json",
         f"data.path={source / 'records.json'}", f"data.image_root={source}",
-        f"negatives.weakening.sampling.max_new_tokens={max_new_tokens}", "negatives.truncated=keep"])
+        f"negatives.weakening.sampling.max_new_tokens={max_new_tokens}", "negatives.truncated=keep", *PAPER_BPO])
     init_ray(cfg.resources)
     poller = StorePoller()
     started = time.time()

@@ -39,9 +39,9 @@ WARMUP = 3
 
 
 def config(root: Path, model: Path, images: int, steps: int, *extra: str):
-    from bpo_ray.config import load_config
+    from bpo_ray.config import PAPER_BPO, load_config
 
-    return load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml", [
+    return load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml", [*PAPER_BPO,
         f"storage_path={root}", f"cache_dir={root / 'cache'}", f"model.name_or_path={model}", "sft.enabled=false",
         f"data.synthetic.num_images={images}", "negatives.weakening.enabled=false", "eval.enabled=false",
         "train.lora.enabled=false", "train.freeze_vision_tower=false", "train.gradient_checkpointing=false",

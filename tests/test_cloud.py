@@ -190,7 +190,8 @@ def test_installed_job_runs_on_s3_and_resumes_from_the_bucket_alone(s3, tmp_path
         "data.format=llava_json", f"data.path=s3://{BUCKET}/data/records.json", f"data.image_root=s3://{BUCKET}/data",
         "sft.max_steps=2", "sft.data.synthetic.num_images=8", "sft.per_device_batch_size=4", "sft.checkpoint_every=1",
         "train.max_steps=3", "train.checkpoint_every=2", "negatives.weakening.sampling.max_new_tokens=8",
-        "negatives.truncated=keep", "eval.num_images=4"]
+        "negatives.truncated=keep", "eval.num_images=4",
+        "negatives.existence.enabled=false"]  # records from a file: no object truth to ask about (the default's 2 rounds stay)
     cfg = load_config(REPO / "configs" / "tiny.yaml", overrides)
     config = tmp_path / "run.yaml"  # the same run as a user's own config file, for step 2
     config.write_text(cfg.to_yaml())
@@ -200,11 +201,13 @@ def test_installed_job_runs_on_s3_and_resumes_from_the_bucket_alone(s3, tmp_path
     #    every output into the bucket.
     first = _on_a_fresh_node(venv, s3, tmp_path / "node1", "train", *overrides)
     files = _files(run)
-    for stage in ("sft", "data", "negatives", "reference", "train"):
+    for stage in ("sft", "data", "negatives", "reference", "train", "round-2/negatives", "round-2/reference",
+                  "round-2/train"):
         assert json.loads(files[f"{stage}/manifest.json"])["finished"], stage
     assert "eval/manifest.json" not in files
-    assert {"sft/model/model.safetensors", "model/model.safetensors", "config.yaml"} <= set(files)
-    for stage, steps in (("sft", 2), ("train", 3)):
+    assert {"sft/model/model.safetensors", "model/model.safetensors", "round-2/model/model.safetensors",
+            "config.yaml"} <= set(files)
+    for stage, steps in (("sft", 2), ("train", 3), ("round-2/train", 3)):
         logged = [json.loads(line)["step"] for line in files[f"{stage}/metrics.jsonl"].decode().splitlines()]
         assert logged == list(range(1, steps + 1)), (stage, logged)
         assert any(name.startswith(f"{stage}/tb/events.out.tfevents") for name in files), stage
@@ -213,7 +216,7 @@ def test_installed_job_runs_on_s3_and_resumes_from_the_bucket_alone(s3, tmp_path
         assert any(name.startswith(table + "/") and name.endswith(".parquet") for name in files), table
     pairs = json.loads(files["negatives/manifest.json"])
     assert pairs["pairs"] > 0 and json.loads(files["data/manifest.json"])["records_in"] == 16
-    train_manifest = files["train/manifest.json"]
+    trained = files["train/manifest.json"], files["round-2/train/manifest.json"]
 
     # 2. Another node, nothing local: bpo run resumes from the bucket (skips what finished, evaluates). The stages
     #    skip only if step 1 ran this very config: the embedded default is configs/tiny.yaml.
@@ -222,7 +225,7 @@ def test_installed_job_runs_on_s3_and_resumes_from_the_bucket_alone(s3, tmp_path
         shutil.rmtree(folder, ignore_errors=True)
     second = _on_a_fresh_node(venv, s3, tmp_path / "node2", "run", "--config", config)
     files = _files(run)
-    assert files["train/manifest.json"] == train_manifest  # not re-run
+    assert (files["train/manifest.json"], files["round-2/train/manifest.json"]) == trained  # not re-run
     evaluated = json.loads(files["eval/manifest.json"])
     assert evaluated["finished"] and evaluated["requests"] > 0 and not evaluated["errors_by_reason"]
     assert {"eval/metrics.json", "eval/predictions.jsonl", "report.json", "report.md", "plots/training.png",

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bpo_ray.config import ConfigError, RunConfig, apply_override, literal_override, load_config
+from bpo_ray.config import PAPER_BPO, ConfigError, RunConfig, apply_override, literal_override, load_config
 from conftest import REPO, run_cli
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -130,7 +130,7 @@ def test_the_papers_bpo_is_one_switch_from_the_embedded_default():
     grounded = load_config(tiny)
     assert grounded.rounds == 2 and grounded.negatives.existence.enabled
     assert grounded.negatives.existence.balance == "steer"
-    paper = load_config(tiny, ["negatives.existence.enabled=false", "rounds=1"])
+    paper = load_config(tiny, PAPER_BPO)
     raw = yaml.safe_load(tiny.read_text())
     del raw["rounds"], raw["negatives"]["existence"]
     without = RunConfig.model_validate(raw)

@@ -14,7 +14,7 @@ from PIL import Image
 
 from bpo_ray import storage
 from bpo_ray.cli import pairs_overrides
-from bpo_ray.config import PairsConfig, bootstraps, load_config
+from bpo_ray.config import PAPER_BPO, PairsConfig, bootstraps, load_config
 from bpo_ray.data.dataset import pairs_format, read_pairs_raw
 from bpo_ray.data.preferences import EXTERNAL, PairReason, preference_rows
 from bpo_ray.data.records import Reason
@@ -102,7 +102,7 @@ def _cfg(root, tiny_models, *extra):
         f"storage_path={root}", f"cache_dir={root / 'cache'}", f"model.name_or_path={tiny_models['llava']}",
         "sft.enabled=false", "eval.enabled=false", "data.synthetic.num_images=4", "negatives.weakening.enabled=false",
         "train.num_workers=2", "train.per_device_batch_size=2", "train.max_steps=2", "train.checkpoint_every=2",
-        *extra])
+        *PAPER_BPO, *extra])  # the paper's BPO beside them: one round, no existence pairs
 
 
 def test_training_on_existing_pairs_alone_and_mixed(sources, tmp_path, tiny_models, ray_local):

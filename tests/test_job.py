@@ -37,17 +37,18 @@ TINY_SFT = ["sft.max_steps=2", "sft.data.synthetic.num_images=8", "sft.per_devic
 
 
 def test_job_runs_the_embedded_default_and_resumes(tmp_path, monkeypatch):
-    """The job on the embedded default, then the same run extended to two bootstrapping rounds: round 1 is
-    skipped as finished, round 2 makes its weakened-image negatives with round 1's aligned model and trains on
-    from it; then once more, with everything finished, nothing runs. All three jobs log to one MLflow run and
-    one W&B run (offline), rank 0 of each training stage live."""
+    """The job on the embedded default's first round alone, then the same run with the default's two
+    bootstrapping rounds: round 1 is skipped as finished, round 2 makes its weakened-image negatives (and asks
+    its existence questions) with round 1's aligned model and trains on from it; then once more, with
+    everything finished, nothing runs. All three jobs log to one MLflow run and one W&B run (offline), rank 0
+    of each training stage live."""
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3's opt-in to its file store
     tracked = [f"tracking.mlflow.tracking_uri={tmp_path / 'mlruns'}", "tracking.wandb.mode=offline",
                f"tracking.wandb.dir={tmp_path / 'wandb'}"]
     common = [f"storage_path={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}", "resources.ray_address=local",
               "data.synthetic.num_images=8", "train.max_steps=3", "negatives.weakening.sampling.max_new_tokens=8", "negatives.truncated=keep", "eval.enabled=false",
               *TINY_SFT, *tracked]
-    first = run_cli("run", "--config", "configs/tiny.yaml", *common)
+    first = run_cli("run", "--config", "configs/tiny.yaml", *common, "rounds=1")
     assert first.returncode == 0, first.stderr[-3000:]
     run_dir = tmp_path / "runs" / "bpo-tiny"
     assert f"run directory: {run_dir}" in first.stdout
@@ -92,7 +93,7 @@ def test_job_runs_the_embedded_default_and_resumes(tmp_path, monkeypatch):
 
     round_1 = {stage: json.loads((run_dir / stage / "manifest.json").read_text())
                for stage in ("sft", "data", "negatives", "reference", "train")}
-    extended = run_cli("jobs/bpo.py", "--config", "configs/tiny.yaml", *common, "rounds=2")
+    extended = run_cli("jobs/bpo.py", "--config", "configs/tiny.yaml", *common)  # the default: two rounds
     assert extended.returncode == 0, extended.stderr[-3000:]
     for stage, before in round_1.items():  # skipped: the same output, not a re-run that wrote a new one
         assert json.loads((run_dir / stage / "manifest.json").read_text()) == before, stage
@@ -104,10 +105,13 @@ def test_job_runs_the_embedded_default_and_resumes(tmp_path, monkeypatch):
     assert round_2["finished"] and round_2["steps"] == 3 and round_2["model_dir"] == str(run_dir / "round-2" / "model")
     assert (run_dir / "round-2" / "model" / "model.safetensors").is_file()
     assert "2 bootstrapping rounds" in (run_dir / "round-2" / "model" / "README.md").read_text()
+    for stage in ("negatives", "round-2/negatives"):  # the default's existence pairs, steered in both rounds
+        existence = json.loads((run_dir / stage / "manifest.json").read_text())["by_type"]["existence"]
+        assert existence["policy_answered"] == existence["questions"] > 0 and existence["steer_gain"] == 0.3, stage
 
     finished = {**round_1, **{stage: json.loads((run_dir / stage / "manifest.json").read_text())
                               for stage in ("round-2/negatives", "round-2/reference", "round-2/train")}}
-    again = run_cli("run", "--config", "configs/tiny.yaml", *common, "rounds=2")
+    again = run_cli("run", "--config", "configs/tiny.yaml", *common)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "round-2/train: 3 steps" in again.stdout  # the closing summary lists every round's stages
     for stage, before in finished.items():
@@ -327,5 +331,7 @@ def test_ray_job_submit_runs_the_whole_job_and_resumes_after_a_stop(head_node, t
     assert (run_dir / "plots" / "training.png").stat().st_size > 1000 and (run_dir / "plots" / "eval.png").is_file()
     assert f"report: {run_dir}/report.md" in logs
     assert "/v1/chat/completions 200" not in logs  # the eval's requests are not one line each in the job's log
-    card = (run_dir / "model" / "README.md").read_text()  # the card carries the eval table the report has
+    last = json.loads((run_dir / "round-2" / "train" / "manifest.json").read_text())  # the default's second round
+    assert last["finished"] and last["steps"] == SUBMIT_STEPS and last["model_dir"] == str(run_dir / "round-2" / "model")
+    card = (run_dir / "round-2" / "model" / "README.md").read_text()  # the card of the model evaluated, the last
     assert "| pope adversarial f1 |" in card and "Base vs aligned on 4 held-out images" in card

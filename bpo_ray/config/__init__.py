@@ -11,6 +11,7 @@ from bpo_ray.config.checks import LOOPBACK, TINY_ARCHS, TINY_SCHEME, bootstraps,
 from bpo_ray.config.keys import KEYED_IF_SET, NO_LONGER_KEYED, NOT_KEYED
 from bpo_ray.config.load import (
     EMBEDDED_DEFAULT,
+    PAPER_BPO,
     ConfigError,
     add_config_args,
     apply_override,
@@ -45,7 +46,8 @@ from bpo_ray.config.sections import (
 )
 
 __all__ = [
-    "EMBEDDED_DEFAULT", "KEYED_IF_SET", "LOOPBACK", "NOT_KEYED", "NO_LONGER_KEYED", "TINY_ARCHS", "TINY_SCHEME",
+    "EMBEDDED_DEFAULT", "KEYED_IF_SET", "LOOPBACK", "NOT_KEYED", "NO_LONGER_KEYED", "PAPER_BPO", "TINY_ARCHS",
+    "TINY_SCHEME",
     "ActorPoolConfig", "ConfigError", "DataConfig", "DistortionConfig", "EvalConfig", "ExistenceConfig",
     "ExportConfig", "InjectionConfig", "LoraConfig", "MlflowConfig", "ModelConfig", "NegativesConfig",
     "PairsConfig", "ResourcesConfig", "RunConfig", "SFTConfig", "SamplingConfig", "Section", "ServeConfig",

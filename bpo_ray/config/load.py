@@ -19,6 +19,9 @@ from bpo_ray.config.sections import RunConfig
 
 # Shipped in the package (the wheel has no configs/; configs/tiny.yaml links here).
 EMBEDDED_DEFAULT = Path(__file__).with_name("tiny.yaml")
+# What makes the embedded default (which grounds yes/no answers too, over two rounds) the paper's BPO: its two
+# kinds of negatives, one round.
+PAPER_BPO = ("negatives.existence.enabled=false", "rounds=1")
 
 
 class ConfigError(ValueError):

@@ -142,8 +142,9 @@ class InjectionConfig(Section):
 
 
 class ExistenceConfig(Section):
-    """Balanced yes/no pairs about objects, from the training images' object annotations (off by default:
-    not in the paper). Per image, each object present ("yes" chosen) and as many absent ones ("no" chosen)."""
+    """Balanced yes/no pairs about objects, from the training images' object annotations (not in the paper: off
+    here and in the real configs; the embedded default steers them over two rounds). Per image, each object
+    present ("yes" chosen) and as many absent ones ("no" chosen). Switched off, its other settings are inert."""
 
     enabled: bool = False
     # A COCO instances file for the training images (image_ref matched by path or file name); None: the

@@ -19,13 +19,12 @@ import json
 import sys
 
 from bpo_ray import storage
-from bpo_ray.config import ConfigError, add_config_args, literal_override, load_config
+from bpo_ray.config import PAPER_BPO, ConfigError, add_config_args, literal_override, load_config
 from bpo_ray.eval.sweep import format_summary, summarize
 from bpo_ray.pipeline import job
 from bpo_ray.pipeline.rundir import RunDir
 
-# The paper's BPO on the embedded default (which adds steered existence pairs over two rounds).
-PAPER = ["negatives.existence.enabled=false", "rounds=1"]
+PAPER = list(PAPER_BPO)
 
 
 def _existence(balance: str) -> list[str]:
