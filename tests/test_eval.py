@@ -9,7 +9,7 @@ import pytest
 
 from bpo_ray.config import load_config
 from bpo_ray.data.synthetic import COLORS, COMPANIONS, SHAPES
-from bpo_ray.eval.compare import comparison, format_table
+from bpo_ray.eval.compare import comparison, format_table, headline
 from bpo_ray.eval.metrics import (
     chair_caption,
     chair_metrics,
@@ -142,6 +142,17 @@ def test_report_table_marks_which_model_is_better():
     assert rows["pope adversarial yes_ratio"]["better"] is None
     assert "| pope adversarial f1 | 0.600 | 0.700 | +0.100 ✓ |" in format_table(list(rows.values()))
     assert not math.isnan(rows["exact captions"]["delta"])
+
+
+def test_the_printed_table_shows_pope_accuracy_and_yes_ratio_beside_f1():
+    """The job's closing table: captions, F1 per split, and the adversarial split's accuracy and yes-ratio, since
+    F1 alone rises with a yes-bias; precision and recall stay in report.md."""
+    scores = {"chair": {"chair_s": 0.5, "exact_caption": 0.4},
+              "pope": {split: {"f1": 0.6, "accuracy": 0.6, "precision": 0.5, "recall": 0.8, "yes_ratio": 0.7}
+                       for split in ("random", "popular", "adversarial")}}
+    shown = [r["metric"] for r in headline(comparison({"base": scores, "aligned": scores}))]
+    assert shown == ["CHAIR_s (captions with a hallucination)", "exact captions", "pope random f1", "pope popular f1",
+                     "pope adversarial f1", "pope adversarial accuracy", "pope adversarial yes_ratio"]
 
 
 def test_report_of_a_run_that_scored_only_the_aligned_model(tmp_path):

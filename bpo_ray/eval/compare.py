@@ -66,8 +66,9 @@ def comparison(eval_metrics: dict) -> list[dict]:
 
 
 def headline(rows: list[dict]) -> list[dict]:
-    """The rows a person reads first: caption hallucination and POPE F1 per split."""
-    labels = {label for label, _, _ in HEADLINE}
+    """The rows a person reads first: caption hallucination, POPE F1 per split, and the adversarial split's
+    accuracy and yes-ratio (F1 alone can be won by saying yes more; the yes-ratio's truth is 0.5)."""
+    labels = {label for label, _, _ in HEADLINE} | {"pope adversarial accuracy", "pope adversarial yes_ratio"}
     return [r for r in rows if r["metric"] in labels or r["metric"].endswith(" f1")]
 
 
