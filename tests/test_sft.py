@@ -7,7 +7,7 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 import pytest
 
-from bpo_ray.config import ConfigError, load_config
+from bpo_ray.config import PAPER_BPO, ConfigError, load_config
 from bpo_ray.pipeline import Pipeline, RunDir, policy_path, run_stages, stages_until
 from conftest import REPO, run_cli
 
@@ -19,7 +19,7 @@ def test_sft_fine_tunes_the_base_that_later_stages_align(tmp_path, tiny_models, 
         "sft.enabled=true", "sft.zero_stage=0", "sft.data.format=llava_json", f"sft.data.path={records}", "sft.max_steps=6",
         "sft.per_device_batch_size=2", "sft.lr=1e-2", "sft.warmup_ratio=0", "sft.checkpoint_every=3",
         "data.synthetic.num_images=2", "negatives.injection.enabled=false",
-        "negatives.weakening.sampling.max_new_tokens=4", "negatives.truncated=keep"])
+        "negatives.weakening.sampling.max_new_tokens=4", "negatives.truncated=keep", *PAPER_BPO])
     run = RunDir.for_config(cfg)
     run_stages(cfg, until="negatives")
 

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from bpo_ray import raydata
-from bpo_ray.config import load_config
+from bpo_ray.config import PAPER_BPO, load_config
 from bpo_ray.models.generate import Sampling, generate
 from bpo_ray.pipeline import RunDir, reference, run_stages, train
 from bpo_ray.raydata import SORT_ON_DRIVER_MAX_ROWS, order_key, sorts_on_driver, worker_parts
@@ -88,7 +88,7 @@ def _cfg(root, model, *extra):
         "train.epochs=20",
         "train.lora.r=8", "train.lora.alpha=16",
         # On, as the 7B configs train (reentrant, under ZeRO-3 and LoRA); the embedded default's is off.
-        "train.gradient_checkpointing=true", *extra])
+        "train.gradient_checkpointing=true", *PAPER_BPO, *extra])  # one round, no existence pairs: training alone
 
 
 def _prepare(cfg):
