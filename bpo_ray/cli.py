@@ -178,7 +178,7 @@ def _generate(args) -> int:
         init_ray(cfg.resources)
     pipeline.run_all()
     print(f"\npairs: {run.pairs}")
-    print(summary(pipeline.manifests))
+    print(summary(pipeline.manifests, run))
     return 0
 
 

@@ -242,6 +242,26 @@ def _ran(root, *overrides) -> list[str]:
     return calls
 
 
+def test_a_copied_run_directory_names_its_own_models(tmp_path):
+    """A manifest keeps the path its stage wrote to; what a job prints after resuming a copied (or synced) run
+    directory, and its report's table, name the models where that directory has them now."""
+    from bpo_ray.pipeline.summary import stage_table, summary
+
+    first = RunDir(str(tmp_path / "first"))
+    first.write_manifest("sft", {"steps": 3, "samples": 6, "model_dir": first.sft_model})
+    first.write_manifest("train", {"steps": 2, "workers": 2, "model_dir": first.model})
+    first.write_manifest("round-2/train", {"steps": 2, "workers": 2, "model_dir": first.at_round(2).model})
+    shutil.copytree(first.root, tmp_path / "copy")
+    shutil.rmtree(first.root)
+    copy = RunDir(str(tmp_path / "copy"))
+    manifests = copy.read_manifests()
+    for text in (summary(manifests, copy), stage_table(manifests, copy)):
+        assert str(tmp_path / "first") not in text
+        for model in (copy.sft_model, copy.model, copy.at_round(2).model):
+            assert model in text
+    assert first.sft_model in summary(manifests)  # without a run directory: as the manifest has it
+
+
 def test_a_sweep_over_training_settings_scores_its_pairs_once(tmp_path):
     """Reference scores depend on a few fields of train (``reference.READS``): another lr, beta or step count
     re-runs training, not the scoring of every pair; another loss that scores differently (IPO) re-runs both."""

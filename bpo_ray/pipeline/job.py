@@ -138,10 +138,10 @@ def main(argv: list[str] | None = None, until: str | None = None, prog: str = "b
     pipeline.run_all()
 
     print(f"\nrun directory: {run.root}")
-    print(summary(pipeline.manifests))
-    if written := pipeline.manifests.get("report", {}).get("report"):
+    print(summary(pipeline.manifests, run))
+    if "report" in pipeline.manifests.get("report", {}):
         if rows := pipeline.manifests["report"].get("comparison"):
             print("\nbase vs aligned (held-out images):\n" + format_table(headline(rows)))
-        print(f"\nreport: {written}")
+        print(f"\nreport: {run.report_md}")
     return 0
 

@@ -74,7 +74,7 @@ def render_markdown(cfg: RunConfig, report: dict, plots: list[str]) -> str:
     lines = [
         f"# BPO run report: {cfg.run_name}", "",
         f"Policy {policy}; run directory `{report['run_dir']}`.", "",
-        "## Pipeline", "", stage_table(stages), "",
+        "## Pipeline", "", stage_table(stages, RunDir(report["run_dir"])), "",
         "## Training", "",
         f"Loss {first.get('loss', math.nan):.3f} → {final.get('loss', math.nan):.3f}, reward margin "
         f"{final.get('reward_margin', math.nan):.3f}, reward accuracy {final.get('reward_accuracy', math.nan):.2f} "

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from bpo_ray.pipeline.rundir import split_stage_name
+from bpo_ray.pipeline.rundir import RunDir, split_stage_name
 
 
 def _loss(metrics: dict | None, key: str = "loss") -> float:
@@ -62,23 +62,29 @@ def _order(name: str) -> tuple[int, int]:
     return (1 << 30 if kind == "eval" else k), list(FORMATS).index(kind)
 
 
-def stage_rows(manifests: dict[str, dict]) -> list[tuple[str, str, object]]:
-    """(stage, what it made and what it dropped, seconds) for every stage with a manifest."""
+def stage_rows(manifests: dict[str, dict], run: RunDir | None = None) -> list[tuple[str, str, object]]:
+    """(stage, what it made and what it dropped, seconds) for every stage with a manifest. With ``run``, the
+    models are named where that run directory has them now: a manifest keeps the path it was written at, which
+    a copied (or synced and resumed) run directory no longer is."""
     rows = []
     for name in sorted((n for n, m in manifests.items() if m and split_stage_name(n)[1] in FORMATS), key=_order):
-        if text := FORMATS[split_stage_name(name)[1]](manifests[name]):
-            rows.append((name, text, manifests[name].get("seconds")))
+        k, kind = split_stage_name(name)
+        m = manifests[name]
+        if run is not None and m.get("model_dir"):
+            m = {**m, "model_dir": run.sft_model if kind == "sft" else run.at_round(k).model}
+        if text := FORMATS[kind](m):
+            rows.append((name, text, m.get("seconds")))
     return rows
 
 
-def summary(manifests: dict[str, dict]) -> str:
+def summary(manifests: dict[str, dict], run: RunDir | None = None) -> str:
     """The closing lines a job prints: what each stage made and what it dropped, and why."""
-    return "\n".join(f"{stage}: {text}" for stage, text, _ in stage_rows(manifests))
+    return "\n".join(f"{stage}: {text}" for stage, text, _ in stage_rows(manifests, run))
 
 
-def stage_table(manifests: dict[str, dict]) -> str:
+def stage_table(manifests: dict[str, dict], run: RunDir | None = None) -> str:
     """The same rows as a markdown table (report.md)."""
     lines = ["| stage | result | seconds |", "|---|---|---:|"]
     lines += [f"| {stage} | {text} | {'' if seconds is None else seconds} |"
-              for stage, text, seconds in stage_rows(manifests)]
+              for stage, text, seconds in stage_rows(manifests, run)]
     return "\n".join(lines)
