@@ -66,6 +66,7 @@ bench: $(STAMP) $(BENCH_SITE)/.installed
 	$(BIN)/python benchmarks/bench_serve.py
 	$(BIN)/python benchmarks/bench_train.py
 	$(BIN)/python benchmarks/bench_scale.py
+	$(BIN)/python benchmarks/bench_fit.py
 	$(BIN)/python -c "import torch; exit(0 if torch.cuda.is_available() else 1)" \
 		&& PYTHONPATH=$(BENCH_SITE) $(BIN)/python benchmarks/bench_dpo_gpu.py \
 		|| echo "bench_dpo_gpu.py: no GPU here, skipped (see benchmarks/README.md for the last GPU run)"
