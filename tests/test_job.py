@@ -1,8 +1,9 @@
 """The real entry points on the embedded default: ``bpo run`` / ``python jobs/bpo.py`` on local Ray, and
 ``ray job submit`` to a head node this test starts and stops itself (stopped mid-training, resubmitted).
 
-These run first (alphabetically before any test that starts the session's Ray cluster): Ray Train does
-not tolerate a second Ray instance on the machine while it trains.
+Each starts a cluster of its own. The session's shared cluster may be up (a test file sorted earlier, such as
+``test_extra_pairs.py``, started it), but idle: pytest runs one test at a time, so no cluster starts while
+another trains (Ray Train V2's placement-group cleaner does not tolerate that).
 """
 
 from __future__ import annotations
