@@ -55,23 +55,21 @@ def bare(storage: Path, name: str) -> float:
     return time.perf_counter() - started
 
 
+def config(root: Path, *extra: str):
+    from bpo_ray.config import load_config
+
+    return load_config(ROOT / "configs" / "tiny.yaml",
+                       [*SMALL, f"storage_path={root}", f"cache_dir={root / 'cache'}", *extra])
+
+
 def sft(root: Path, name: str) -> float:
     """A fresh run directory each time: the stage trains from the start."""
-    from bpo_ray.config import load_config
     from bpo_ray.pipeline import run_stages
 
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", [*SMALL, f"storage_path={root}", f"cache_dir={root / 'cache'}",
-                                                       f"run_name={name}"])
+    cfg = config(root, f"run_name={name}")
     started = time.perf_counter()
     run_stages(cfg, until="sft")
     return time.perf_counter() - started
-
-
-def dpo_config(root: Path):
-    from bpo_ray.config import load_config
-
-    return load_config(ROOT / "configs" / "tiny.yaml", [*SMALL, f"storage_path={root}", f"cache_dir={root / 'cache'}",
-                                                        "run_name=dpo", "sft.enabled=false"])
 
 
 def dpo(cfg) -> float:
@@ -97,7 +95,7 @@ def main() -> None:
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
     try:
-        cfg = dpo_config(root)
+        cfg = config(root, "run_name=dpo", "sft.enabled=false")
         run_stages(cfg, until="reference")  # the pairs and their reference log-probs, once
         seconds: dict[str, list[float]] = {"bare": [], "sft": [], "dpo": []}
         for i in range(args.repeats):
