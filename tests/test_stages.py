@@ -197,7 +197,11 @@ def test_bootstrapping_rounds_each_align_the_model_the_round_before_made_and_ext
     two = stages_for(2, table)
     assert [s.name for s in two] == ["data", "negatives", "reference", "train", "round-2/negatives",
                                      "round-2/reference", "round-2/train", "eval"]
-    assert [s.name for s in stages_until("train", two)][-1] == "round-2/train"
+    assert [s.name for s in stages_until("train", two)][-1] == "round-2/train"  # what it is: its last round
+    assert [s.name for s in stages_until("round-2/negatives", two)][-1] == "round-2/negatives"  # a stage's name
+    assert [s.name for s in stages_until("negatives", stages_for(3, table))][-1] == "round-3/negatives"
+    with pytest.raises(ValueError, match="unknown stage 'round-3/train'"):
+        stages_until("round-3/train", two)
     assert [s.name for s in stages_for(1, table)] == [s.name for s in table]
 
     one_round = load_config(None, [f"storage_path={tmp_path}"])

@@ -68,10 +68,14 @@ def stages_for(rounds: int, stages: Sequence[Stage] = STAGES) -> tuple[Stage, ..
 
 
 def stages_until(last: str, stages: Sequence[Stage] = STAGES) -> tuple[Stage, ...]:
-    """The stages up to and including ``last``, in its last round (``bpo train`` runs sft … train)."""
-    kinds = [split_stage_name(s.name)[1] for s in stages]
+    """The stages up to and including ``last``: a later round's stage by its name (``round-2/train``, as
+    ``--from-stage`` takes it), or a bare name in its last round (``train``: ``bpo train`` runs every round's)."""
+    names = [s.name for s in stages]
+    if last in names and split_stage_name(last)[0] > 1:
+        return tuple(stages[: names.index(last) + 1])
+    kinds = [split_stage_name(name)[1] for name in names]
     if last not in kinds:
-        raise ValueError(f"unknown stage {last!r}; stages are: {', '.join(s.name for s in stages)}")
+        raise ValueError(f"unknown stage {last!r}; stages are: {', '.join(names)}")
     return tuple(stages[: len(kinds) - kinds[::-1].index(last)])
 
 
